@@ -1,0 +1,1 @@
+"""model stage of textpoke (see DEVELOPERS.md)."""

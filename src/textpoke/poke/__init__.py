@@ -1,0 +1,1 @@
+"""poke stage of textpoke (see DEVELOPERS.md)."""

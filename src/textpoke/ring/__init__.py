@@ -1,0 +1,1 @@
+"""ring stage of textpoke (see DEVELOPERS.md)."""

@@ -1,0 +1,1 @@
+"""sites stage of textpoke (see DEVELOPERS.md)."""

@@ -1,0 +1,1 @@
+"""trampolines stage of textpoke (see DEVELOPERS.md)."""
