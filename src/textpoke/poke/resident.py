@@ -1,0 +1,564 @@
+"""The resident part: what textpoke leaves *in the target* so it survives us.
+
+Two shared mappings (memfds) are created inside the target by a borrowed
+thread, and mapped by the tool too:
+
+- the control region (RW in both): header, the agent's mailbox, statistics,
+  the SIGTRAP disposition that was there before us, and the in-flight table;
+- the code region (RX in the target, RW only in the tool, so no page of the
+  target is ever writable and executable): the SIGTRAP handler, its restorer,
+  the sync agent and the stub that starts it.
+
+The handler is :func:`textpoke.poke.spec.handle_int3` in machine code; the
+agent is a thread of the target (all signals blocked) that sleeps on a futex in
+the mailbox and runs the syscalls the tool posts: membarrier SYNC_CORE (the
+sync of the batch protocol), and the memfd/mmap calls that map more code.
+Nothing here is ever unmapped: a thread that trapped long ago still finds its
+handler and its table entry, and the target keeps running when the tool is gone.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import functools
+import mmap
+import os
+import struct
+import time
+from dataclasses import dataclass
+from types import TracebackType
+
+from .._errors import BusyError, InjectionError, TargetExited
+from ..target import _ptrace
+from ..target import syscalls as sc
+from ..target.inject import BorrowedThread
+from ..target.process import Process
+from ..target.maps import find_free_near
+from ..x86.asm import Asm, Imm64, R, mem
+from ..x86.insn import CALL_OPCODE, CALL_SIZE, JMP_OPCODE
+from .table import HASH_MULTIPLIER, SiteTable
+
+MAGIC = 0x31454B4F50545854  # b"TXTPOKE1" little-endian
+VERSION = 1
+REGION_NAME = "textpoke"
+PAGE = 4096
+
+# -- control region layout (the contract between tool and resident code) ----
+HDR_MAGIC = 0x000  # u64
+HDR_VERSION = 0x008  # u32
+HDR_SIZE = 0x00C  # u32: offset of the table (= header size)
+HDR_TABLE_CAPACITY = 0x010  # u64
+HDR_CTL_ADDR = 0x018  # u64: where the target maps this region
+HDR_CTL_SIZE = 0x020  # u64
+HDR_CODE_ADDR = 0x028  # u64
+HDR_CODE_SIZE = 0x030  # u64
+HDR_AGENT_TID = 0x038  # u32, written by the agent when it runs
+HDR_ALL_SIGNALS = 0x040  # u64: a sigset with every signal, for the agent
+MBX_REQUEST = 0x080  # u32 futex: sequence number of the last posted request
+MBX_DONE = 0x084  # u32 futex: sequence number of the last finished request
+MBX_NR = 0x088  # u64
+MBX_ARGS = 0x090  # 6 x u64
+MBX_RESULT = 0x0C0  # i64
+STAT_EMULATED = 0x100  # u64: traps the handler emulated
+STAT_NOT_OURS = 0x108  # u64: traps passed on to the program's disposition
+STAT_SYNCS = 0x110  # u64: membarrier calls the agent made
+STAT_REQUESTS = 0x118  # u64: requests the agent served
+OLD_ACTION = 0x140  # struct k_sigaction {handler, flags, restorer, mask}: before us
+DEFAULT_ACTION = 0x160  # a zeroed k_sigaction (SIG_DFL), for re-raising
+SCRATCH = 0x200  # strings and structs passed to agent syscalls
+SCRATCH_SIZE = 0xE00
+TABLE_OFFSET = 0x1000
+
+# -- ucontext/siginfo offsets (x86-64) ----------------------------------------
+SIGINFO_CODE = 8
+UC_RSP = 40 + 15 * 8  # uc_mcontext.gregs[REG_RSP]
+UC_RIP = 40 + 16 * 8  # uc_mcontext.gregs[REG_RIP]
+
+DEFAULT_CAPACITY = 1 << 16
+CODE_SIZE = PAGE
+AGENT_STACK = 64 * 1024
+SIG_IGN = 1
+_SIGSET_SIZE = 8
+
+
+def ctl_size(capacity: int) -> int:
+    size = TABLE_OFFSET + SiteTable.size_for(capacity)
+    return (size + PAGE - 1) & ~(PAGE - 1)
+
+
+@dataclass(frozen=True)
+class ResidentStats:
+    emulated: int
+    not_ours: int
+    syncs: int
+    requests: int
+
+
+@dataclass(frozen=True)
+class SharedRegion:
+    """A memfd mapped at ``address`` in the target and at ``local`` in the tool."""
+
+    address: int
+    size: int
+    local: mmap.mmap
+
+
+# ---------------------------------------------------------------------------
+# Code generation
+# ---------------------------------------------------------------------------
+
+
+def _emit_handler(a: Asm, *, ctl: int, capacity: int) -> None:
+    """The SIGTRAP handler: ``handle_int3`` (poke/spec.py) in machine code.
+
+    rdi = signo, rsi = siginfo, rdx = ucontext.  It may clobber every register
+    but rsp: rt_sigreturn (our restorer) reloads them all from the ucontext.
+    Pairs with SiteTable.publish: an entry's addr is stored after its insn, so
+    finding addr here means insn is whole.
+    """
+    table = ctl + TABLE_OFFSET
+    bits = capacity.bit_length() - 1
+    a.label("handler")
+    # Only an int3 executed in user mode (si_code SI_KERNEL) can be ours.
+    a.op("CMP_RM32_IMM32", mem(R.RSI, SIGINFO_CODE), sc.SI_KERNEL)
+    a.jump("JNE_REL32_64", "not_ours")
+    a.op("MOV_R64_RM64", R.R8, mem(R.RDX, UC_RIP))
+    a.op("DEC_RM64", R.R8)  # r8 = site (ip is one past the int3)
+    # rcx = table_slot(site): Fibonacci hash, the same as poke/table.py.
+    a.op("MOV_R64_IMM64", R.RAX, Imm64(HASH_MULTIPLIER))
+    a.op("MOV_R64_RM64", R.RCX, R.R8)
+    a.op("IMUL_R64_RM64", R.RCX, R.RAX)
+    a.op("SHR_RM64_IMM8", R.RCX, 64 - bits)
+    a.op("LEA_R64_M", R.R10, mem(R.RIP, table))
+    a.label("probe")
+    a.op("MOV_R64_RM64", R.R11, R.RCX)
+    a.op("SHL_RM64_IMM8", R.R11, 4)
+    a.op("MOV_R64_RM64", R.RAX, mem(R.R10, index=R.R11))
+    a.op("CMP_RM64_R64", R.RAX, R.R8)
+    a.jump("JE_REL32_64", "found")
+    a.op("TEST_RM64_R64", R.RAX, R.RAX)
+    a.jump("JE_REL32_64", "not_ours")  # an empty slot ends the probe
+    a.op("INC_RM64", R.RCX)
+    a.op("AND_RM64_IMM32", R.RCX, capacity - 1)
+    a.jump("JMP_REL32_64", "probe")
+
+    a.label("found")
+    a.op("MOV_R64_RM64", R.R9, mem(R.R10, 8, index=R.R11))  # the new instruction
+    a.op("LEA_R64_M", R.RCX, mem(R.R8, CALL_SIZE))  # site + 5
+    a.op("MOV_R64_RM64", R.RAX, R.R9)
+    a.op("SHR_RM64_IMM8", R.RAX, 8)
+    a.op("MOVSXD_R64_RM32", R.RAX, R.EAX)
+    a.op("ADD_RM64_R64", R.RAX, R.RCX)  # rel32 target = site + 5 + disp
+    a.op("CMP_RM8_IMM8", R.R9L, CALL_OPCODE)
+    a.jump("JE_REL32_64", "emulate_call")
+    a.op("CMP_RM8_IMM8", R.R9L, JMP_OPCODE)
+    a.jump("JE_REL32_64", "emulate_jmp")
+    # nop5: continue after the site.
+    a.op("MOV_RM64_R64", mem(R.RDX, UC_RIP), R.RCX)
+    a.jump("JMP_REL32_64", "emulated")
+    a.label("emulate_jmp")
+    a.op("MOV_RM64_R64", mem(R.RDX, UC_RIP), R.RAX)
+    a.jump("JMP_REL32_64", "emulated")
+    a.label("emulate_call")
+    # emulate_push(site + 5): the kernel built our frame below the 128-byte
+    # red zone, so the word below the interrupted rsp is free to take.
+    a.op("MOV_R64_RM64", R.R11, mem(R.RDX, UC_RSP))
+    a.op("SUB_RM64_IMM8", R.R11, 8)
+    a.op("MOV_RM64_R64", mem(R.R11), R.RCX)
+    a.op("MOV_RM64_R64", mem(R.RDX, UC_RSP), R.R11)
+    a.op("MOV_RM64_R64", mem(R.RDX, UC_RIP), R.RAX)
+    a.label("emulated")
+    a.op("LEA_R64_M", R.RAX, mem(R.RIP, ctl + STAT_EMULATED))
+    a.op("INC_RM64", mem(R.RAX), lock=True)
+    a.op("RETNQ")
+
+    a.label("not_ours")
+    # Not an in-flight site: whatever handled SIGTRAP before us handles it.
+    a.op("LEA_R64_M", R.RAX, mem(R.RIP, ctl))
+    a.op("INC_RM64", mem(R.RAX, STAT_NOT_OURS), lock=True)
+    a.op("MOV_R64_RM64", R.RAX, mem(R.RAX, OLD_ACTION))
+    a.op("CMP_RM64_IMM8", R.RAX, SIG_IGN)
+    a.jump("JE_REL32_64", "return")
+    a.op("TEST_RM64_R64", R.RAX, R.RAX)
+    a.jump("JE_REL32_64", "default_action")
+    a.op("JMP_RM64", R.RAX)  # the program's handler, same (sig, info, uc)
+    a.label("return")
+    a.op("RETNQ")
+    a.label("default_action")
+    # SIG_DFL: put the default back and re-raise; SIGTRAP is blocked while we
+    # run, so it is delivered on return and the program dies as it would have.
+    a.op("MOV_R32_IMM32", R.EAX, sc.SYS_rt_sigaction)
+    a.op("MOV_R32_IMM32", R.EDI, sc.SIGTRAP)
+    a.op("LEA_R64_M", R.RSI, mem(R.RIP, ctl + DEFAULT_ACTION))
+    a.op("XOR_R32_RM32", R.EDX, R.EDX)
+    a.op("MOV_R32_IMM32", R.R10D, _SIGSET_SIZE)
+    a.op("SYSCALL")
+    a.op("MOV_R32_IMM32", R.EAX, sc.SYS_gettid)
+    a.op("SYSCALL")
+    a.op("MOV_R32_RM32", R.EBX, R.EAX)
+    a.op("MOV_R32_IMM32", R.EAX, sc.SYS_getpid)
+    a.op("SYSCALL")
+    a.op("MOV_R32_RM32", R.EDI, R.EAX)
+    a.op("MOV_R32_RM32", R.ESI, R.EBX)
+    a.op("MOV_R32_IMM32", R.EDX, sc.SIGTRAP)
+    a.op("MOV_R32_IMM32", R.EAX, sc.SYS_tgkill)
+    a.op("SYSCALL")
+    a.op("RETNQ")
+
+    a.label("restorer")
+    a.op("MOV_R32_IMM32", R.EAX, 15)  # rt_sigreturn
+    a.op("SYSCALL")
+
+
+def _emit_agent(a: Asm, *, ctl: int) -> None:
+    """The sync agent: a thread that serves the mailbox forever.
+
+    Pairs with :meth:`Resident.syscall`: the tool writes nr/args, then bumps
+    MBX_REQUEST and wakes it; the agent runs the syscall, stores the result,
+    then sets MBX_DONE to the request number and wakes the tool.
+    """
+    # Start stub, run by the borrowed thread: clone, then the child branches
+    # to the agent and the parent stops on int3 for the tool.
+    a.label("clone_stub")
+    a.op("SYSCALL")
+    a.op("TEST_RM64_R64", R.RAX, R.RAX)
+    a.jump("JE_REL32_64", "agent")
+    a.op("INT3")
+
+    a.label("agent")
+    a.op("LEA_R64_M", R.R12, mem(R.RIP, ctl))
+    # Every signal blocked: a signal for the program never runs on our thread.
+    a.op("MOV_R32_IMM32", R.EAX, sc.SYS_rt_sigprocmask)
+    a.op("MOV_R32_IMM32", R.EDI, sc.SIG_SETMASK)
+    a.op("LEA_R64_M", R.RSI, mem(R.R12, HDR_ALL_SIGNALS))
+    a.op("XOR_R32_RM32", R.EDX, R.EDX)
+    a.op("MOV_R32_IMM32", R.R10D, _SIGSET_SIZE)
+    a.op("SYSCALL")
+    a.op("MOV_R32_IMM32", R.EAX, sc.SYS_gettid)
+    a.op("SYSCALL")
+    a.op("MOV_RM32_R32", mem(R.R12, HDR_AGENT_TID), R.EAX)
+
+    a.label("agent_loop")
+    a.op("MOV_R32_RM32", R.EAX, mem(R.R12, MBX_REQUEST))
+    a.op("CMP_R32_RM32", R.EAX, mem(R.R12, MBX_DONE))
+    a.jump("JNE_REL32_64", "agent_work")
+    # futex_wait(&request, seen value): sleeps unless a request came meanwhile.
+    a.op("MOV_R32_RM32", R.EDX, R.EAX)
+    a.op("LEA_R64_M", R.RDI, mem(R.R12, MBX_REQUEST))
+    a.op("XOR_R32_RM32", R.ESI, R.ESI)  # FUTEX_WAIT, shared: the tool maps it too
+    a.op("XOR_R32_RM32", R.R10D, R.R10D)
+    a.op("MOV_R32_IMM32", R.EAX, sc.SYS_futex)
+    a.op("SYSCALL")
+    a.jump("JMP_REL32_64", "agent_loop")
+
+    a.label("agent_work")
+    a.op("MOV_R32_RM32", R.R13D, mem(R.R12, MBX_REQUEST))
+    a.op("MOV_R64_RM64", R.RAX, mem(R.R12, MBX_NR))
+    a.op("MOV_R64_RM64", R.RDI, mem(R.R12, MBX_ARGS + 0))
+    a.op("MOV_R64_RM64", R.RSI, mem(R.R12, MBX_ARGS + 8))
+    a.op("MOV_R64_RM64", R.RDX, mem(R.R12, MBX_ARGS + 16))
+    a.op("MOV_R64_RM64", R.R10, mem(R.R12, MBX_ARGS + 24))
+    a.op("MOV_R64_RM64", R.R8, mem(R.R12, MBX_ARGS + 32))
+    a.op("MOV_R64_RM64", R.R9, mem(R.R12, MBX_ARGS + 40))
+    a.op("SYSCALL")
+    a.op("MOV_RM64_R64", mem(R.R12, MBX_RESULT), R.RAX)
+    a.op("CMP_RM64_IMM32", mem(R.R12, MBX_NR), sc.SYS_membarrier)
+    a.jump("JNE_REL32_64", "agent_counted")
+    a.op("INC_RM64", mem(R.R12, STAT_SYNCS), lock=True)
+    a.label("agent_counted")
+    a.op("INC_RM64", mem(R.R12, STAT_REQUESTS), lock=True)
+    a.op("MOV_RM32_R32", mem(R.R12, MBX_DONE), R.R13D)
+    a.op("LEA_R64_M", R.RDI, mem(R.R12, MBX_DONE))
+    a.op("MOV_R32_IMM32", R.ESI, _ptrace.FUTEX_WAKE)
+    a.op("MOV_R32_IMM32", R.EDX, 0x7FFF_FFFF)
+    a.op("MOV_R32_IMM32", R.EAX, sc.SYS_futex)
+    a.op("SYSCALL")
+    a.jump("JMP_REL32_64", "agent_loop")
+
+
+@functools.cache
+def generate_code(*, capacity: int) -> tuple[bytes, dict[str, int]]:
+    """The resident code, position-independent: (bytes, label offsets).
+
+    It addresses the control region rip-relatively (the region follows the
+    code at CODE_SIZE in the same memfd), so it is generated once, before any
+    thread is stopped, and copied to wherever the target maps it."""
+    a = Asm()
+    _emit_handler(a, ctl=CODE_SIZE, capacity=capacity)
+    _emit_agent(a, ctl=CODE_SIZE)
+    blob, labels = a.assemble(0)
+    if len(blob) > CODE_SIZE:
+        raise InjectionError(f"resident code is {len(blob)} bytes, more than {CODE_SIZE}")
+    return blob, labels
+
+
+def region_size(capacity: int) -> int:
+    """Bytes of the resident memfd: code page, control region, agent stack."""
+    return CODE_SIZE + ctl_size(capacity) + AGENT_STACK
+
+
+# ---------------------------------------------------------------------------
+# The resident part, seen from the tool
+# ---------------------------------------------------------------------------
+
+
+def _u64(buf: mmap.mmap, off: int) -> int:
+    return struct.unpack_from("<Q", buf, off)[0]
+
+
+def _u32(buf: mmap.mmap, off: int) -> int:
+    return struct.unpack_from("<I", buf, off)[0]
+
+
+def _open_shared(pid: int, path: str, size: int) -> tuple[int, mmap.mmap]:
+    """Map the memfd behind ``path`` (a /proc link into the target) in the tool."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError as exc:
+        raise TargetExited(f"process {pid} exited") from exc
+    except OSError as exc:
+        raise InjectionError(
+            f"cannot open textpoke's shared memory in process {pid}: {exc.strerror}"
+        ) from exc
+    try:
+        return fd, mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    except OSError as exc:
+        os.close(fd)
+        raise InjectionError(f"cannot map textpoke's shared memory of process {pid}: {exc.strerror}") from exc
+
+
+def _take_lock(pid: int, path: str) -> int:
+    """The session lock: flock on a descriptor of our own (not mmap's dup), so
+    closing it releases the lock, and the kernel releases it if we die."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+            raise BusyError(f"another textpoke session is attached to process {pid}") from exc
+        raise InjectionError(f"cannot lock textpoke's state in process {pid}: {exc.strerror}") from exc
+    return fd
+
+
+class Resident:
+    """Handle on the resident part of one target; a context manager.
+
+    :meth:`attach` adopts the resident part a previous session left (stopping
+    nothing) or installs one (borrowing one thread, briefly).  Holding a
+    Resident holds the session lock.
+    """
+
+    def __init__(self, process: Process, *, base: int, local: mmap.mmap, lock_fd: int, created: bool) -> None:
+        self.process = process
+        self.base = base  # where the memfd is mapped in the target (code first)
+        self.local = local
+        self.created = created
+        self._lock_fd = lock_fd
+        self.ctl = memoryview(local)[CODE_SIZE:]
+        self.ctl_address = base + CODE_SIZE
+        self.capacity = _u64(self.ctl, HDR_TABLE_CAPACITY)
+        self.table = SiteTable(self.ctl[TABLE_OFFSET:], capacity=self.capacity)
+        self.labels = {name: base + off for name, off in generate_code(capacity=self.capacity)[1].items()}
+        self._request_addr = _ptrace.buffer_address(local, CODE_SIZE + MBX_REQUEST)
+        self._done_addr = _ptrace.buffer_address(local, CODE_SIZE + MBX_DONE)
+        self.attach_stop_ns = 0
+
+    # -- creation ---------------------------------------------------------------
+    @classmethod
+    def attach(cls, process: Process, *, capacity: int = DEFAULT_CAPACITY) -> Resident:
+        """Adopt the resident part a previous session left, else install one."""
+        existing = cls._find(process)
+        if existing is not None:
+            return existing
+        return cls._install(process, capacity=capacity)
+
+    @classmethod
+    def _find(cls, process: Process) -> Resident | None:
+        ours = [m for m in process.maps() if m.path.startswith(f"/memfd:{REGION_NAME} ")]
+        if not ours:
+            return None
+        code = min(ours, key=lambda m: m.start)
+        path = f"/proc/{process.pid}/map_files/{code.start:x}-{code.end:x}"
+        lock_fd = _take_lock(process.pid, path)
+        try:
+            size = os.fstat(lock_fd).st_size
+            fd, local = _open_shared(process.pid, path, size)
+            os.close(fd)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        if _u64(local, CODE_SIZE + HDR_MAGIC) != MAGIC or _u32(local, CODE_SIZE + HDR_VERSION) != VERSION:
+            local.close()
+            os.close(lock_fd)
+            raise InjectionError(
+                f"process {process.pid} holds textpoke state of another version",
+                hint="use the textpoke version that attached first, or restart the process",
+            )
+        resident = cls(process, base=code.start, local=local, lock_fd=lock_fd, created=False)
+        resident._check_agent()
+        return resident
+
+    @classmethod
+    def _install(cls, process: Process, *, capacity: int) -> Resident:
+        """Install the resident part. Only steps 1-4 stop a thread:
+
+        1. borrow one thread; map a scratch page (the memfd's name), create the
+           memfd, size it, map it RW shared, and make its code page RX;
+        2. map it in the tool, write code and header (no target syscall);
+        3. start the agent: block every signal in the borrowed thread so the
+           clone inherits a fully blocked mask, clone through the stub, restore
+           the mask; then detach (registers restored);
+        4. through the agent, stopping nothing: close the target's descriptor,
+           unmap the scratch page, register for membarrier SYNC_CORE, and
+           install the SIGTRAP handler (the old disposition saved in the
+           control region, for the handler's not-ours path).
+        """
+        blob, offsets = generate_code(capacity=capacity)
+        size = region_size(capacity)
+        rw, rx = sc.PROT_READ | sc.PROT_WRITE, sc.PROT_READ | sc.PROT_EXEC
+        anonymous = sc.MAP_PRIVATE | sc.MAP_ANONYMOUS
+        with BorrowedThread(process) as thread:
+            # Step 1.
+            scratch = thread.syscall(sc.SYS_mmap, 0, PAGE, rw, anonymous, -1, 0)
+            process.write(scratch, REGION_NAME.encode() + b"\0" + b"\xff" * 8)
+            fd = thread.syscall(sc.SYS_memfd_create, scratch, sc.MFD_CLOEXEC)
+            thread.syscall(sc.SYS_ftruncate, fd, size)
+            base = thread.syscall(sc.SYS_mmap, 0, size, rw, sc.MAP_SHARED, fd, 0)
+            thread.syscall(sc.SYS_mprotect, base, CODE_SIZE, rx)
+            # Step 2.
+            path = f"/proc/{process.pid}/fd/{fd}"
+            lock_fd = _take_lock(process.pid, path)
+            local_fd, local = _open_shared(process.pid, path, size)
+            os.close(local_fd)
+            local[: len(blob)] = blob
+            ctl = CODE_SIZE
+            struct.pack_into("<QII", local, ctl + HDR_MAGIC, MAGIC, VERSION, TABLE_OFFSET)
+            struct.pack_into("<QQQQQ", local, ctl + HDR_TABLE_CAPACITY, capacity,
+                             base + ctl, ctl_size(capacity), base, CODE_SIZE)
+            struct.pack_into("<Q", local, ctl + HDR_ALL_SIGNALS, 0xFFFF_FFFF_FFFF_FFFF)
+            # Step 3.
+            all_signals = scratch + len(REGION_NAME) + 1
+            saved_mask = all_signals + 8
+            thread.syscall(sc.SYS_rt_sigprocmask, sc.SIG_SETMASK, all_signals, saved_mask, _SIGSET_SIZE)
+            try:
+                thread.run_at(base + offsets["clone_stub"], sc.SYS_clone, sc.CLONE_THREAD_FLAGS,
+                              base + size - 64, 0, 0, 0, stop_after=None)
+            finally:
+                thread.syscall(sc.SYS_rt_sigprocmask, sc.SIG_SETMASK, saved_mask, 0, _SIGSET_SIZE)
+        resident = cls(process, base=base, local=local, lock_fd=lock_fd, created=True)
+        resident.attach_stop_ns = thread.stopped_ns
+        # Step 4.
+        resident._wait_agent()
+        resident.syscall(sc.SYS_close, fd)
+        resident.syscall(sc.SYS_munmap, scratch, PAGE)
+        resident.syscall(sc.SYS_membarrier, sc.MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0)
+        action = struct.pack("<QQQQ", resident.labels["handler"],
+                             sc.SA_SIGINFO | sc.SA_RESTORER | sc.SA_RESTART, resident.labels["restorer"], 0)
+        resident.ctl[SCRATCH : SCRATCH + len(action)] = action
+        resident.syscall(sc.SYS_rt_sigaction, sc.SIGTRAP, resident.ctl_address + SCRATCH,
+                         resident.ctl_address + OLD_ACTION, _SIGSET_SIZE)
+        return resident
+
+    # -- the agent ------------------------------------------------------------------
+    def _wait_agent(self, timeout_s: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while _u32(self.ctl, HDR_AGENT_TID) == 0:
+            if time.monotonic() > deadline:
+                raise InjectionError(f"the sync agent did not start in process {self.process.pid}")
+            time.sleep(0.0002)
+
+    @property
+    def agent_tid(self) -> int:
+        return _u32(self.ctl, HDR_AGENT_TID)
+
+    def _check_agent(self) -> None:
+        tid = self.agent_tid
+        if not tid or not os.path.exists(f"/proc/{self.process.pid}/task/{tid}"):
+            raise InjectionError(
+                f"textpoke's agent thread is gone from process {self.process.pid}",
+                hint="the process probably forked after textpoke attached to its parent",
+            )
+
+    def syscall(self, nr: int, *args: int, timeout_s: float = 10.0) -> int:
+        """Run a syscall in the agent thread; no application thread stops.
+
+        Pairs with the agent loop (_emit_agent): nr/args first, then the
+        request number, then the wake; the agent stores the result before the
+        done number, so reading done == request means the result is there."""
+        ctl = self.ctl
+        values = [v & 0xFFFF_FFFF_FFFF_FFFF for v in (*args, *[0] * (6 - len(args)))]
+        struct.pack_into("<Q6Q", ctl, MBX_NR, nr, *values)
+        request = (_u32(ctl, MBX_REQUEST) + 1) & 0xFFFF_FFFF
+        struct.pack_into("<I", ctl, MBX_REQUEST, request)
+        _ptrace.futex_wake(self._request_addr)
+        deadline = time.monotonic() + timeout_s
+        while (done := _u32(ctl, MBX_DONE)) != request:
+            _ptrace.futex_wait(self._done_addr, done, 0.05)
+            if _u32(ctl, MBX_DONE) == request:
+                break
+            if not self.process.alive():
+                raise TargetExited(f"process {self.process.pid} exited")
+            if time.monotonic() > deadline:
+                self._check_agent()
+                raise InjectionError(f"textpoke's agent in process {self.process.pid} does not answer")
+        result = struct.unpack_from("<q", ctl, MBX_RESULT)[0]
+        if -4095 <= result < 0:
+            raise InjectionError(
+                f"syscall {nr} in process {self.process.pid} failed: {os.strerror(-result)}"
+            )
+        return result
+
+    def sync(self) -> None:
+        """Every thread of the target serializes (membarrier SYNC_CORE) before this returns."""
+        self.syscall(sc.SYS_membarrier, sc.MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0)
+
+    # -- more shared regions ---------------------------------------------------------
+    def map_shared(self, size: int, *, executable: bool, near: int | None = None,
+                   name: str = "textpoke-tramp") -> SharedRegion:
+        """A new memfd region in the target, mapped by the tool too, via the agent.
+
+        ``executable``: RX in the target (the tool's view is the only writable
+        one); else RW in both.  ``near``: placed within rel32 reach of it."""
+        raw = name.encode() + b"\0"
+        self.ctl[SCRATCH : SCRATCH + len(raw)] = raw
+        fd = self.syscall(sc.SYS_memfd_create, self.ctl_address + SCRATCH, sc.MFD_CLOEXEC)
+        try:
+            self.syscall(sc.SYS_ftruncate, fd, size)
+            flags = sc.MAP_SHARED
+            hint = 0
+            if near is not None:
+                hint = find_free_near(self.process.maps(), near, size)
+                flags |= sc.MAP_FIXED_NOREPLACE
+            prot = sc.PROT_READ | (sc.PROT_EXEC if executable else sc.PROT_WRITE)
+            address = self.syscall(sc.SYS_mmap, hint, size, prot, flags, fd, 0)
+            local_fd, local = _open_shared(self.process.pid, f"/proc/{self.process.pid}/fd/{fd}", size)
+            os.close(local_fd)
+        finally:
+            self.syscall(sc.SYS_close, fd)
+        return SharedRegion(address, size, local)
+
+    # -- statistics -------------------------------------------------------------------
+    def stats(self) -> ResidentStats:
+        return ResidentStats(*(_u64(self.ctl, off) for off in (STAT_EMULATED, STAT_NOT_OURS, STAT_SYNCS, STAT_REQUESTS)))
+
+    # -- lifetime -------------------------------------------------------------------
+    def close(self) -> None:
+        """Release the tool's view and the session lock; the target keeps everything."""
+        if self._lock_fd < 0:
+            return
+        del self.table
+        self.ctl.release()
+        self.local.close()
+        os.close(self._lock_fd)
+        self._lock_fd = -1
+
+    def __enter__(self) -> Resident:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+__all__ = ["Resident", "ResidentStats", "SharedRegion", "generate_code", "region_size"]

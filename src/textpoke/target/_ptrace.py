@@ -1,0 +1,187 @@
+"""The libc binding: ptrace, waitpid on threads, futex.  The only ctypes user.
+
+Each call raises ``OSError`` with the real errno; callers one level up translate
+it into a textpoke error with advice (they know what was being attempted).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass, fields
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.ptrace.restype = ctypes.c_long
+_libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+_libc.syscall.restype = ctypes.c_long
+
+PTRACE_TRACEME = 0
+PTRACE_PEEKUSER = 3
+PTRACE_CONT = 7
+PTRACE_SINGLESTEP = 9
+PTRACE_GETREGS = 12
+PTRACE_SETREGS = 13
+PTRACE_DETACH = 17
+PTRACE_SETOPTIONS = 0x4200
+PTRACE_GETSIGINFO = 0x4202
+PTRACE_SEIZE = 0x4206
+PTRACE_INTERRUPT = 0x4207
+PTRACE_EVENT_STOP = 128
+PTRACE_O_EXITKILL = 0x100000
+
+WALL = 0x40000000  # __WALL: wait for clone children (threads) too
+
+SYS_futex = 202
+FUTEX_WAIT = 0
+FUTEX_WAKE = 1
+
+
+class _UserRegs(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_ulonglong)
+        for name in (
+            "r15 r14 r13 r12 rbp rbx r11 r10 r9 r8 rax rcx rdx rsi rdi orig_rax "
+            "rip cs eflags rsp ss fs_base gs_base ds es fs gs"
+        ).split()
+    ]
+
+
+@dataclass(frozen=True)
+class Regs:
+    """x86-64 ``user_regs_struct`` as a value (unsigned 64-bit fields)."""
+
+    r15: int
+    r14: int
+    r13: int
+    r12: int
+    rbp: int
+    rbx: int
+    r11: int
+    r10: int
+    r9: int
+    r8: int
+    rax: int
+    rcx: int
+    rdx: int
+    rsi: int
+    rdi: int
+    orig_rax: int
+    rip: int
+    cs: int
+    eflags: int
+    rsp: int
+    ss: int
+    fs_base: int
+    gs_base: int
+    ds: int
+    es: int
+    fs: int
+    gs: int
+
+
+_REG_NAMES = tuple(f.name for f in fields(Regs))
+
+
+def _check(result: int, what: str) -> int:
+    if result == -1:
+        err = ctypes.get_errno()
+        if err:
+            raise OSError(err, f"{what}: {os.strerror(err)}")
+    return result
+
+
+def ptrace(request: int, tid: int, addr: int = 0, data: int = 0) -> int:
+    ctypes.set_errno(0)
+    return _check(_libc.ptrace(request, tid, ctypes.c_void_p(addr), ctypes.c_void_p(data)), "ptrace")
+
+
+def seize(tid: int, *, options: int = 0) -> None:
+    ptrace(PTRACE_SEIZE, tid, 0, options)
+
+
+def interrupt(tid: int) -> None:
+    ptrace(PTRACE_INTERRUPT, tid)
+
+
+def cont(tid: int, sig: int = 0) -> None:
+    ptrace(PTRACE_CONT, tid, 0, sig)
+
+
+def singlestep(tid: int, sig: int = 0) -> None:
+    ptrace(PTRACE_SINGLESTEP, tid, 0, sig)
+
+
+def detach(tid: int, sig: int = 0) -> None:
+    ptrace(PTRACE_DETACH, tid, 0, sig)
+
+
+def traceme() -> None:
+    ptrace(PTRACE_TRACEME, 0)
+
+
+def get_regs(tid: int) -> Regs:
+    raw = _UserRegs()
+    ptrace(PTRACE_GETREGS, tid, 0, ctypes.addressof(raw))
+    return Regs(*(getattr(raw, name) for name in _REG_NAMES))
+
+
+def set_regs(tid: int, regs: Regs) -> None:
+    raw = _UserRegs(*(getattr(regs, name) & 0xFFFF_FFFF_FFFF_FFFF for name in _REG_NAMES))
+    ptrace(PTRACE_SETREGS, tid, 0, ctypes.addressof(raw))
+
+
+def wait_thread(tid: int, *, nohang: bool = False) -> tuple[int, int]:
+    """``waitpid(tid, __WALL)``: (tid, raw status); (0, 0) with ``nohang`` and nothing yet."""
+    flags = WALL | (os.WNOHANG if nohang else 0)
+    while True:
+        try:
+            return os.waitpid(tid, flags)
+        except InterruptedError:
+            continue
+
+
+def buffer_address(buffer: object, offset: int = 0) -> int:
+    """Address of ``buffer[offset]`` in this process (for futex on shared memory)."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(buffer, offset))  # type: ignore[arg-type]
+
+
+def futex_wait(address: int, expected: int, timeout_s: float | None) -> None:
+    """Sleep while the u32 at ``address`` equals ``expected`` (shared, not PRIVATE)."""
+    ts = None
+    if timeout_s is not None:
+        sec = int(timeout_s)
+
+        class _Timespec(ctypes.Structure):
+            _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+        ts = _Timespec(sec, int((timeout_s - sec) * 1e9))
+    ctypes.set_errno(0)
+    result = _libc.syscall(
+        ctypes.c_long(SYS_futex),
+        ctypes.c_void_p(address),
+        ctypes.c_int(FUTEX_WAIT),
+        ctypes.c_uint(expected & 0xFFFF_FFFF),
+        ctypes.byref(ts) if ts is not None else ctypes.c_void_p(0),
+        ctypes.c_void_p(0),
+        ctypes.c_int(0),
+    )
+    if result == -1:
+        err = ctypes.get_errno()
+        if err not in (11, 4, 110):  # EAGAIN (value changed), EINTR, ETIMEDOUT
+            raise OSError(err, f"futex wait: {os.strerror(err)}")
+
+
+def futex_wake(address: int, count: int = 1) -> int:
+    ctypes.set_errno(0)
+    return _check(
+        _libc.syscall(
+            ctypes.c_long(SYS_futex),
+            ctypes.c_void_p(address),
+            ctypes.c_int(FUTEX_WAKE),
+            ctypes.c_int(count),
+            ctypes.c_void_p(0),
+            ctypes.c_void_p(0),
+            ctypes.c_int(0),
+        ),
+        "futex wake",
+    )

@@ -1,0 +1,193 @@
+"""A target process: identity checks, threads, and memory through /proc/PID/mem.
+
+Memory access needs no ptrace attachment, only ptrace *permission*, so after
+injection the tool works on the running process without stopping anything.
+Writes through /proc/PID/mem reach read-only text (the kernel breaks COW for us)
+and shared mappings alike.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pwd
+from pathlib import Path
+from types import TracebackType
+
+from .._errors import NoSuchProcess, PermissionDenied, TargetError, TargetExited
+from .maps import Mapping, read_maps
+
+_CAP_SYS_PTRACE = 19
+
+
+def _status_fields(pid: int) -> dict[str, str]:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError as exc:
+        raise NoSuchProcess(f"no process with pid {pid}") from exc
+    except ProcessLookupError as exc:  # pragma: no cover - raced with exit
+        raise NoSuchProcess(f"no process with pid {pid}") from exc
+    result = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        result[key] = value.strip()
+    return result
+
+
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def why_not_traceable(pid: int) -> str:
+    """The most likely reason this process may not trace ``pid`` (for messages)."""
+    status = _status_fields(pid)
+    tracer = int(status.get("TracerPid", "0"))
+    if tracer and tracer != os.getpid():
+        name = Path(f"/proc/{tracer}/comm").read_text().strip() if Path(f"/proc/{tracer}/comm").exists() else "?"
+        return f"it is already traced by pid {tracer} ({name}); detach that tracer first"
+    target_uid = int(status.get("Uid", "0").split()[1])
+    my_uid = os.geteuid()
+    caps = int(_status_fields(os.getpid()).get("CapEff", "0"), 16)
+    has_cap = bool(caps & (1 << _CAP_SYS_PTRACE))
+    if target_uid != my_uid and not has_cap:
+        return (
+            f"it belongs to user {_user(target_uid)} and you are {_user(my_uid)} "
+            "without CAP_SYS_PTRACE"
+        )
+    scope_file = Path("/proc/sys/kernel/yama/ptrace_scope")
+    if scope_file.exists():
+        scope = scope_file.read_text().strip()
+        if scope == "3":
+            return "yama ptrace_scope is 3: ptrace is disabled on this machine"
+        if scope in ("1", "2") and not has_cap:
+            return f"yama ptrace_scope is {scope}: only root (CAP_SYS_PTRACE) may attach to non-children"
+    if not has_cap and status.get("State", "").startswith("D"):
+        return "the process is in uninterruptible sleep"
+    return "the kernel refused ptrace access (not dumpable, or a security module)"
+
+
+class Process:
+    """An open target; use as a context manager (closes the memory file)."""
+
+    def __init__(self, pid: int) -> None:
+        if pid <= 0:
+            raise NoSuchProcess(f"no process with pid {pid}")
+        self.pid = pid
+        status = _status_fields(pid)
+        state = status.get("State", "?")
+        if state.startswith("Z"):
+            raise TargetError(
+                f"process {pid} is a zombie (exited, not yet reaped)",
+                hint="there is no code left to patch; its parent must reap it",
+            )
+        if not Path(f"/proc/{pid}/maps").read_text(errors="replace").strip() and not self._has_exe():
+            raise TargetError(
+                f"pid {pid} is a kernel thread",
+                hint="textpoke patches user-space processes only",
+            )
+        self.name = status.get("Name", "?")
+        self._mem_fd = self._open_mem()
+
+    def _has_exe(self) -> bool:
+        try:
+            os.readlink(f"/proc/{self.pid}/exe")
+            return True
+        except OSError:
+            return False
+
+    def _open_mem(self) -> int:
+        try:
+            return os.open(f"/proc/{self.pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError as exc:
+            raise NoSuchProcess(f"no process with pid {self.pid}") from exc
+        except PermissionError as exc:
+            raise PermissionDenied(
+                f"may not access process {self.pid}: {why_not_traceable(self.pid)}"
+            ) from exc
+
+    # -- lifetime ---------------------------------------------------------
+    def close(self) -> None:
+        if self._mem_fd >= 0:
+            os.close(self._mem_fd)
+            self._mem_fd = -1
+
+    def __enter__(self) -> Process:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def alive(self) -> bool:
+        try:
+            state = _status_fields(self.pid).get("State", "Z")
+        except NoSuchProcess:
+            return False
+        return not state.startswith(("Z", "X"))
+
+    # -- identity -----------------------------------------------------------
+    @property
+    def exe(self) -> str:
+        try:
+            return os.readlink(f"/proc/{self.pid}/exe")
+        except FileNotFoundError as exc:
+            raise TargetExited(f"process {self.pid} exited") from exc
+
+    def threads(self) -> list[int]:
+        try:
+            return sorted(int(t) for t in os.listdir(f"/proc/{self.pid}/task"))
+        except FileNotFoundError as exc:
+            raise TargetExited(f"process {self.pid} exited") from exc
+
+    def thread_syscall(self, tid: int) -> int | None:
+        """The syscall ``tid`` is blocked in, or None when it runs user code (or is gone)."""
+        try:
+            text = Path(f"/proc/{self.pid}/task/{tid}/syscall").read_text().split()
+        except OSError:
+            return None
+        if not text or text[0] == "running":
+            return None
+        return int(text[0])
+
+    def thread_blocks_signal(self, tid: int, signum: int) -> bool:
+        try:
+            status = Path(f"/proc/{self.pid}/task/{tid}/status").read_text()
+        except OSError:
+            return False
+        for line in status.splitlines():
+            if line.startswith("SigBlk:"):
+                return bool(int(line.split()[1], 16) & (1 << (signum - 1)))
+        return False
+
+    def maps(self) -> list[Mapping]:
+        return read_maps(self.pid)
+
+    # -- memory -------------------------------------------------------------
+    def read(self, address: int, size: int) -> bytes:
+        try:
+            data = os.pread(self._mem_fd, size, address)
+        except OSError as exc:
+            raise self._memory_error("read", address, size, exc) from exc
+        if len(data) != size:
+            raise TargetError(f"short read of {size} bytes at {address:#x} in process {self.pid}")
+        return data
+
+    def write(self, address: int, data: bytes) -> None:
+        try:
+            written = os.pwrite(self._mem_fd, data, address)
+        except OSError as exc:
+            raise self._memory_error("write", address, len(data), exc) from exc
+        if written != len(data):
+            raise TargetError(f"short write of {len(data)} bytes at {address:#x} in process {self.pid}")
+
+    def _memory_error(self, what: str, address: int, size: int, exc: OSError) -> TargetError:
+        if not self.alive():
+            return TargetExited(f"process {self.pid} exited")
+        if exc.errno == errno.EIO:
+            return TargetError(
+                f"cannot {what} {size} bytes at {address:#x} in process {self.pid}: not mapped",
+                hint="the address is outside the process's mappings (see /proc/PID/maps)",
+            )
+        return TargetError(f"cannot {what} memory of process {self.pid}: {exc.strerror}")
