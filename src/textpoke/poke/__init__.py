@@ -1,1 +1,22 @@
-"""poke stage of textpoke (see DEVELOPERS.md)."""
+"""poke: the batch protocol, its in-flight table, the trap handler and its resident code."""
+
+from .protocol import BatchResult, Patch, Step, apply_batch, revert_patches
+from .resident import Resident, ResidentStats
+from .session import Session, attach
+from .spec import NOT_OURS, Emulated, TrapFrame, handle_int3
+
+__all__ = [
+    "BatchResult",
+    "Emulated",
+    "NOT_OURS",
+    "Patch",
+    "Resident",
+    "ResidentStats",
+    "Session",
+    "Step",
+    "TrapFrame",
+    "apply_batch",
+    "attach",
+    "handle_int3",
+    "revert_patches",
+]

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from types import TracebackType
 
-from .._errors import BusyError, InjectionError, TargetExited
+from .._errors import BusyError, InjectionError, TargetExited, UsageError
 from ..target import _ptrace
 from ..target import syscalls as sc
 from ..target.inject import BorrowedThread
@@ -515,12 +515,17 @@ class Resident:
         self.syscall(sc.SYS_membarrier, sc.MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0)
 
     # -- more shared regions ---------------------------------------------------------
-    def map_shared(self, size: int, *, executable: bool, near: int | None = None,
+    def map_shared(self, *, code_size: int, data_size: int, near: int | None = None,
                    name: str = "textpoke-tramp") -> SharedRegion:
         """A new memfd region in the target, mapped by the tool too, via the agent.
 
-        ``executable``: RX in the target (the tool's view is the only writable
-        one); else RW in both.  ``near``: placed within rel32 reach of it."""
+        The first ``code_size`` bytes are RX in the target (the tool's view is
+        the only writable one), the ``data_size`` bytes after them RW in both,
+        so generated code reaches its data rip-relatively.  ``near``: placed
+        within rel32 reach of that address (trampolines called from sites)."""
+        size = code_size + data_size
+        if code_size % PAGE or data_size % PAGE or size == 0:
+            raise UsageError("shared region sizes must be whole pages")
         raw = name.encode() + b"\0"
         self.ctl[SCRATCH : SCRATCH + len(raw)] = raw
         fd = self.syscall(sc.SYS_memfd_create, self.ctl_address + SCRATCH, sc.MFD_CLOEXEC)
@@ -531,8 +536,9 @@ class Resident:
             if near is not None:
                 hint = find_free_near(self.process.maps(), near, size)
                 flags |= sc.MAP_FIXED_NOREPLACE
-            prot = sc.PROT_READ | (sc.PROT_EXEC if executable else sc.PROT_WRITE)
-            address = self.syscall(sc.SYS_mmap, hint, size, prot, flags, fd, 0)
+            address = self.syscall(sc.SYS_mmap, hint, size, sc.PROT_READ | sc.PROT_WRITE, flags, fd, 0)
+            if code_size:
+                self.syscall(sc.SYS_mprotect, address, code_size, sc.PROT_READ | sc.PROT_EXEC)
             local_fd, local = _open_shared(self.process.pid, f"/proc/{self.process.pid}/fd/{fd}", size)
             os.close(local_fd)
         finally:
