@@ -10,13 +10,19 @@ nothing needs saving.
 from __future__ import annotations
 
 import struct
+import time
+from collections.abc import Sequence
 
 import numpy as np
 from iced_x86 import Decoder
 
+from .._errors import UsageError
+from ..poke.protocol import Patch, revert_patches
+from ..poke.session import Session
+
 from ..poke.resident import PAGE, Resident, SharedRegion
 from ..x86.asm import Asm, R, mem
-from ..x86.insn import INT3
+from ..x86.insn import INT3, NOP5, encode_call
 
 STUB_SIZE = 16
 
@@ -59,3 +65,35 @@ class Counters:
 
     def counts(self) -> np.ndarray:
         return self._counts.copy()
+
+
+class CountingSession:
+    """Count every call at a set of fentry sites while the ``with`` block runs.
+
+    Entering patches every site ``nop5 -> call counter_i`` in one batch;
+    leaving puts the nop5s back in one batch.  :meth:`counts` may be read at
+    any time (the tool reads the target's counters through shared memory).
+    """
+
+    def __init__(self, session: Session, sites: Sequence[int]) -> None:
+        if not sites:
+            raise UsageError("no sites to count", hint="check the function globs with `textpoke sites`")
+        self.session = session
+        self.sites = list(sites)
+        self.counters = Counters(session.resident, n=len(self.sites), near=min(self.sites))
+        self._batch = [Patch(site=site, old=NOP5, new=encode_call(site, self.counters.entry(i)))
+                       for i, site in enumerate(self.sites)]
+        self.patch_seconds = 0.0
+
+    def __enter__(self) -> CountingSession:
+        started = time.perf_counter()
+        self.session.apply(self._batch)
+        self.patch_seconds = time.perf_counter() - started
+        return self
+
+    def __exit__(self, et: object, ev: object, tb: object) -> None:
+        if self.session.process.alive():
+            self.session.apply(revert_patches(self._batch))
+
+    def counts(self) -> np.ndarray:
+        return self.counters.counts()

@@ -1,0 +1,24 @@
+"""`textpoke demo` end to end, as the README runs it."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+
+def test_demo_end_to_end():
+    result = subprocess.run([sys.executable, "-m", "textpoke", "demo", "--duration", "1"],
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert re.search(r"patched (\d+) fentry sites in one batch", out)
+    counts = {m.group(1): int(m.group(2).replace(",", ""))
+              for m in re.finditer(r"│ (\w+)\s+│\s+([\d,]+) │", out)}
+    # Every order goes through parse_order -> validate -> price -> compute_tax;
+    # within one counting window the four counts agree up to the orders in flight
+    # at the two batch edges (3 workers).
+    assert counts["price"] > 0
+    assert abs(counts["parse_order"] - counts["compute_tax"]) <= 6
+    assert counts["apply_discount"] < counts["price"]
+    assert "checks=ok" in out
