@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from textpoke import NoSuchProcess, SiteMismatch
+from textpoke import NoSuchProcess, PermissionDenied, SiteMismatch
 from textpoke.poke import Patch, Step, attach
 from textpoke.trampolines.counter import Counters
 from textpoke.x86.insn import INT3_BYTE, NOP5, encode_call
@@ -234,3 +234,32 @@ def test_threads_born_and_dying_during_batches(build_target):
     assert result["bad"] == 0
     assert result["made"] == result["threads"] * 2000
     assert result["a"] + result["b"] == result["made"]
+
+
+_OTHER_TRACER = r"""
+import sys, time
+from textpoke.target import _ptrace
+_ptrace.seize(int(sys.argv[1]))  # PTRACE_SEIZE stops nothing
+print("tracing", flush=True)
+time.sleep(3600)
+"""
+
+
+def test_pid_that_may_not_be_traced_is_refused(hammer):
+    """(g) a process another tracer holds: one line naming the reason, nothing written."""
+    running, syms, _ = hammer
+    site = _call_site(syms)
+    tracer = subprocess.Popen([sys.executable, "-c", _OTHER_TRACER, str(running.pid)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert tracer.stdout.readline().strip() == "tracing"
+        before = open(f"/proc/{running.pid}/maps").read()
+        with pytest.raises(PermissionDenied, match=f"already traced by pid {tracer.pid}"):
+            attach(running.pid)
+        with open(f"/proc/{running.pid}/mem", "rb") as mem:
+            mem.seek(site)
+            assert mem.read(5) == encode_call(site, syms["A"])
+        assert open(f"/proc/{running.pid}/maps").read() == before  # nothing mapped either
+    finally:
+        tracer.kill()
+        tracer.wait()
+    assert running.stop()["bad"] == 0

@@ -16,6 +16,14 @@ from .insn import (
     encode_site,
     rel32_target,
 )
+from .emulate import (
+    WORD_SIZES,
+    Memory,
+    RegisterFrame,
+    emulate_call,
+    emulate_jmp,
+    emulate_push,
+)
 
 __all__ = [
     "CALL_OPCODE",
@@ -32,4 +40,10 @@ __all__ = [
     "encode_jmp",
     "encode_site",
     "rel32_target",
+    "WORD_SIZES",
+    "Memory",
+    "RegisterFrame",
+    "emulate_call",
+    "emulate_jmp",
+    "emulate_push",
 ]
