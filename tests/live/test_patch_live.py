@@ -263,3 +263,20 @@ def test_pid_that_may_not_be_traced_is_refused(hammer):
         tracer.kill()
         tracer.wait()
     assert running.stop()["bad"] == 0
+
+
+def test_spawn_installs_before_main(build_target):
+    """spawn(argv): the resident part is there before main; the program then runs."""
+    from textpoke.poke import spawn
+
+    binary = build_target("hammer")
+    syms = symbols(binary)
+    proc, session = spawn([str(binary), "2"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    with session:
+        assert session.resident.created
+        assert proc.stdout.readline().startswith("ready")
+        _toggle(session, _call_site(syms), syms, 50)
+    out, _ = proc.communicate("stop\n", timeout=30)
+    values = dict(kv.split("=") for kv in out.split())
+    assert int(values["bad"]) == 0
+    assert int(values["a"]) + int(values["b"]) == int(values["made"])

@@ -2,7 +2,7 @@
 
 from .protocol import BatchResult, Patch, Step, apply_batch, revert_patches
 from .resident import Resident, ResidentStats
-from .session import Session, attach
+from .session import Session, attach, spawn
 from .spec import NOT_OURS, Emulated, TrapFrame, handle_int3
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "TrapFrame",
     "apply_batch",
     "attach",
+    "spawn",
     "handle_int3",
     "revert_patches",
 ]

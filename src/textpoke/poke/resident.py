@@ -367,8 +367,13 @@ class Resident:
 
     # -- creation ---------------------------------------------------------------
     @classmethod
-    def attach(cls, process: Process, *, capacity: int = DEFAULT_CAPACITY) -> Resident:
-        """Adopt the resident part a previous session left, else install one."""
+    def attach(cls, process: Process, *, capacity: int = DEFAULT_CAPACITY, spawned: bool = False) -> Resident:
+        """Adopt the resident part a previous session left, else install one.
+
+        ``spawned``: the process comes from target.spawn (held at its entry
+        point by us): install through its main thread, which then runs."""
+        if spawned:
+            return cls._install(process, capacity=capacity, thread=BorrowedThread(process, process.pid, already_stopped=True))
         existing = cls._find(process)
         if existing is not None:
             return existing
@@ -401,7 +406,7 @@ class Resident:
         return resident
 
     @classmethod
-    def _install(cls, process: Process, *, capacity: int) -> Resident:
+    def _install(cls, process: Process, *, capacity: int, thread: BorrowedThread | None = None) -> Resident:
         """Install the resident part. Only steps 1-4 stop a thread:
 
         1. borrow one thread; map a scratch page (the memfd's name), create the
@@ -419,7 +424,7 @@ class Resident:
         size = region_size(capacity)
         rw, rx = sc.PROT_READ | sc.PROT_WRITE, sc.PROT_READ | sc.PROT_EXEC
         anonymous = sc.MAP_PRIVATE | sc.MAP_ANONYMOUS
-        with BorrowedThread(process) as thread:
+        with thread or BorrowedThread(process) as thread:
             # Step 1.
             scratch = thread.syscall(sc.SYS_mmap, 0, PAGE, rw, anonymous, -1, 0)
             process.write(scratch, REGION_NAME.encode() + b"\0" + b"\xff" * 8)

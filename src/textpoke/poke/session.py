@@ -7,11 +7,13 @@ puts every byte back (one more batch: three syncs) before releasing the target.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import subprocess
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 
 from .._errors import UsageError
 from ..target.process import Process
+from ..target.spawn import spawn as target_spawn
 from ..x86.insn import SITE_SIZE
 from .protocol import BatchResult, Patch, Step, apply_batch
 from .resident import DEFAULT_CAPACITY, Resident, ResidentStats
@@ -76,6 +78,22 @@ class Session:
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
+
+
+def spawn(argv: Sequence[str], *, capacity: int = DEFAULT_CAPACITY, **popen: object) -> tuple[subprocess.Popen, Session]:
+    """Start ``argv`` with the resident part installed before its ``main`` runs.
+
+    Returns the process (a Popen: wait for it, read its pipes) and the session;
+    the program runs as soon as this returns."""
+    proc = target_spawn(argv, **popen)
+    try:
+        process = Process(proc.pid)
+        resident = Resident.attach(process, capacity=capacity, spawned=True)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, Session(process, resident)
 
 
 def attach(pid: int, *, capacity: int = DEFAULT_CAPACITY) -> Session:

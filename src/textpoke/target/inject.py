@@ -79,9 +79,11 @@ def find_syscall_gadget(process: Process) -> int:
 class BorrowedThread:
     """One seized thread, stopped, with its registers saved (steps 2-4)."""
 
-    def __init__(self, process: Process, tid: int | None = None) -> None:
+    def __init__(self, process: Process, tid: int | None = None, *, already_stopped: bool = False) -> None:
         self.process = process
         self.tid = tid if tid is not None else choose_thread(process)
+        # A thread we already trace and hold stopped (spawn): no seize/interrupt.
+        self._already_stopped = already_stopped
         self._saved: Regs | None = None
         self._pending_signals: list[int] = []
         self._gadget: int | None = None
@@ -90,6 +92,10 @@ class BorrowedThread:
 
     # step 2 ---------------------------------------------------------------
     def __enter__(self) -> BorrowedThread:
+        if self._already_stopped:
+            self._stop_start = time.perf_counter_ns()
+            self._saved = _ptrace.get_regs(self.tid)
+            return self
         try:
             _ptrace.seize(self.tid)
         except OSError as exc:
