@@ -45,9 +45,7 @@ def test_retarget_call_exact(hammer):
     with attach(running.pid) as session:
         to_a, to_b = encode_call(site, syms["A"]), encode_call(site, syms["B"])
         assert session.read_insn(site) == to_a
-        for _ in range(TOGGLES):
-            session.apply([Patch(site=site, old=to_a, new=to_b)])
-            session.apply([Patch(site=site, old=to_b, new=to_a)])
+        _toggle(session, site, syms, TOGGLES)
         session.apply([Patch(site=site, old=to_a, new=to_b)])
         time.sleep(0.05)
     result = running.stop()
