@@ -1,0 +1,504 @@
+"""Benchmark: one batch of N fentry patches, textpoke vs stop-the-world, side by side.
+
+    python bench/patch.py [--quick]
+
+For every (N sites, T target threads) the same freshly started target is patched
+twice, first by textpoke, then by a "stop-the-world" baseline:
+
+- textpoke: ``attach`` (first attach installs the resident part, borrowing one
+  thread: ``resident.attach_stop_ns``), then ``Session.apply`` of N patches
+  fentry nop5 -> ``call`` counter trampoline, and ``Session.revert``; three syncs
+  each (from ``session.stats().syncs``), no thread is ptrace-stopped (every
+  ``_ptrace`` call the tool makes during a batch is counted: must be 0).
+- stop-the-world: PTRACE_SEIZE + PTRACE_INTERRUPT every thread, wait for all
+  of them, verify the old bytes (one read of the span of sites), ``process.write``
+  each site (nop5 -> ``call bench_counter``, a counter compiled into the target),
+  detach all; the revert the same way.
+
+The application-thread stall is measured *in the target*: each of the T workers
+loops "call the next function through a function-pointer table, read
+CLOCK_MONOTONIC" and keeps the largest gap between consecutive iterations in a
+window the tool opens ("begin") and closes ("end") over stdin.  Every batch
+window is preceded by an idle window of the same length: on 2 cores with up to
+16 busy threads the scheduler alone makes gaps of milliseconds, and the idle
+column shows that noise floor.  Gaps are pooled over all threads and
+repetitions: "med" is the median thread, "max" the worst one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # conftest.compile_c: the tests' fentry build
+
+from conftest import compile_c  # noqa: E402
+from elftools.elf.elffile import ELFFile  # noqa: E402
+
+from textpoke.poke import Patch, attach  # noqa: E402
+from textpoke.target import _ptrace  # noqa: E402
+from textpoke.target.process import Process  # noqa: E402
+from textpoke.trampolines.counter import Counters  # noqa: E402
+from textpoke.x86.insn import NOP5, SITE_SIZE, encode_call  # noqa: E402
+
+MAX_N = 10_000  # functions in the target; a run patches the first N of them
+
+# ---------------------------------------------------------------------------
+# The target
+# ---------------------------------------------------------------------------
+
+_PROLOGUE = r"""
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+/* The baseline's call target: a counter that, like textpoke's trampolines,
+ * touches no register (flags are dead at a function entry). */
+volatile unsigned long bench_count __attribute__((used));
+__asm__(".text\n.globl bench_counter\n.type bench_counter,@function\n"
+        "bench_counter:\n\tlock incq bench_count(%rip)\n\tret\n"
+        ".size bench_counter, .-bench_counter\n");
+"""
+
+_MAIN = r"""
+typedef long (*fn)(long);
+
+struct slot {                       /* one per worker, own cache line */
+    _Atomic uint64_t last;          /* time of the latest iteration */
+    _Atomic uint64_t max;           /* largest gap in the current window */
+    _Atomic unsigned epoch;         /* window the two above belong to */
+    long bad, iters;
+} __attribute__((aligned(64)));
+
+static struct slot slots[256];
+static _Atomic unsigned g_epoch;    /* bumped by "begin" */
+static _Atomic uint64_t g_start;    /* start of the current window */
+static atomic_int g_stop, g_started;
+static int nfn;
+
+static inline uint64_t now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static void *worker(void *arg) {
+    struct slot *s = arg;
+    unsigned ep = atomic_load(&g_epoch);
+    uint64_t last = now(), mx = 0;
+    long bad = 0, iters = 0;
+    int i = 0;
+    atomic_fetch_add(&g_started, 1);
+    while (!atomic_load_explicit(&g_stop, memory_order_relaxed)) {
+        if (table[i](1) != 1 + i) bad++;
+        if (++i == nfn) i = 0;
+        iters++;
+        unsigned e = atomic_load_explicit(&g_epoch, memory_order_acquire);
+        uint64_t t = now();
+        if (e != ep) {              /* a new window: gaps count from its start */
+            uint64_t start = atomic_load_explicit(&g_start, memory_order_relaxed);
+            ep = e;
+            mx = 0;
+            if (last < start) last = start;
+            atomic_store_explicit(&s->max, 0, memory_order_relaxed);
+            atomic_store_explicit(&s->epoch, e, memory_order_release);
+        }
+        if (t > last && t - last > mx) {
+            mx = t - last;
+            atomic_store_explicit(&s->max, mx, memory_order_relaxed);
+        }
+        last = t;
+        atomic_store_explicit(&s->last, t, memory_order_relaxed);
+    }
+    s->bad = bad;
+    s->iters = iters;
+    return NULL;
+}
+
+int main(int argc, char **argv) {
+    int threads = argc > 1 ? atoi(argv[1]) : 1;
+    nfn = argc > 2 ? atoi(argv[2]) : NFN;
+    if (threads < 1 || threads > 256 || nfn < 1 || nfn > NFN) return 2;
+    long acc = 0;
+    for (int i = 0; i < NFN; i++) acc += table[i](1);   /* fault every page in */
+    pthread_t tids[256];
+    for (int i = 0; i < threads; i++) pthread_create(&tids[i], NULL, worker, &slots[i]);
+    while (atomic_load(&g_started) < threads) usleep(1000);
+    printf("ready %d\n", getpid());
+    fflush(stdout);
+    char line[64];
+    while (fgets(line, sizeof line, stdin)) {    /* blocked in read(): borrowable */
+        if (strncmp(line, "begin", 5) == 0) {
+            atomic_store_explicit(&g_start, now(), memory_order_relaxed);
+            atomic_fetch_add_explicit(&g_epoch, 1, memory_order_release);
+            printf("ok\n");
+        } else if (strncmp(line, "end", 3) == 0) {
+            uint64_t end = now(), start = atomic_load(&g_start);
+            unsigned e = atomic_load(&g_epoch);
+            printf("window=%llu gaps=", (unsigned long long)(end - start));
+            for (int i = 0; i < threads; i++) {
+                struct slot *s = &slots[i];
+                uint64_t gap;
+                if (atomic_load_explicit(&s->epoch, memory_order_acquire) != e) {
+                    gap = end - start;      /* never ran in the window */
+                } else {
+                    uint64_t mx = atomic_load(&s->max), last = atomic_load(&s->last);
+                    uint64_t open = end > last ? end - last : 0;  /* gap still open */
+                    gap = mx > open ? mx : open;
+                }
+                printf("%s%llu", i ? "," : "", (unsigned long long)gap);
+            }
+            printf("\n");
+        } else if (strncmp(line, "count", 5) == 0) {
+            printf("count=%lu\n", bench_count);
+        } else if (strncmp(line, "stop", 4) == 0) {
+            break;
+        }
+        fflush(stdout);
+    }
+    atomic_store(&g_stop, 1);
+    long bad = 0, iters = 0;
+    for (int i = 0; i < threads; i++) {
+        pthread_join(tids[i], NULL);
+        bad += slots[i].bad;
+        iters += slots[i].iters;
+    }
+    printf("bad=%ld iters=%ld acc=%ld\n", bad, iters, acc);
+    return 0;
+}
+"""
+
+
+def target_source(n: int) -> str:
+    """``_many_source`` (tests/live) grown into a stall meter: n functions f_i(x) = x + i
+    with a fentry nop5 each, called by the workers through a table."""
+    lines = [_PROLOGUE, f"#define NFN {n}"]
+    lines += [f"__attribute__((noinline)) long f{i}(long x) {{ return x + {i}; }}" for i in range(n)]
+    lines.append("static long (*const table[])(long) = {" + ",".join(f"f{i}" for i in range(n)) + "};")
+    lines.append(_MAIN)
+    return "\n".join(lines)
+
+
+def build_target() -> tuple[Path, list[int], int]:
+    """The binary, the fentry site of every f_i (its entry), and bench_counter."""
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "patchbench.c"
+        source.write_text(target_source(MAX_N))
+        binary = compile_c(source, opt="-O1", name="patchbench")
+    with open(binary, "rb") as f:
+        table = ELFFile(f).get_section_by_name(".symtab")
+        syms = {s.name: s["st_value"] for s in table.iter_symbols()
+                if s["st_info"]["type"] == "STT_FUNC" and s["st_value"]}
+    return binary, [syms[f"f{i}"] for i in range(MAX_N)], syms["bench_counter"]
+
+
+class Target:
+    """A running stall meter; a context manager that stops (or kills) it."""
+
+    def __init__(self, binary: Path, threads: int, n: int) -> None:
+        self.proc = subprocess.Popen([str(binary), str(threads), str(n)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, bufsize=1)
+        line = self._line()
+        if not line.startswith("ready"):
+            raise RuntimeError(f"target did not start: {line!r}")
+        self.pid = self.proc.pid
+
+    def _line(self) -> str:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"target exited ({self.proc.poll()})")
+        return line
+
+    def ask(self, command: str) -> str:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self._line().strip()
+
+    def begin(self) -> None:
+        assert self.ask("begin") == "ok"
+
+    def end(self) -> list[int]:
+        """Per-worker largest iteration gap (ns) of the window just closed."""
+        fields = dict(item.split("=") for item in self.ask("end").split())
+        return [int(g) for g in fields["gaps"].split(",")]
+
+    def stop(self) -> dict[str, int]:
+        out, _ = self.proc.communicate("stop\n", timeout=30)
+        if self.proc.returncode != 0:
+            raise RuntimeError(f"target exited with {self.proc.returncode}: {out!r}")
+        return {k: int(v) for k, v in (item.split("=") for item in out.split()[-3:])}
+
+    def __enter__(self) -> Target:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# ---------------------------------------------------------------------------
+# Measurements
+# ---------------------------------------------------------------------------
+
+
+class PtraceCounter:
+    """Counts the tool's ptrace stops (seize/interrupt) while active: textpoke's
+    batches must make none, its first attach exactly one."""
+
+    def __init__(self) -> None:
+        self.seized: list[int] = []
+        self._orig = _ptrace.seize
+
+        def seize(tid: int, *, options: int = 0) -> None:
+            self.seized.append(tid)
+            self._orig(tid, options=options)
+
+        _ptrace.seize = seize  # inject.py calls it as _ptrace.seize(...)
+
+    def close(self) -> None:
+        _ptrace.seize = self._orig
+
+
+def windowed(target: Target, action, idle_gaps: list[int], busy_gaps: list[int]):
+    """Run ``action`` inside a stall window, after an idle window as long as it."""
+    target.begin()
+    started = time.perf_counter()
+    result = action()
+    elapsed = time.perf_counter() - started
+    busy_gaps += target.end()
+    target.begin()
+    time.sleep(elapsed)
+    idle_gaps += target.end()
+    return result, elapsed
+
+
+@dataclass
+class Method:
+    apply_s: list[float] = field(default_factory=list)
+    revert_s: list[float] = field(default_factory=list)
+    gaps: list[int] = field(default_factory=list)  # ns, one per worker per window
+    idle: list[int] = field(default_factory=list)
+    syncs: set[int] = field(default_factory=set)  # textpoke: per batch
+    stops: int = 0  # textpoke: ptrace seizes during batches
+    stopped_ns: list[int] = field(default_factory=list)  # stw: world stopped, per batch
+    attach_ns: int = 0  # textpoke: borrowed thread stopped at first attach
+    attach_threads: int = 0  # textpoke: threads seized by the first attach
+    attach_gaps: list[int] = field(default_factory=list)  # workers during attach
+    counted: int = 0
+
+    @property
+    def apply_med(self) -> float:
+        return statistics.median(self.apply_s)
+
+
+def run_textpoke(target: Target, sites: list[int], reps: int) -> Method:
+    m = Method()
+    counter = PtraceCounter()
+    try:
+        target.begin()
+        session = attach(target.pid)
+        m.attach_gaps = target.end()
+        m.attach_threads = len(counter.seized)
+        m.attach_ns = session.resident.attach_stop_ns
+        assert session.resident.created, "first attach must install the resident part"
+        with session:
+            counters = Counters(session.resident, n=len(sites), near=sites[0])
+            batch = [Patch(site=s, old=NOP5, new=encode_call(s, counters.entry(i)))
+                     for i, s in enumerate(sites)]
+            counter.seized.clear()
+            for _ in range(reps):
+                for revert in (False, True):
+                    before = session.stats().syncs
+                    action = session.revert if revert else (lambda: session.apply(batch))
+                    result, elapsed = windowed(target, action, m.idle, m.gaps)
+                    m.syncs.add(session.stats().syncs - before)
+                    assert result.syncs == 3 and len(result.patched) == len(sites)
+                    (m.revert_s if revert else m.apply_s).append(elapsed)
+            m.stops = len(counter.seized)
+            m.counted = int(counters.counts().sum())
+            assert all(session.read_insn(s) == NOP5 for s in sites[:: max(1, len(sites) // 64)])
+    finally:
+        counter.close()
+    return m
+
+
+def stop_the_world(process: Process, writes: list[tuple[int, bytes, bytes]]) -> int:
+    """Seize+interrupt every thread, verify and write every site, detach all.
+
+    Returns how long the world was stopped (ns, first interrupt to last detach)."""
+    tids = process.threads()
+    seized: list[int] = []
+    start = time.perf_counter_ns()
+    try:
+        for tid in tids:
+            _ptrace.seize(tid)
+            seized.append(tid)
+            _ptrace.interrupt(tid)
+        for tid in tids:
+            _, status = _ptrace.wait_thread(tid)
+            if not os.WIFSTOPPED(status):
+                raise RuntimeError(f"thread {tid} did not stop: status {status:#x}")
+        lo = min(w[0] for w in writes)
+        span = process.read(lo, max(w[0] for w in writes) + SITE_SIZE - lo)
+        for site, old, _ in writes:
+            if span[site - lo : site - lo + SITE_SIZE] != old:
+                raise RuntimeError(f"site {site:#x} does not hold {old.hex()}")
+        for site, _, new in writes:
+            process.write(site, new)
+    finally:
+        for tid in seized:
+            _ptrace.detach(tid)
+    return time.perf_counter_ns() - start
+
+
+def run_stw(target: Target, sites: list[int], counter_fn: int, reps: int) -> Method:
+    m = Method()
+    on = [(s, NOP5, encode_call(s, counter_fn)) for s in sites]
+    off = [(s, new, old) for s, old, new in on]
+    with Process(target.pid) as process:
+        for _ in range(reps):
+            for revert in (False, True):
+                writes = off if revert else on
+                stopped, elapsed = windowed(target, lambda: stop_the_world(process, writes), m.idle, m.gaps)
+                m.stopped_ns.append(stopped)
+                (m.revert_s if revert else m.apply_s).append(elapsed)
+        assert all(process.read(s, SITE_SIZE) == NOP5 for s in sites[:: max(1, len(sites) // 64)])
+    m.counted = int(target.ask("count").split("=")[1])
+    return m
+
+
+@dataclass
+class Row:
+    n: int
+    threads: int
+    tp: Method
+    stw: Method
+    bad: int
+
+
+def measure(binary: Path, all_sites: list[int], counter_fn: int, n: int, threads: int, reps: int) -> Row:
+    sites = all_sites[:n]
+    with Target(binary, threads, n) as target:
+        time.sleep(0.05)  # let the workers settle on the cores
+        tp = run_textpoke(target, sites, reps)
+        stw = run_stw(target, sites, counter_fn, reps)
+        out = target.stop()
+    return Row(n, threads, tp, stw, out["bad"])
+
+
+# ---------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------
+
+
+def us(ns: float) -> str:
+    v = ns / 1e3
+    return f"{v:.0f}" if v >= 10 else f"{v:.1f}"
+
+
+def ms(s: float) -> str:
+    return f"{s * 1e3:.1f}" if s < 10 else f"{s * 1e3:.0f}"
+
+
+def stall(gaps: list[int]) -> str:
+    return f"{us(statistics.median(gaps))}/{us(max(gaps))}"
+
+
+def rate(n: int, s: float) -> str:
+    r = n / s
+    return f"{r / 1e6:.2f}M" if r >= 1e6 else f"{r / 1e3:.0f}k" if r >= 1e3 else f"{r:.0f}"
+
+
+def report(rows: list[Row], reps: int, elapsed: float) -> bool:
+    print(f"textpoke vs stop-the-world: one batch of N fentry nop5 -> call-counter patches, "
+          f"median of {reps}; {os.cpu_count()} CPUs")
+    print("stall = largest gap between iterations of a worker, in the target, med/max over "
+          "workers x windows (us); idle = same-length window with no batch")
+    header = (f"{'N':>6} {'T':>3} {'method':<8} {'apply ms':>9} {'revert ms':>9} {'sites/s':>8} "
+              f"{'syncs':>5} {'stopped':>13} {'stall us':>13} {'idle us':>13} "
+              f"{'time x':>7} {'stall x':>7}")
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        tp, stw = row.tp, row.stw
+        ratio_t = tp.apply_med / stw.apply_med
+        ratio_s = max(tp.gaps) / max(stw.gaps)
+        syncs = ",".join(str(s) for s in sorted(tp.syncs))
+        stopped_tp = f"0 ({tp.stops} thr)" if tp.stops == 0 else f"{tp.stops} SEIZED"
+        print(f"{row.n:>6} {row.threads:>3} {'textpoke':<8} {ms(tp.apply_med):>9} "
+              f"{ms(statistics.median(tp.revert_s)):>9} {rate(row.n, tp.apply_med):>8} {syncs:>5} "
+              f"{stopped_tp:>13} {stall(tp.gaps):>13} {stall(tp.idle):>13} "
+              f"{ratio_t:>7.2f} {ratio_s:>7.2f}")
+        stopped = f"{us(statistics.median(stw.stopped_ns))}us ({row.threads + 2}t)"
+        print(f"{'':>6} {'':>3} {'stw':<8} {ms(stw.apply_med):>9} "
+              f"{ms(statistics.median(stw.revert_s)):>9} {rate(row.n, stw.apply_med):>8} {'-':>5} "
+              f"{stopped:>13} {stall(stw.gaps):>13} {stall(stw.idle):>13}")
+    print("-" * len(header))
+    attach_ns = [r.tp.attach_ns for r in rows]
+    attach_gaps = [g for r in rows for g in r.tp.attach_gaps]
+    print(f"first attach: borrowed thread stopped med {us(statistics.median(attach_ns))} us, "
+          f"max {us(max(attach_ns))} us; threads seized per attach: "
+          f"{sorted({r.tp.attach_threads for r in rows})}; worker stall during attach "
+          f"med/max {stall(attach_gaps)} us")
+    bad = sum(r.bad for r in rows)
+    live = all(r.tp.counted > 0 and r.stw.counted > 0 for r in rows)
+    print(f"checks: syncs/batch {sorted({s for r in rows for s in r.tp.syncs})}, wrong results "
+          f"in target {bad}, counters hit by every method: {live}; "
+          f"{elapsed:.0f} s")
+    big = [r for r in rows if r.n >= 10_000]
+    goals = []
+    if big:
+        worst = max(r.tp.apply_med for r in big)
+        goals.append(("10,000 sites in < 1 s", worst < 1.0, f"worst {worst * 1e3:.0f} ms"))
+    else:
+        goals.append(("10,000 sites in < 1 s", None, "not measured (--quick)"))
+    stops = sum(r.tp.stops for r in rows)
+    goals.append(("application threads stopped 0 us during batches", stops == 0,
+                  f"{stops} ptrace stops during textpoke batches; in-target stall is trap/IPI/"
+                  f"scheduling time, compare with idle"))
+    one = all(r.tp.attach_threads == 1 for r in rows)
+    goals.append(("attach stops one thread for < 1 ms", one and max(attach_ns) < 1e6,
+                  f"{'one' if one else 'NOT one'} thread, max {us(max(attach_ns))} us"))
+    ok = True
+    for name, met, detail in goals:
+        mark = "n/a" if met is None else "MET" if met else "NOT MET"
+        ok &= met is not False
+        print(f"goal: {name:<50} {mark:<8} ({detail})")
+    return ok and bad == 0 and live
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="N in {1, 1000}, T in {1, 4}")
+    parser.add_argument("--reps", type=int, default=None, help="batches per method and config")
+    args = parser.parse_args(argv)
+    ns = (1, 1000) if args.quick else (1, 1000, 10_000)
+    ts = (1, 4) if args.quick else (1, 4, 16)
+    reps = args.reps or (2 if args.quick else 3)
+    started = time.perf_counter()
+    binary, sites, counter_fn = build_target()
+    rows = []
+    for n in ns:
+        for t in ts:
+            rows.append(measure(binary, sites, counter_fn, n, t, reps))
+            print(f"  measured N={n} T={t}", file=sys.stderr, flush=True)
+    return 0 if report(rows, reps, time.perf_counter() - started) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
