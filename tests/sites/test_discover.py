@@ -202,3 +202,41 @@ def test_cache_is_per_file_identity(pie_demo: Path, tmp_path: Path) -> None:
     os.symlink(pie_demo, link)
     second = open_elf(link)
     assert second.path == str(link) and second.functions is first.functions
+
+
+def _patched_copy(src: Path, dst: Path, address: int, data: bytes) -> Path:
+    """A copy of ``src`` with ``data`` written at link-time ``address`` of its code."""
+    from elftools.elf.elffile import ELFFile
+
+    shutil.copyfile(src, dst)
+    with open(dst, "r+b") as f:
+        (offset,) = [
+            address - seg["p_vaddr"] + seg["p_offset"]
+            for seg in ELFFile(f).iter_segments()
+            if seg["p_type"] == "PT_LOAD" and seg["p_vaddr"] <= address < seg["p_vaddr"] + seg["p_filesz"]
+        ]
+        f.seek(offset)
+        f.write(data)
+    clear_cache()
+    return dst
+
+
+def test_undecodable_function_is_skipped_and_counted(pie_demo: Path, tmp_path: Path) -> None:
+    (middle,) = [f for f in open_elf(pie_demo).functions if f.name == "middle"]
+    # 0x06 (push es) does not exist in 64-bit mode: the decoder stops there.
+    broken = _patched_copy(pie_demo, tmp_path / "broken", middle.address, b"\x06")
+    scan = scan_sites(broken, kinds={SiteKind.CALL})
+    assert scan.undecodable == ("middle",)
+    assert not any(s.function == "middle" for s in scan.sites)
+    assert len(scan.sites) == len(find_sites(pie_demo, kinds={SiteKind.CALL})) - 2
+
+
+def test_recorded_location_without_nop5_is_refused(fentry_demo: Path, tmp_path: Path) -> None:
+    from textpoke.x86.insn import encode_call
+
+    (leaf,) = [f for f in open_elf(fentry_demo).functions if f.name == "leaf"]
+    call = encode_call(leaf.address, leaf.address + 0x10)
+    changed = _patched_copy(fentry_demo, tmp_path / "changed", leaf.address, call)
+    scan = scan_sites(changed, kinds={SiteKind.FENTRY})
+    assert {s.function for s in scan.sites} == DEMO_FUNCTIONS - {"leaf"}
+    assert scan.refused == ((leaf.address, f"recorded address holds {call.hex(' ')}, not nop5"),)

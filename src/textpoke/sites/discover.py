@@ -158,18 +158,18 @@ def _fentry_sites(
         if address in seen:
             continue
         seen.add(address)
-        function = image.function_at(address)
-        if function is None:
+        owner = image.function_at(address)
+        if owner is None:
             refused.append((address, "recorded address is in no symbol-table function"))
             continue
-        if not wanted(function):
+        if not wanted(owner):
             continue
         insn = image.read(address, CALL_SIZE)
         if insn != NOP5:
             shown = insn.hex(" ") if insn else "unreadable"
             refused.append((address, f"recorded address holds {shown}, not nop5"))
             continue
-        if not _entry_boundary(image, function, address):
+        if not _entry_boundary(image, owner, address):
             refused.append((address, "recorded address is not an instruction boundary"))
             continue
         sites.append(
@@ -177,8 +177,8 @@ def _fentry_sites(
                 address=address + base,
                 kind=SiteKind.FENTRY,
                 insn=insn,
-                function=function.name,
-                offset_in_function=address - function.address,
+                function=owner.name,
+                offset_in_function=address - owner.address,
                 target=None,
                 target_name=None,
                 reason=reason,

@@ -435,9 +435,9 @@ def _plt_names(
                 if instr.code == Code.INVALID:
                     break
                 if instr.code == Code.JMP_RM64 and instr.is_ip_rel_memory_operand:
-                    name = slots.get(instr.ip_rel_memory_address)
-                    if name is not None:
-                        names[address + offset] = f"{name}@plt"
+                    slot_name = slots.get(instr.ip_rel_memory_address)
+                    if slot_name is not None:
+                        names[address + offset] = f"{slot_name}@plt"
                     break
     return names
 

@@ -18,7 +18,7 @@ from .discover import (
     SiteKind,
     _entry_after_endbr,
 )
-from .elf import ElfImage, open_elf
+from .elf import ElfImage, Function, open_elf
 
 
 def check_site(
