@@ -81,6 +81,7 @@ struct slot {                       /* one per worker, own cache line */
     _Atomic uint64_t last;          /* time of the latest iteration */
     _Atomic uint64_t max;           /* largest gap in the current window */
     _Atomic unsigned epoch;         /* window the two above belong to */
+    _Atomic int tid;
     long bad, iters;
 } __attribute__((aligned(64)));
 
@@ -102,6 +103,7 @@ static void *worker(void *arg) {
     uint64_t last = now(), mx = 0;
     long bad = 0, iters = 0;
     int i = 0;
+    atomic_store(&s->tid, gettid());
     atomic_fetch_add(&g_started, 1);
     while (!atomic_load_explicit(&g_stop, memory_order_relaxed)) {
         if (table[i](1) != 1 + i) bad++;
@@ -162,6 +164,10 @@ int main(int argc, char **argv) {
                 }
                 printf("%s%llu", i ? "," : "", (unsigned long long)gap);
             }
+            printf("\n");
+        } else if (strncmp(line, "tids", 4) == 0) {
+            printf("tids=");
+            for (int i = 0; i < threads; i++) printf("%s%d", i ? "," : "", atomic_load(&slots[i].tid));
             printf("\n");
         } else if (strncmp(line, "count", 5) == 0) {
             printf("count=%lu\n", bench_count);
