@@ -222,6 +222,7 @@ class Target:
         if not line.startswith("ready"):
             raise RuntimeError(f"target did not start: {line!r}")
         self.pid = self.proc.pid
+        self.workers = [int(t) for t in self.ask("tids").split("=")[1].split(",")]
 
     def _line(self) -> str:
         line = self.proc.stdout.readline()
@@ -235,12 +236,21 @@ class Target:
         return self._line().strip()
 
     def begin(self) -> None:
-        assert self.ask("begin") == "ok"
+        if self.ask("begin") != "ok":
+            raise RuntimeError("target did not open a window")
 
     def end(self) -> list[int]:
         """Per-worker largest iteration gap (ns) of the window just closed."""
         fields = dict(item.split("=") for item in self.ask("end").split())
         return [int(g) for g in fields["gaps"].split(",")]
+
+    def run_delay(self) -> list[int]:
+        """Per-worker total time spent runnable but waiting for a CPU (ns, schedstat)."""
+        delays = []
+        for tid in self.workers:
+            with open(f"/proc/{self.pid}/task/{tid}/schedstat") as f:
+                delays.append(int(f.read().split()[1]))
+        return delays
 
     def stop(self) -> dict[str, int]:
         out, _ = self.proc.communicate("stop\n", timeout=30)
@@ -262,9 +272,9 @@ class Target:
 # ---------------------------------------------------------------------------
 
 
-class PtraceCounter:
-    """Counts the tool's ptrace stops (seize/interrupt) while active: textpoke's
-    batches must make none, its first attach exactly one."""
+class SeizeCounter:
+    """Counts the threads the tool seizes while active: textpoke's batches must
+    seize none, its first attach exactly one."""
 
     def __init__(self) -> None:
         self.seized: list[int] = []
@@ -274,54 +284,67 @@ class PtraceCounter:
             self.seized.append(tid)
             self._orig(tid, options=options)
 
-        _ptrace.seize = seize  # inject.py calls it as _ptrace.seize(...)
+        _ptrace.seize = seize  # inject.py looks it up as _ptrace.seize(...) at each call
 
     def close(self) -> None:
         _ptrace.seize = self._orig
 
 
-def windowed(target: Target, action, idle_gaps: list[int], busy_gaps: list[int]):
-    """Run ``action`` inside a stall window, after an idle window as long as it."""
+@dataclass
+class Window:
+    """What one measured action did, seen from the tool and from the target."""
+
+    wall_s: float
+    cpu_s: float  # the tool's own CPU time
+    gaps: list[int]  # per worker, largest iteration gap in the window (ns)
+    idle: list[int]  # the same, in an idle window just as long
+    runq: list[int]  # per worker, time runnable but not running in the window (ns)
+
+
+def windowed(target: Target, action) -> tuple[object, Window]:
+    """Run ``action`` in a stall window, then an idle window just as long."""
+    delay = target.run_delay()
     target.begin()
-    started = time.perf_counter()
+    cpu, wall = time.process_time(), time.perf_counter()
     result = action()
-    elapsed = time.perf_counter() - started
-    busy_gaps += target.end()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    gaps = target.end()
+    runq = [after - before for before, after in zip(delay, target.run_delay())]
     target.begin()
-    time.sleep(elapsed)
-    idle_gaps += target.end()
-    return result, elapsed
+    time.sleep(wall)
+    idle = target.end()
+    return result, Window(wall, cpu, gaps, idle, runq)
 
 
 @dataclass
 class Method:
-    apply_s: list[float] = field(default_factory=list)
-    revert_s: list[float] = field(default_factory=list)
-    gaps: list[int] = field(default_factory=list)  # ns, one per worker per window
-    idle: list[int] = field(default_factory=list)
+    applies: list[Window] = field(default_factory=list)
+    reverts: list[Window] = field(default_factory=list)
     syncs: set[int] = field(default_factory=set)  # textpoke: per batch
-    stops: int = 0  # textpoke: ptrace seizes during batches
+    seized: int = 0  # threads seized during batches (textpoke: must be 0)
     stopped_ns: list[int] = field(default_factory=list)  # stw: world stopped, per batch
+    threads_stopped: int = 0  # stw: threads in the target
+    attach: Window | None = None  # textpoke: first attach
     attach_ns: int = 0  # textpoke: borrowed thread stopped at first attach
-    attach_threads: int = 0  # textpoke: threads seized by the first attach
-    attach_gaps: list[int] = field(default_factory=list)  # workers during attach
-    counted: int = 0
+    attach_seized: int = 0  # textpoke: threads seized by the first attach
+    counted: int = 0  # calls counted by the patched-in counters
 
-    @property
-    def apply_med(self) -> float:
-        return statistics.median(self.apply_s)
+    def med(self, what: str, batches: str = "applies") -> float:
+        return statistics.median(getattr(w, what) for w in getattr(self, batches))
+
+    def pooled(self, what: str) -> list[int]:
+        return [g for w in self.applies + self.reverts for g in getattr(w, what)]
 
 
 def run_textpoke(target: Target, sites: list[int], reps: int) -> Method:
     m = Method()
-    counter = PtraceCounter()
+    counter = SeizeCounter()
     try:
-        target.begin()
-        session = attach(target.pid)
-        m.attach_gaps = target.end()
-        m.attach_threads = len(counter.seized)
+        session, m.attach = windowed(target, lambda: attach(target.pid))
+        m.attach_seized = len(counter.seized)
         m.attach_ns = session.resident.attach_stop_ns
-        assert session.resident.created, "first attach must install the resident part"
+        if not session.resident.created:
+            raise RuntimeError("the first attach must install the resident part")
         with session:
             counters = Counters(session.resident, n=len(sites), near=sites[0])
             batch = [Patch(site=s, old=NOP5, new=encode_call(s, counters.entry(i)))
@@ -331,22 +354,25 @@ def run_textpoke(target: Target, sites: list[int], reps: int) -> Method:
                 for revert in (False, True):
                     before = session.stats().syncs
                     action = session.revert if revert else (lambda: session.apply(batch))
-                    result, elapsed = windowed(target, action, m.idle, m.gaps)
+                    result, window = windowed(target, action)
                     m.syncs.add(session.stats().syncs - before)
-                    assert result.syncs == 3 and len(result.patched) == len(sites)
-                    (m.revert_s if revert else m.apply_s).append(elapsed)
-            m.stops = len(counter.seized)
+                    if result.syncs != 3 or len(result.patched) != len(sites):
+                        raise RuntimeError(f"unexpected batch result {result.syncs} syncs")
+                    (m.reverts if revert else m.applies).append(window)
+            m.seized = len(counter.seized)
             m.counted = int(counters.counts().sum())
-            assert all(session.read_insn(s) == NOP5 for s in sites[:: max(1, len(sites) // 64)])
+            if any(session.read_insn(s) != NOP5 for s in sites):
+                raise RuntimeError("textpoke's revert left a site changed")
     finally:
         counter.close()
     return m
 
 
-def stop_the_world(process: Process, writes: list[tuple[int, bytes, bytes]]) -> int:
+def stop_the_world(process: Process, writes: list[tuple[int, bytes, bytes]]) -> tuple[int, int]:
     """Seize+interrupt every thread, verify and write every site, detach all.
 
-    Returns how long the world was stopped (ns, first interrupt to last detach)."""
+    Returns how long the world was stopped (ns, first seize to last detach) and
+    how many threads that was."""
     tids = process.threads()
     seized: list[int] = []
     start = time.perf_counter_ns()
@@ -359,6 +385,7 @@ def stop_the_world(process: Process, writes: list[tuple[int, bytes, bytes]]) -> 
             _, status = _ptrace.wait_thread(tid)
             if not os.WIFSTOPPED(status):
                 raise RuntimeError(f"thread {tid} did not stop: status {status:#x}")
+        # Verify like textpoke does (all old bytes before any write): one read of the span.
         lo = min(w[0] for w in writes)
         span = process.read(lo, max(w[0] for w in writes) + SITE_SIZE - lo)
         for site, old, _ in writes:
@@ -369,7 +396,7 @@ def stop_the_world(process: Process, writes: list[tuple[int, bytes, bytes]]) -> 
     finally:
         for tid in seized:
             _ptrace.detach(tid)
-    return time.perf_counter_ns() - start
+    return time.perf_counter_ns() - start, len(tids)
 
 
 def run_stw(target: Target, sites: list[int], counter_fn: int, reps: int) -> Method:
@@ -380,10 +407,12 @@ def run_stw(target: Target, sites: list[int], counter_fn: int, reps: int) -> Met
         for _ in range(reps):
             for revert in (False, True):
                 writes = off if revert else on
-                stopped, elapsed = windowed(target, lambda: stop_the_world(process, writes), m.idle, m.gaps)
+                (stopped, m.threads_stopped), window = windowed(
+                    target, lambda: stop_the_world(process, writes))
                 m.stopped_ns.append(stopped)
-                (m.revert_s if revert else m.apply_s).append(elapsed)
-        assert all(process.read(s, SITE_SIZE) == NOP5 for s in sites[:: max(1, len(sites) // 64)])
+                (m.reverts if revert else m.applies).append(window)
+        if any(process.read(s, SITE_SIZE) != NOP5 for s in sites):
+            raise RuntimeError("the baseline's revert left a site changed")
     m.counted = int(target.ask("count").split("=")[1])
     return m
 
@@ -418,79 +447,88 @@ def us(ns: float) -> str:
 
 
 def ms(s: float) -> str:
-    return f"{s * 1e3:.1f}" if s < 10 else f"{s * 1e3:.0f}"
+    return f"{s * 1e3:.1f}" if s < 0.1 else f"{s * 1e3:.0f}"
 
 
-def stall(gaps: list[int]) -> str:
-    return f"{us(statistics.median(gaps))}/{us(max(gaps))}"
+def spread(values: list[int]) -> str:
+    return f"{us(statistics.median(values))}/{us(max(values))}"
 
 
 def rate(n: int, s: float) -> str:
     r = n / s
-    return f"{r / 1e6:.2f}M" if r >= 1e6 else f"{r / 1e3:.0f}k" if r >= 1e3 else f"{r:.0f}"
+    return f"{r / 1e6:.1f}M" if r >= 1e6 else f"{r / 1e3:.0f}k" if r >= 1e3 else f"{r:.0f}"
 
 
 def report(rows: list[Row], reps: int, elapsed: float) -> bool:
-    print(f"textpoke vs stop-the-world: one batch of N fentry nop5 -> call-counter patches, "
-          f"median of {reps}; {os.cpu_count()} CPUs")
-    print("stall = largest gap between iterations of a worker, in the target, med/max over "
-          "workers x windows (us); idle = same-length window with no batch")
-    header = (f"{'N':>6} {'T':>3} {'method':<8} {'apply ms':>9} {'revert ms':>9} {'sites/s':>8} "
-              f"{'syncs':>5} {'stopped':>13} {'stall us':>13} {'idle us':>13} "
-              f"{'time x':>7} {'stall x':>7}")
+    print(f"textpoke vs stop-the-world (stw): one batch of N fentry nop5 -> call-counter patches "
+          f"in a target with T busy threads; {os.cpu_count()} CPUs; medians of {reps} batches")
+    print("stall/idle: largest gap between two iterations of a worker, measured in the target, "
+          "median/max over workers x batches (us); idle = same-length window without a batch;")
+    print("runq: time workers waited for a CPU in the batch window (schedstat); stopped: "
+          "textpoke batch/first attach (borrowed thread), stw whole world; x = textpoke/stw")
+    header = (f"{'N':>5} {'T':>2} {'method':<8} {'apply ms':>8} {'revert':>6} {'sites/s':>7} "
+              f"{'cpu ms':>6} {'syncs':>5} {'stopped us':>12} {'stall us':>11} {'idle us':>11} "
+              f"{'runq us':>11} {'time x':>6} {'stall x':>7}")
     print(header)
     print("-" * len(header))
     for row in rows:
         tp, stw = row.tp, row.stw
-        ratio_t = tp.apply_med / stw.apply_med
-        ratio_s = max(tp.gaps) / max(stw.gaps)
+        time_x = tp.med("wall_s") / stw.med("wall_s")
+        stall_x = statistics.median(tp.pooled("gaps")) / statistics.median(stw.pooled("gaps"))
         syncs = ",".join(str(s) for s in sorted(tp.syncs))
-        stopped_tp = f"0 ({tp.stops} thr)" if tp.stops == 0 else f"{tp.stops} SEIZED"
-        print(f"{row.n:>6} {row.threads:>3} {'textpoke':<8} {ms(tp.apply_med):>9} "
-              f"{ms(statistics.median(tp.revert_s)):>9} {rate(row.n, tp.apply_med):>8} {syncs:>5} "
-              f"{stopped_tp:>13} {stall(tp.gaps):>13} {stall(tp.idle):>13} "
-              f"{ratio_t:>7.2f} {ratio_s:>7.2f}")
-        stopped = f"{us(statistics.median(stw.stopped_ns))}us ({row.threads + 2}t)"
-        print(f"{'':>6} {'':>3} {'stw':<8} {ms(stw.apply_med):>9} "
-              f"{ms(statistics.median(stw.revert_s)):>9} {rate(row.n, stw.apply_med):>8} {'-':>5} "
-              f"{stopped:>13} {stall(stw.gaps):>13} {stall(stw.idle):>13}")
+        stopped_tp = f"{us(tp.seized)}/{us(tp.attach_ns)}" if tp.seized else f"0/{us(tp.attach_ns)}"
+        stopped_stw = f"{us(statistics.median(stw.stopped_ns))} {stw.threads_stopped}t"
+        for label, m, stopped, extra in (
+            ("textpoke", tp, stopped_tp, f" {time_x:>6.2f} {stall_x:>7.2f}"),
+            ("stw", stw, stopped_stw, ""),
+        ):
+            first = f"{row.n:>5} {row.threads:>2}" if m is tp else f"{'':>5} {'':>2}"
+            print(f"{first} {label:<8} {ms(m.med('wall_s')):>8} {ms(m.med('wall_s', 'reverts')):>6} "
+                  f"{rate(row.n, m.med('wall_s')):>7} {ms(m.med('cpu_s')):>6} "
+                  f"{syncs if m is tp else '-':>5} {stopped:>12} {spread(m.pooled('gaps')):>11} "
+                  f"{spread(m.pooled('idle')):>11} {spread(m.pooled('runq')):>11}{extra}")
     print("-" * len(header))
     attach_ns = [r.tp.attach_ns for r in rows]
-    attach_gaps = [g for r in rows for g in r.tp.attach_gaps]
-    print(f"first attach: borrowed thread stopped med {us(statistics.median(attach_ns))} us, "
-          f"max {us(max(attach_ns))} us; threads seized per attach: "
-          f"{sorted({r.tp.attach_threads for r in rows})}; worker stall during attach "
-          f"med/max {stall(attach_gaps)} us")
+    by_t: dict[int, list[int]] = {}
+    for r in rows:
+        by_t.setdefault(r.threads, []).append(r.tp.attach_ns)
+    per_t = ", ".join(f"T={t}: {us(statistics.median(v))}" for t, v in by_t.items())
+    att_gaps = [g for r in rows for g in r.tp.attach.gaps]
+    att_idle = [g for r in rows for g in r.tp.attach.idle]
+    print(f"first attach: borrowed thread stopped (median us) {per_t}; threads seized per attach "
+          f"{sorted({r.tp.attach_seized for r in rows})}; worker stall during attach {spread(att_gaps)} "
+          f"us (idle {spread(att_idle)})")
     bad = sum(r.bad for r in rows)
     live = all(r.tp.counted > 0 and r.stw.counted > 0 for r in rows)
-    print(f"checks: syncs/batch {sorted({s for r in rows for s in r.tp.syncs})}, wrong results "
-          f"in target {bad}, counters hit by every method: {live}; "
-          f"{elapsed:.0f} s")
-    big = [r for r in rows if r.n >= 10_000]
+    print(f"checks: syncs per textpoke batch {sorted({s for r in rows for s in r.tp.syncs})}; "
+          f"wrong results in the target {bad}; both methods' counters counted calls: {live}; "
+          f"run took {elapsed:.0f} s")
     goals = []
+    big = [r for r in rows if r.n >= 10_000]
     if big:
-        worst = max(r.tp.apply_med for r in big)
-        goals.append(("10,000 sites in < 1 s", worst < 1.0, f"worst {worst * 1e3:.0f} ms"))
+        worst = max(big, key=lambda r: r.tp.med("wall_s"))
+        goals.append(("10,000 sites in < 1 s", worst.tp.med("wall_s") < 1.0,
+                      ", ".join(f"T={r.threads}: {ms(r.tp.med('wall_s'))} ms "
+                                f"(tool cpu {ms(r.tp.med('cpu_s'))})" for r in big)))
     else:
-        goals.append(("10,000 sites in < 1 s", None, "not measured (--quick)"))
-    stops = sum(r.tp.stops for r in rows)
-    goals.append(("application threads stopped 0 us during batches", stops == 0,
-                  f"{stops} ptrace stops during textpoke batches; in-target stall is trap/IPI/"
-                  f"scheduling time, compare with idle"))
-    one = all(r.tp.attach_threads == 1 for r in rows)
+        goals.append(("10,000 sites in < 1 s", None, "not measured with --quick"))
+    seized = sum(r.tp.seized for r in rows)
+    goals.append(("application threads stopped 0 us during batches", seized == 0,
+                  f"{seized} threads ptrace-stopped in textpoke batches; compare stall with idle/runq"))
+    one = all(r.tp.attach_seized == 1 for r in rows)
     goals.append(("attach stops one thread for < 1 ms", one and max(attach_ns) < 1e6,
-                  f"{'one' if one else 'NOT one'} thread, max {us(max(attach_ns))} us"))
+                  f"{'one' if one else 'NOT one'} thread per attach, max {us(max(attach_ns))} us"))
     ok = True
     for name, met, detail in goals:
         mark = "n/a" if met is None else "MET" if met else "NOT MET"
         ok &= met is not False
-        print(f"goal: {name:<50} {mark:<8} ({detail})")
+        print(f"goal: {name:<48} {mark:<7} {detail}")
     return ok and bad == 0 and live
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="N in {1, 1000}, T in {1, 4}")
+    parser.add_argument("--quick", action="store_true", help="only N in {1, 1000}, T in {1, 4}")
     parser.add_argument("--reps", type=int, default=None, help="batches per method and config")
     args = parser.parse_args(argv)
     ns = (1, 1000) if args.quick else (1, 1000, 10_000)
@@ -502,7 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     for n in ns:
         for t in ts:
             rows.append(measure(binary, sites, counter_fn, n, t, reps))
-            print(f"  measured N={n} T={t}", file=sys.stderr, flush=True)
+            print(f"  measured N={n} T={t} ({time.perf_counter() - started:.0f} s)",
+                  file=sys.stderr, flush=True)
     return 0 if report(rows, reps, time.perf_counter() - started) else 1
 
 
