@@ -22,7 +22,13 @@ window the tool opens ("begin") and closes ("end") over stdin.  Every batch
 window is preceded by an idle window of the same length: on 2 cores with up to
 16 busy threads the scheduler alone makes gaps of milliseconds, and the idle
 column shows that noise floor.  Gaps are pooled over all threads and
-repetitions: "med" is the median thread, "max" the worst one.
+repetitions: "med" is the median thread, "max" the worst one.  The run-queue
+wait of each worker (schedstat) in both windows tells scheduling from stopping:
+a ptrace-stopped thread is not runnable, a starved one waits in the run queue.
+"bg%" is the CPU time other processes on the machine used during a row.
+
+Exit status 0 unless a check failed (wrong results in the target, a patch
+that never ran); the issue's goals are printed as MET / NOT MET.
 """
 
 from __future__ import annotations
@@ -299,6 +305,7 @@ class Window:
     gaps: list[int]  # per worker, largest iteration gap in the window (ns)
     idle: list[int]  # the same, in an idle window just as long
     runq: list[int]  # per worker, time runnable but not running in the window (ns)
+    runq_idle: list[int]  # the same, in the idle window
 
 
 def windowed(target: Target, action) -> tuple[object, Window]:
@@ -310,10 +317,12 @@ def windowed(target: Target, action) -> tuple[object, Window]:
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     gaps = target.end()
     runq = [after - before for before, after in zip(delay, target.run_delay())]
+    delay = target.run_delay()
     target.begin()
     time.sleep(wall)
     idle = target.end()
-    return result, Window(wall, cpu, gaps, idle, runq)
+    runq_idle = [after - before for before, after in zip(delay, target.run_delay())]
+    return result, Window(wall, cpu, gaps, idle, runq, runq_idle)
 
 
 @dataclass
@@ -424,16 +433,37 @@ class Row:
     tp: Method
     stw: Method
     bad: int
+    foreign: float  # share of the machine's CPU time used by other processes meanwhile
+
+
+def _busy_ticks() -> tuple[int, int]:
+    """(non-idle, total) CPU time of the machine, in clock ticks (/proc/stat)."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:9]]
+    return sum(values) - values[3] - values[4], sum(values)  # minus idle and iowait
+
+
+def _cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime, all threads
 
 
 def measure(binary: Path, all_sites: list[int], counter_fn: int, n: int, threads: int, reps: int) -> Row:
     sites = all_sites[:n]
+    hz = os.sysconf("SC_CLK_TCK")
+    busy0, total0 = _busy_ticks()
+    tool0 = sum(os.times()[:2])
     with Target(binary, threads, n) as target:
         time.sleep(0.05)  # let the workers settle on the cores
         tp = run_textpoke(target, sites, reps)
         stw = run_stw(target, sites, counter_fn, reps)
+        target_ticks = _cpu_ticks(target.pid)
+        busy1, total1 = _busy_ticks()
+        tool_ticks = (sum(os.times()[:2]) - tool0) * hz
         out = target.stop()
-    return Row(n, threads, tp, stw, out["bad"])
+    foreign = max(0.0, busy1 - busy0 - target_ticks - tool_ticks) / max(1, total1 - total0)
+    return Row(n, threads, tp, stw, out["bad"], foreign)
 
 
 # ---------------------------------------------------------------------------
@@ -454,6 +484,10 @@ def spread(values: list[int]) -> str:
     return f"{us(statistics.median(values))}/{us(max(values))}"
 
 
+def runq(m: Method) -> str:
+    return f"{us(statistics.median(m.pooled('runq')))}/{us(statistics.median(m.pooled('runq_idle')))}"
+
+
 def rate(n: int, s: float) -> str:
     r = n / s
     return f"{r / 1e6:.1f}M" if r >= 1e6 else f"{r / 1e3:.0f}k" if r >= 1e3 else f"{r:.0f}"
@@ -464,11 +498,13 @@ def report(rows: list[Row], reps: int, elapsed: float) -> bool:
           f"in a target with T busy threads; {os.cpu_count()} CPUs; medians of {reps} batches")
     print("stall/idle: largest gap between two iterations of a worker, measured in the target, "
           "median/max over workers x batches (us); idle = same-length window without a batch;")
-    print("runq: time workers waited for a CPU in the batch window (schedstat); stopped: "
-          "textpoke batch/first attach (borrowed thread), stw whole world; x = textpoke/stw")
+    print("runq: time a worker waited for a CPU, batch/idle window, median (schedstat); stopped: "
+          "textpoke batch/first attach (borrowed thread), stw whole world;")
+    print("time x = textpoke/stw apply time, stall x = textpoke/stw median stall;")
+    print("bg%: CPU time other processes of this machine used meanwhile (not the tool, not the target)")
     header = (f"{'N':>5} {'T':>2} {'method':<8} {'apply ms':>8} {'revert':>6} {'sites/s':>7} "
               f"{'cpu ms':>6} {'syncs':>5} {'stopped us':>12} {'stall us':>11} {'idle us':>11} "
-              f"{'runq us':>11} {'time x':>6} {'stall x':>7}")
+              f"{'runq us b/i':>11} {'time x':>6} {'stall x':>7} {'bg%':>3}")
     print(header)
     print("-" * len(header))
     for row in rows:
@@ -479,14 +515,14 @@ def report(rows: list[Row], reps: int, elapsed: float) -> bool:
         stopped_tp = f"{us(tp.seized)}/{us(tp.attach_ns)}" if tp.seized else f"0/{us(tp.attach_ns)}"
         stopped_stw = f"{us(statistics.median(stw.stopped_ns))} {stw.threads_stopped}t"
         for label, m, stopped, extra in (
-            ("textpoke", tp, stopped_tp, f" {time_x:>6.2f} {stall_x:>7.2f}"),
+            ("textpoke", tp, stopped_tp, f" {time_x:>6.2f} {stall_x:>7.2f} {row.foreign * 100:>3.0f}"),
             ("stw", stw, stopped_stw, ""),
         ):
             first = f"{row.n:>5} {row.threads:>2}" if m is tp else f"{'':>5} {'':>2}"
             print(f"{first} {label:<8} {ms(m.med('wall_s')):>8} {ms(m.med('wall_s', 'reverts')):>6} "
                   f"{rate(row.n, m.med('wall_s')):>7} {ms(m.med('cpu_s')):>6} "
                   f"{syncs if m is tp else '-':>5} {stopped:>12} {spread(m.pooled('gaps')):>11} "
-                  f"{spread(m.pooled('idle')):>11} {spread(m.pooled('runq')):>11}{extra}")
+                  f"{spread(m.pooled('idle')):>11} {runq(m):>11}{extra}")
     print("-" * len(header))
     attach_ns = [r.tp.attach_ns for r in rows]
     by_t: dict[int, list[int]] = {}
@@ -518,12 +554,10 @@ def report(rows: list[Row], reps: int, elapsed: float) -> bool:
     one = all(r.tp.attach_seized == 1 for r in rows)
     goals.append(("attach stops one thread for < 1 ms", one and max(attach_ns) < 1e6,
                   f"{'one' if one else 'NOT one'} thread per attach, max {us(max(attach_ns))} us"))
-    ok = True
     for name, met, detail in goals:
         mark = "n/a" if met is None else "MET" if met else "NOT MET"
-        ok &= met is not False
         print(f"goal: {name:<48} {mark:<7} {detail}")
-    return ok and bad == 0 and live
+    return bad == 0 and live  # goals inform; only a wrong result fails the run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -533,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     ns = (1, 1000) if args.quick else (1, 1000, 10_000)
     ts = (1, 4) if args.quick else (1, 4, 16)
-    reps = args.reps or (2 if args.quick else 3)
+    reps = args.reps or 3
     started = time.perf_counter()
     binary, sites, counter_fn = build_target()
     rows = []
