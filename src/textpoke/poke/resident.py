@@ -54,6 +54,7 @@ HDR_CTL_SIZE = 0x020  # u64
 HDR_CODE_ADDR = 0x028  # u64
 HDR_CODE_SIZE = 0x030  # u64
 HDR_AGENT_TID = 0x038  # u32, written by the agent when it runs
+HDR_READY = 0x03C  # u32 futex: the tool sets it once code and header are written
 HDR_ALL_SIGNALS = 0x040  # u64: a sigset with every signal, for the agent
 MBX_REQUEST = 0x080  # u32 futex: sequence number of the last posted request
 MBX_DONE = 0x084  # u32 futex: sequence number of the last finished request
@@ -218,14 +219,6 @@ def _emit_agent(a: Asm, *, ctl: int) -> None:
     MBX_REQUEST and wakes it; the agent runs the syscall, stores the result,
     then sets MBX_DONE to the request number and wakes the tool.
     """
-    # Start stub, run by the borrowed thread: clone, then the child branches
-    # to the agent and the parent stops on int3 for the tool.
-    a.label("clone_stub")
-    a.op("SYSCALL")
-    a.op("TEST_RM64_R64", R.RAX, R.RAX)
-    a.jump("JE_REL32_64", "agent")
-    a.op("INT3")
-
     a.label("agent")
     a.op("LEA_R64_M", R.R12, mem(R.RIP, ctl))
     # Every signal blocked: a signal for the program never runs on our thread.
@@ -291,6 +284,128 @@ def generate_code(*, capacity: int) -> tuple[bytes, dict[str, int]]:
     if len(blob) > CODE_SIZE:
         raise InjectionError(f"resident code is {len(blob)} bytes, more than {CODE_SIZE}")
     return blob, labels
+
+
+# Steps of the install stub, by the value it leaves in r14d when one fails.
+_INSTALL_STEPS = ("memfd_create", "ftruncate", "mmap", "mprotect", "block signals", "clone", "restore signals")
+_NAME_OFFSET = PAGE - 64  # the memfd's name and the all-signals mask sit at the stub page's end
+
+
+def _syscall_step(a: Asm, step: int) -> None:
+    """``syscall``, then leave for ``fail`` with r14d = step if it returned -errno."""
+    a.op("MOV_R32_IMM32", R.R14D, step)
+    a.op("SYSCALL")
+    a.op("CMP_RM64_IMM32", R.RAX, -4095)
+    a.jump("JAE_REL32_64", "fail")
+
+
+@functools.cache
+def _install_stub(*, size: int, agent_offset: int) -> bytes:
+    """The code the borrowed thread runs to install us, in one round trip.
+
+    Position-independent (everything is rip- or r13-relative), so it is made
+    before any thread stops and copied to wherever the stub page lands.
+
+    1. memfd_create, ftruncate, mmap it RW shared (-> r13), mprotect the code page RX;
+    2. block every signal (the old mask saved in the control region's scratch),
+       so the clone inherits a fully blocked mask and no signal of the program
+       ever runs on the agent thread;
+    3. clone the agent thread; it sleeps on HDR_READY (a futex in the new
+       region) until the tool has written the code and the header, then jumps
+       to the agent loop (pairs with Resident._install's ready store + wake);
+    4. restore the borrowed thread's mask; int3 back to the tool with fd in r12,
+       the region in r13, r14d = -1; on failure r14d names the step and rax
+       holds -errno (pairs with _stub_results).
+    """
+    ctl = CODE_SIZE
+    at = 0
+    a = Asm()
+    # Step 1.
+    a.op("MOV_R32_IMM32", R.EAX, sc.SYS_memfd_create)
+    a.op("LEA_R64_M", R.RDI, mem(R.RIP, at + _NAME_OFFSET))
+    a.op("MOV_R32_IMM32", R.ESI, sc.MFD_CLOEXEC)
+    _syscall_step(a, 0)
+    a.op("MOV_R64_RM64", R.R12, R.RAX)
+    a.op("MOV_R32_IMM32", R.EAX, sc.SYS_ftruncate)
+    a.op("MOV_R64_RM64", R.RDI, R.R12)
+    a.op("MOV_R64_IMM64", R.RSI, Imm64(size))
+    _syscall_step(a, 1)
+    a.op("MOV_R32_IMM32", R.EAX, sc.SYS_mmap)
+    a.op("XOR_R32_RM32", R.EDI, R.EDI)
+    a.op("MOV_R64_IMM64", R.RSI, Imm64(size))
+    a.op("MOV_R32_IMM32", R.EDX, sc.PROT_READ | sc.PROT_WRITE)
+    a.op("MOV_R32_IMM32", R.R10D, sc.MAP_SHARED)
+    a.op("MOV_R64_RM64", R.R8, R.R12)
+    a.op("XOR_R32_RM32", R.R9D, R.R9D)
+    _syscall_step(a, 2)
+    a.op("MOV_R64_RM64", R.R13, R.RAX)
+    a.op("MOV_R32_IMM32", R.EAX, sc.SYS_mprotect)
+    a.op("MOV_R64_RM64", R.RDI, R.R13)
+    a.op("MOV_R32_IMM32", R.ESI, CODE_SIZE)
+    a.op("MOV_R32_IMM32", R.EDX, sc.PROT_READ | sc.PROT_EXEC)
+    _syscall_step(a, 3)
+    # Step 2.
+    a.op("MOV_R32_IMM32", R.EAX, sc.SYS_rt_sigprocmask)
+    a.op("MOV_R32_IMM32", R.EDI, sc.SIG_SETMASK)
+    a.op("LEA_R64_M", R.RSI, mem(R.RIP, at + _NAME_OFFSET + 32))
+    a.op("LEA_R64_M", R.RDX, mem(R.R13, ctl + SCRATCH))
+    a.op("MOV_R32_IMM32", R.R10D, _SIGSET_SIZE)
+    _syscall_step(a, 4)
+    # Step 3.
+    a.op("MOV_R32_IMM32", R.EAX, sc.SYS_clone)
+    a.op("MOV_R32_IMM32", R.EDI, sc.CLONE_THREAD_FLAGS)
+    a.op("LEA_R64_M", R.RSI, mem(R.R13, size - 64))
+    a.op("XOR_R32_RM32", R.EDX, R.EDX)
+    a.op("XOR_R32_RM32", R.R10D, R.R10D)
+    a.op("XOR_R32_RM32", R.R8D, R.R8D)
+    a.op("SYSCALL")
+    a.op("TEST_RM64_R64", R.RAX, R.RAX)
+    a.jump("JE_REL32_64", "child")
+    a.op("MOV_R64_RM64", R.R15, R.RAX)  # tid, or -errno
+    # Step 4.
+    a.op("MOV_R32_IMM32", R.EAX, sc.SYS_rt_sigprocmask)
+    a.op("MOV_R32_IMM32", R.EDI, sc.SIG_SETMASK)
+    a.op("LEA_R64_M", R.RSI, mem(R.R13, ctl + SCRATCH))
+    a.op("XOR_R32_RM32", R.EDX, R.EDX)
+    a.op("MOV_R32_IMM32", R.R10D, _SIGSET_SIZE)
+    _syscall_step(a, 6)
+    a.op("MOV_R64_RM64", R.RAX, R.R15)
+    a.op("MOV_R32_IMM32", R.R14D, 5)
+    a.op("CMP_RM64_IMM32", R.RAX, -4095)
+    a.jump("JAE_REL32_64", "fail")
+    a.op("MOV_R32_IMM32", R.R14D, -1)
+    a.label("fail")
+    a.op("INT3")
+    # The agent thread, until the tool says the region is ready.
+    a.label("child")
+    a.op("LEA_R64_M", R.RDI, mem(R.R13, ctl + HDR_READY))
+    a.label("wait")
+    a.op("CMP_RM32_IMM8", mem(R.RDI), 0)
+    a.jump("JNE_REL32_64", "go")
+    a.op("MOV_R32_IMM32", R.EAX, sc.SYS_futex)
+    a.op("XOR_R32_RM32", R.ESI, R.ESI)  # FUTEX_WAIT while the word is 0
+    a.op("XOR_R32_RM32", R.EDX, R.EDX)
+    a.op("XOR_R32_RM32", R.R10D, R.R10D)
+    a.op("SYSCALL")
+    a.jump("JMP_REL32_64", "wait")
+    a.label("go")
+    a.op("LEA_R64_M", R.R11, mem(R.R13, agent_offset))
+    a.op("JMP_RM64", R.R11)
+    code, _ = a.assemble(at)
+    name = REGION_NAME.encode() + b"\0"
+    tail = name + bytes(32 - len(name)) + struct.pack("<Q", 0xFFFF_FFFF_FFFF_FFFF)
+    return code + bytes(_NAME_OFFSET - len(code)) + tail
+
+
+def _stub_results(pid: int, regs: _ptrace.Regs) -> tuple[int, int]:
+    """(fd, region) left by the install stub; InjectionError naming a failed step."""
+    step = regs.r14 & 0xFFFF_FFFF  # r14d: -1 (success) reads 0xffffffff
+    if step != 0xFFFF_FFFF:
+        errno_value = 2**64 - regs.rax if regs.rax >= 2**63 else 0
+        raise InjectionError(
+            f"installing textpoke in process {pid} failed at {_INSTALL_STEPS[step]}: {os.strerror(errno_value)}"
+        )
+    return regs.r12, regs.r13
 
 
 def region_size(capacity: int) -> int:
@@ -407,14 +522,14 @@ class Resident:
 
     @classmethod
     def _install(cls, process: Process, *, capacity: int, thread: BorrowedThread | None = None) -> Resident:
-        """Install the resident part. Only steps 1-4 stop a thread:
+        """Install the resident part. Only step 1 stops a thread (two round trips):
 
-        1. borrow one thread; map a scratch page (the memfd's name), create the
-           memfd, size it, map it RW shared, and make its code page RX;
-        2. map it in the tool, write code and header (no target syscall);
-        3. start the agent: block every signal in the borrowed thread so the
-           clone inherits a fully blocked mask, clone through the stub, restore
-           the mask; then detach (registers restored);
+        1. borrow one thread; map a stub page and run _install_stub in it
+           (memfd, mapping, agent thread started but held); detach, registers
+           restored;
+        2. map the memfd in the tool, write code and header, release the agent
+           (HDR_READY);
+        3. wait for the agent;
         4. through the agent, stopping nothing: close the target's descriptor,
            unmap the scratch page, register for membarrier SYNC_CORE, and
            install the SIGTRAP handler (the old disposition saved in the
@@ -422,39 +537,32 @@ class Resident:
         """
         blob, offsets = generate_code(capacity=capacity)
         size = region_size(capacity)
-        rw, rx = sc.PROT_READ | sc.PROT_WRITE, sc.PROT_READ | sc.PROT_EXEC
-        anonymous = sc.MAP_PRIVATE | sc.MAP_ANONYMOUS
-        with thread or BorrowedThread(process) as thread:
-            # Step 1.
-            scratch = thread.syscall(sc.SYS_mmap, 0, PAGE, rw, anonymous, -1, 0)
-            process.write(scratch, REGION_NAME.encode() + b"\0" + b"\xff" * 8)
-            fd = thread.syscall(sc.SYS_memfd_create, scratch, sc.MFD_CLOEXEC)
-            thread.syscall(sc.SYS_ftruncate, fd, size)
-            base = thread.syscall(sc.SYS_mmap, 0, size, rw, sc.MAP_SHARED, fd, 0)
-            thread.syscall(sc.SYS_mprotect, base, CODE_SIZE, rx)
-            # Step 2.
-            path = f"/proc/{process.pid}/fd/{fd}"
-            lock_fd = _take_lock(process.pid, path)
-            local_fd, local = _open_shared(process.pid, path, size)
-            os.close(local_fd)
-            local[: len(blob)] = blob
-            ctl = CODE_SIZE
-            struct.pack_into("<QII", local, ctl + HDR_MAGIC, MAGIC, VERSION, TABLE_OFFSET)
-            struct.pack_into("<QQQQQ", local, ctl + HDR_TABLE_CAPACITY, capacity,
-                             base + ctl, ctl_size(capacity), base, CODE_SIZE)
-            struct.pack_into("<Q", local, ctl + HDR_ALL_SIGNALS, 0xFFFF_FFFF_FFFF_FFFF)
-            # Step 3.
-            all_signals = scratch + len(REGION_NAME) + 1
-            saved_mask = all_signals + 8
-            thread.syscall(sc.SYS_rt_sigprocmask, sc.SIG_SETMASK, all_signals, saved_mask, _SIGSET_SIZE)
-            try:
-                thread.run_at(base + offsets["clone_stub"], sc.SYS_clone, sc.CLONE_THREAD_FLAGS,
-                              base + size - 64, 0, 0, 0, stop_after=None)
-            finally:
-                thread.syscall(sc.SYS_rt_sigprocmask, sc.SIG_SETMASK, saved_mask, 0, _SIGSET_SIZE)
+        stub = _install_stub(size=size, agent_offset=offsets["agent"])
+        thread = thread or BorrowedThread(process)
+        thread.prepare()  # find the syscall gadget before anything stops
+        with thread:
+            # Step 1: an injected mmap for the stub page (RX; written through
+            # /proc/PID/mem), then the stub: two round trips in all.
+            scratch = thread.syscall(sc.SYS_mmap, 0, PAGE, sc.PROT_READ | sc.PROT_EXEC,
+                                     sc.MAP_PRIVATE | sc.MAP_ANONYMOUS, -1, 0)
+            process.write(scratch, stub)
+            fd, base = _stub_results(process.pid, thread.run_stub(scratch))
+        # Step 2, with no thread stopped: the agent waits on HDR_READY meanwhile.
+        path = f"/proc/{process.pid}/fd/{fd}"
+        lock_fd = _take_lock(process.pid, path)
+        local_fd, local = _open_shared(process.pid, path, size)
+        os.close(local_fd)
+        local[: len(blob)] = blob
+        ctl = CODE_SIZE
+        struct.pack_into("<QII", local, ctl + HDR_MAGIC, MAGIC, VERSION, TABLE_OFFSET)
+        struct.pack_into("<QQQQQ", local, ctl + HDR_TABLE_CAPACITY, capacity,
+                         base + ctl, ctl_size(capacity), base, CODE_SIZE)
+        struct.pack_into("<Q", local, ctl + HDR_ALL_SIGNALS, 0xFFFF_FFFF_FFFF_FFFF)
+        struct.pack_into("<I", local, ctl + HDR_READY, 1)  # last: releases the agent
+        _ptrace.futex_wake(_ptrace.buffer_address(local, ctl + HDR_READY))
         resident = cls(process, base=base, local=local, lock_fd=lock_fd, created=True)
         resident.attach_stop_ns = thread.stopped_ns
-        # Step 4.
+        # Steps 3 and 4.
         resident._wait_agent()
         resident.syscall(sc.SYS_close, fd)
         resident.syscall(sc.SYS_munmap, scratch, PAGE)

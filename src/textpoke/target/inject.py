@@ -130,6 +130,11 @@ class BorrowedThread:
             self._pending_signals.append(sig)
 
     # step 3 ---------------------------------------------------------------
+    def prepare(self) -> None:
+        """Do the slow lookups (the syscall gadget) before the thread is stopped."""
+        if self._gadget is None:
+            self._gadget = find_syscall_gadget(self.process)
+
     @property
     def saved_regs(self) -> Regs:
         assert self._saved is not None
@@ -185,6 +190,25 @@ class BorrowedThread:
                 f"syscall {nr} in process {self.process.pid} failed: {os.strerror(-result)}"
             )
         return result
+
+    def run_stub(self, rip: int) -> Regs:
+        """Run generated code at ``rip`` until it executes an ``int3``; its registers then.
+
+        One round trip for a whole sequence of syscalls (the stub's), where
+        :meth:`syscall` costs one per syscall: each round trip waits for the
+        borrowed thread to be scheduled, which dominates the stop on a busy
+        machine."""
+        base = self.saved_regs
+        regs = Regs(**{**base.__dict__, "rip": rip, "orig_rax": _U64, "rsp": (base.rsp - 256) & ~0xF})
+        for _ in range(50):
+            _ptrace.set_regs(self.tid, regs)
+            _ptrace.cont(self.tid)
+            self._wait_stopped()
+            after = _ptrace.get_regs(self.tid)
+            if after.rip != rip:
+                return after
+            # Stopped before the first instruction ran (a signal or group stop): again.
+        raise InjectionError(f"injected code never ran in thread {self.tid}")
 
     # step 4 ---------------------------------------------------------------
     def _release(self, *, restore: bool) -> None:
