@@ -1,1 +1,57 @@
-"""model stage of textpoke (see DEVELOPERS.md)."""
+"""The kernel's int3 patching path on emulated x86-64 and x86-32 CPUs (design.md sections 1, 3).
+
+N unicorn CPUs share one memory holding a small kernel text: a traced function
+whose first instruction is a 5-byte fentry site, ``ftrace_caller`` /
+``ftrace_regs_caller`` with their callback call sites, two callbacks that log
+``(cpu, function, parent)``, a caller loop per CPU, and the int3 entry code of
+the variant under test (all machine code, built with iced-x86).  A patcher runs
+the int3 / sync / tail / sync / head / sync protocol on those sites while a
+scheduler interleaves it with the CPUs instruction by instruction, and every
+step is checked (see :mod:`textpoke.model.checks`).
+
+Choices where the issue left room:
+
+- the trap is delivered in a unicorn interrupt hook that fires when a CPU
+  *executes* int3, pushing exactly the hardware frame (x86-64: rsp aligned down
+  to 16, then ss, rsp, rflags, cs, rip; x86-32: eflags, cs, eip only);
+- the handler (``do_int3`` and below) is Python run when a CPU reaches the
+  ``do_int3`` address, reading and writing ``pt_regs`` in emulated memory; the
+  entry stubs, the gap copy, the frame switch and ``iret`` are machine code;
+- sync completes when every CPU that was inside the int3 path at the write has
+  executed ``iret`` (the IPI waits for interrupts to be re-enabled); CPUs outside
+  it serialize at once (:mod:`textpoke.model.patcher`);
+- variants that do not exist on an ISA run their analogue
+  (:mod:`textpoke.model.variants`).
+
+Entry points: :func:`run_model` with a :class:`ModelConfig`, returning a
+:class:`Report`.
+"""
+
+from .checks import SiteStats, Violation, ViolationKind
+from .isa import Arch
+from .patcher import CYCLE, Patch, SitePhase
+from .scheduler import Failure, ModelConfig, Report, Run, RunResult, World, run_model
+from .trace import TraceEvent, format_trace
+from .variants import Variant, VariantSpec, spec_for
+
+__all__ = [
+    "CYCLE",
+    "Arch",
+    "Failure",
+    "ModelConfig",
+    "Patch",
+    "Report",
+    "Run",
+    "RunResult",
+    "SitePhase",
+    "SiteStats",
+    "TraceEvent",
+    "Variant",
+    "VariantSpec",
+    "Violation",
+    "ViolationKind",
+    "World",
+    "format_trace",
+    "run_model",
+    "spec_for",
+]
