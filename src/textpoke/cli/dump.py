@@ -1,0 +1,28 @@
+"""``textpoke dump FILE``: every recorded call, as ftrace text, JSON Lines or Chrome trace JSON."""
+
+from __future__ import annotations
+
+import click
+
+from ..report import DUMP_FORMATS, make_reporter
+from ._capture import load_recording, output_stream
+
+
+@click.command("dump")
+@click.argument("file", metavar="FILE")
+@click.option("--format", "fmt", type=click.Choice(list(DUMP_FORMATS)), default="text", show_default=True,
+              help="text: ftrace function-tracer lines; json: JSON Lines (a header object, then one "
+                   "object per call); chrome: Chrome Trace Event JSON for ui.perfetto.dev.")
+@click.option("-o", "--output", metavar="OUT", help="Write to OUT instead of stdout.")
+def command(file: str, fmt: str, output: str | None) -> None:
+    """Print every call of a recording, in time order.
+
+    \b
+    Example:
+      textpoke dump run.tpk | grep '<-main'
+      textpoke dump run.tpk --format chrome -o run.json   # open in ui.perfetto.dev
+    """
+    recording = load_recording(file)
+    reporter = make_reporter(fmt)
+    with output_stream(output) as out:
+        reporter.render(recording, out)

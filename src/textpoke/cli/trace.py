@@ -1,0 +1,72 @@
+"""``textpoke trace -p PID``: attach to a running process, trace, restore, detach."""
+
+from __future__ import annotations
+
+import threading
+
+import click
+
+from ..report import SortKey, SummaryReporter
+from . import _capture
+from ._capture import (
+    LiveCounter,
+    RingSize,
+    capture_options,
+    check_writable,
+    echo_err,
+    final_line,
+    output_stream,
+    require_process,
+    save_recording,
+    os_errors,
+    stop_on_signals,
+)
+
+
+@click.command("trace")
+@click.option("-p", "--pid", required=True, type=int, help="The running process to trace.")
+@click.option("-f", "--function", "functions", multiple=True, metavar="GLOB",
+              help="Trace functions matching GLOB at their fentry sites (repeatable; default: every "
+                   "function that has one). With --calls-to: only call sites inside these functions.")
+@click.option("--calls-to", "calls_to", multiple=True, metavar="SYM",
+              help="Trace the call sites whose callee matches SYM, e.g. malloc (a glob; repeatable). "
+                   "Works on any binary, no -pg build needed.")
+@click.option("--count", is_flag=True, help="Only count calls per function (cheapest; no callers or times).")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), metavar="S",
+              help="Stop after S seconds (default: at Ctrl-C or SIGTERM).")
+@click.option("-o", "--output", metavar="FILE", help="Save the recording to FILE instead of printing the summary.")
+@click.option("--ring", type=RingSize(), metavar="N", help="Ring buffer size in records (e.g. 1M).")
+@click.option("--lib", "library", metavar="NAME", help="Trace in a library mapped by the process (path or name, e.g. libc.so).")
+@click.option("--sort", type=click.Choice([k.value for k in SortKey]), default=SortKey.CALLS.value,
+              show_default=True, help="Order of the summary's rows.")
+def command(pid: int, functions: tuple[str, ...], calls_to: tuple[str, ...], count: bool, duration: float | None,
+            output: str | None, ring: int | None, library: str | None, sort: str) -> None:
+    """Trace calls in running process PID until Ctrl-C, SIGTERM or --duration.
+
+    Stopping restores every patched byte and detaches; the process keeps running
+    as if textpoke had never been there.  Without -o the summary (as `textpoke
+    report` prints it) goes to stdout; with -o the recording is saved instead.
+
+    \b
+    Example:
+      textpoke trace -p 1234 -f 'parse_*' --duration 5
+      textpoke trace -p 1234 --calls-to malloc --lib libc.so -o malloc.tpk
+    """
+    require_process(pid)
+    if output is not None:
+        check_writable(output)
+    options = capture_options(functions=functions, calls_to=calls_to, count=count, ring=ring,
+                              duration=duration, library=library)
+    stop = threading.Event()
+    with (
+        os_errors(f"cannot trace pid {pid}"),
+        stop_on_signals(stop),
+        LiveCounter(f"tracing pid {pid}") as live,
+    ):
+        recording = _capture.capture_module().capture_pid(pid, options, stop_event=stop, on_progress=live)
+    if output is not None:
+        save_recording(recording, output)
+    echo_err(final_line(recording, verb="traced", output=output, note_exit=True))
+    if output is None:
+        with output_stream(None) as out:
+            SummaryReporter(sort=SortKey(sort)).render(recording, out)

@@ -1,0 +1,79 @@
+"""``textpoke dump --format json``: JSON Lines, one object per line.
+
+JSON Lines rather than one array, so that a 10-million-call dump streams (no
+reader has to hold it whole) and works line by line with ``jq -c``, ``grep``
+and ``head``.  Every line has a ``type``:
+
+- the first line, ``"recording"``: pid, command, start_ns, end_ns, records,
+  lost, mode (``"trace"`` or ``"count"``) and the site table;
+- then, in a trace, one ``"call"`` per record: ``t_ns`` (since start_ns),
+  ``ts_ns`` (CLOCK_MONOTONIC), tid, site (id), function, caller (symbolized),
+  caller_address and callee_address (``"0x..."`` strings: exact in every JSON reader),
+  and arg0 when the recording has it (call sites: the first integer argument; entries: 0x0);
+- or, in a count-mode recording, one ``"count"`` per site: site, function, calls.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import TextIO
+
+import numpy as np
+
+from ._chunks import chunks
+from ._view import RecordingLike, RecordingView, is_count_mode
+
+
+def header_object(recording: RecordingLike, view: RecordingView) -> dict[str, object]:
+    names = view.site_names
+    return {
+        "type": "recording",
+        "pid": int(recording.pid),
+        "command": recording.command,
+        "start_ns": int(recording.start_ns),
+        "end_ns": int(recording.end_ns),
+        "records": len(view.records),
+        "lost": int(recording.lost),
+        "mode": "count" if is_count_mode(recording) else "trace",
+        "sites": [
+            {"id": int(s.id), "address": f"{s.address:#x}", "kind": s.kind, "function": s.function,
+             "target_name": s.target_name, "traces": names[i]}
+            for i, s in enumerate(view.sites)
+        ],
+    }
+
+
+def _compact(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class JsonLinesReporter:
+    def render(self, recording: RecordingLike, out: TextIO) -> None:
+        view = RecordingView(recording)
+        out.write(_compact(header_object(recording, view)) + "\n")
+        if is_count_mode(recording):
+            counts = np.asarray(recording.counts, dtype=np.int64).tolist()
+            for site, name, calls in zip(view.sites, view.site_names, counts):
+                out.write(_compact({"type": "count", "site": int(site.id), "function": name,
+                                    "calls": int(calls)}) + "\n")
+            return
+        # Each distinct name is escaped once, not once per record.
+        functions = [json.dumps(n) for n in view.function_names]
+        callers = [json.dumps(n) for n in view.caller_names]
+        base = view.time_base_ns
+        for chunk in chunks(view, function_text=functions, caller_text=callers):
+            lines = [
+                f'{{"type":"call","t_ns":{rel},"ts_ns":{rel + base},"tid":{tid},"site":{site},'
+                f'"function":{function},"caller":{caller},'
+                f'"caller_address":"{caller_address:#x}","callee_address":"{callee_address:#x}"'
+                for rel, tid, site, function, caller, caller_address, callee_address in zip(
+                    chunk.rel_ns, chunk.tid, chunk.site, chunk.function, chunk.caller,
+                    chunk.caller_address, chunk.callee_address)
+            ]
+            if chunk.arg0 is not None:
+                lines = [f'{line},"arg0":"{arg0:#x}"}}\n' for line, arg0 in zip(lines, chunk.arg0)]
+            else:
+                lines = [line + "}\n" for line in lines]
+            out.write("".join(lines))

@@ -1,0 +1,121 @@
+"""The ring's formats: the shared-memory header, the record dtypes, the file's constants.
+
+The shared memory a tracer writes (see :mod:`textpoke.trampolines.tracer` for the
+buffers, control blocks and slots its generated code addresses) starts with a
+versioned header written here, so a reader never decodes a region of another
+layout: magic, version, record size, kind (records or counters) and geometry.
+
+Two record layouts:
+
+- :data:`RAW_DTYPE`, one 32-byte slot as the trampolines write it
+  (``ts`` in TSC ticks, ``tid``, ``site`` id, ``caller`` word, ``arg0``);
+- :data:`RECORD_DTYPE`, a decoded record as a :class:`~textpoke.ring.recording.Recording`
+  holds it (``ts_ns`` CLOCK_MONOTONIC, ``tid``, ``site``, ``caller``, ``arg0``,
+  ``callee``): its first 32 bytes are a slot's layout.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+
+import numpy as np
+
+from .._errors import UsageError
+from ..trampolines.tracer import (
+    HEADER_SIZE,
+    SLOT_ARG0,
+    SLOT_CALLER,
+    SLOT_SITE,
+    SLOT_SIZE,
+    SLOT_TID,
+    SLOT_TS,
+    CounterGeometry,
+    RingGeometry,
+)
+
+# -- shared-memory header ---------------------------------------------------------------
+RING_MAGIC = int.from_bytes(b"TPKRING\x01", "little")
+RING_VERSION = 1
+#: magic u64, version u32, record size u32, kind u32, cpus u32, capacity u64
+#: (records per buffer, or sites for counters).
+_RING_HEADER = struct.Struct("<QIIIIQ")
+assert _RING_HEADER.size <= HEADER_SIZE
+
+
+class RingKind(enum.IntEnum):
+    RECORDS = 1
+    COUNTERS = 2
+
+
+RAW_DTYPE = np.dtype(
+    {
+        "names": ["ts", "tid", "site", "caller", "arg0"],
+        "formats": ["<u8", "<u4", "<u4", "<u8", "<u8"],
+        "offsets": [SLOT_TS, SLOT_TID, SLOT_SITE, SLOT_CALLER, SLOT_ARG0],
+        "itemsize": SLOT_SIZE,
+    }
+)
+
+RECORD_DTYPE = np.dtype(
+    [
+        ("ts_ns", "<u8"),  # CLOCK_MONOTONIC nanoseconds
+        ("tid", "<u4"),  # kernel thread id (or an opaque thread id, see the tracer)
+        ("site", "<u4"),  # index into Recording.sites
+        ("caller", "<u8"),  # entry: return address into the caller; call site: the site
+        ("arg0", "<u8"),  # rdi at the call: the first integer argument
+        ("callee", "<u8"),  # entry: the traced function; call site: the callee
+    ]
+)
+#: A record's first 32 bytes are laid out as a slot's (ts, tid, site, caller word,
+#: arg0), so decoding starts with one block copy per record.
+assert all(RECORD_DTYPE.fields[name][1] == RAW_DTYPE.fields[n][1]
+           for name, n in (("ts_ns", "ts"), ("tid", "tid"), ("site", "site"), ("caller", "caller"), ("arg0", "arg0")))
+
+
+def write_ring_header(data: memoryview, geometry: RingGeometry | CounterGeometry) -> None:
+    """Header of a tracer's data region (written by the tool before any site is patched)."""
+    if isinstance(geometry, RingGeometry):
+        fields = (RingKind.RECORDS, geometry.cpus, geometry.capacity)
+    else:
+        fields = (RingKind.COUNTERS, geometry.cpus, geometry.sites)
+    _RING_HEADER.pack_into(data, 0, RING_MAGIC, RING_VERSION, SLOT_SIZE, *fields)
+
+
+def read_ring_header(data: memoryview) -> RingGeometry | CounterGeometry:
+    """The geometry the header describes; refuses a region of another format."""
+    magic, version, record_size, kind, cpus, capacity = _RING_HEADER.unpack_from(data, 0)
+    if magic != RING_MAGIC:
+        raise UsageError("shared memory is not a textpoke ring", hint="map the region a Tracer created")
+    if version != RING_VERSION or record_size != SLOT_SIZE:
+        raise UsageError(
+            f"textpoke ring version {version} with {record_size}-byte records; this textpoke reads "
+            f"version {RING_VERSION} with {SLOT_SIZE}-byte records",
+            hint="read it with the textpoke version that made it",
+        )
+    if kind == RingKind.RECORDS:
+        return RingGeometry(cpus=cpus, capacity=capacity)
+    if kind == RingKind.COUNTERS:
+        return CounterGeometry(cpus=cpus, sites=capacity)
+    raise UsageError(f"textpoke ring of unknown kind {kind}")
+
+
+# -- recording file ---------------------------------------------------------------------
+FILE_MAGIC = b"TPKREC\0\0"
+FILE_VERSION = 1
+#: magic, version u32, record size u32, JSON length u32; then JSON, then records.
+FILE_HEADER = struct.Struct("<8sIII")
+
+
+__all__ = [
+    "FILE_HEADER",
+    "FILE_MAGIC",
+    "FILE_VERSION",
+    "RAW_DTYPE",
+    "RECORD_DTYPE",
+    "RING_MAGIC",
+    "RING_VERSION",
+    "RingKind",
+    "read_ring_header",
+    "write_ring_header",
+]
