@@ -67,6 +67,9 @@ class SiteError(TextpokeError):
 
 
 class SiteMismatch(SiteError):
+    # Its own code: the code changed under us (retry after listing the sites
+    # again), unlike the other SiteErrors, which no retry will fix.
+    exit_code = 11
     default_hint = "the code changed since the sites were found; list the sites again"
 
 
@@ -87,6 +90,44 @@ class BusyError(TargetError):
     default_hint = "wait for the other session to end, or end it"
 
 
+class NotAUserProcess(TargetError):
+    """The pid has no user-space code to patch (a zombie, a kernel thread)."""
+
+    exit_code = 10
+
+
+class TargetReplaced(TargetExited):
+    """The target executed a new program (exec) while textpoke worked on it."""
+
+    default_hint = "nothing of textpoke survives an exec; attach to the new program if you want to patch it"
+
+
+class TargetStopped(TargetError):
+    """The target is stopped (SIGSTOP, SIGTSTP, a debugger) and textpoke needs it running."""
+
+    exit_code = 14
+    default_hint = "continue it (kill -CONT PID); sites left in flight are handled by the resident handler"
+
+
+class UnsafeTarget(TargetError):
+    """Patching now could kill the target (a thread blocks SIGTRAP, ...): refused."""
+
+    exit_code = 13
+
+
+class SymbolNotFound(TextpokeError):
+    """A function name, glob or symbol given by the user matches nothing (or the binary is stripped)."""
+
+    exit_code = 12
+    default_hint = "list the functions and sites with `textpoke sites PID`"
+
+
+class OwnCodeRefused(SiteError):
+    """The address lies inside textpoke's own code or data in the target."""
+
+    default_hint = "give a site in the program's own code; textpoke never patches itself"
+
+
 __all__ = [
     "TextpokeError",
     "UsageError",
@@ -101,4 +142,10 @@ __all__ = [
     "NotABoundary",
     "PatchError",
     "BusyError",
+    "NotAUserProcess",
+    "TargetReplaced",
+    "TargetStopped",
+    "UnsafeTarget",
+    "SymbolNotFound",
+    "OwnCodeRefused",
 ]

@@ -14,8 +14,8 @@ from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
 from unicorn.x86_const import UC_X86_REG_RDI, UC_X86_REG_RDX, UC_X86_REG_RIP, UC_X86_REG_RSI, UC_X86_REG_RSP
 
 from textpoke.poke.resident import (
-    CODE_SIZE, OLD_ACTION, SIG_IGN, SIGINFO_CODE, STAT_EMULATED, STAT_NOT_OURS, TABLE_OFFSET,
-    UC_RIP, UC_RSP, generate_code, region_size,
+    CODE_SIZE, HANDLER_COPIES, OLD_ACTIONS, SIG_IGN, SIGINFO_CODE, STAT_EMULATED, STAT_NOT_OURS, TABLE_OFFSET,
+    UC_RIP, UC_RSP, generate_code, handler_label, region_size,
 )
 from textpoke.poke.spec import NOT_OURS, SI_KERNEL, TrapFrame, handle_int3
 from textpoke.poke.table import SiteTable
@@ -31,8 +31,19 @@ SIGINFO = STACK + 0x1000
 UCONTEXT = STACK + 0x2000
 
 
-def run_handler(table_bytes: bytes, *, ip: int, sp: int, si_code: int) -> tuple[int, int, int, int, int]:
-    """(rip, rsp, word at new rsp, emulated count, not-ours count) after the handler."""
+def run_handler(table_bytes: bytes, *, ip: int, sp: int, si_code: int, copy: int = 0,
+                chain_to: int = SIG_IGN) -> tuple[int, int, int, int, int]:
+    """(rip, rsp, word at new rsp, emulated count, not-ours count) after handler copy ``copy``.
+
+    Every saved disposition is SIG_IGN but the copy's own, ``chain_to``."""
+    rip, rsp, word, emulated, not_ours, _ = run_handler_sp(table_bytes, ip=ip, sp=sp, si_code=si_code,
+                                                           copy=copy, chain_to=chain_to)
+    return rip, rsp, word, emulated, not_ours
+
+
+def run_handler_sp(table_bytes: bytes, *, ip: int, sp: int, si_code: int, copy: int,
+                   chain_to: int) -> tuple[int, int, int, int, int, int]:
+    """run_handler, plus the handler's own rsp when it reached SENTINEL (a ret pops it)."""
     uc = Uc(UC_ARCH_X86, UC_MODE_64)
     size = region_size(CAPACITY)
     uc.mem_map(BASE, size)
@@ -42,7 +53,8 @@ def run_handler(table_bytes: bytes, *, ip: int, sp: int, si_code: int) -> tuple[
     uc.mem_write(BASE, code)
     ctl = BASE + CODE_SIZE
     uc.mem_write(ctl + TABLE_OFFSET, table_bytes)
-    uc.mem_write(ctl + OLD_ACTION, struct.pack("<Q", SIG_IGN))  # not ours: ignored, no syscall
+    for k, slot in enumerate(OLD_ACTIONS):  # not ours: ignored (no syscall), or chained
+        uc.mem_write(ctl + slot, struct.pack("<Q", chain_to if k == copy else SIG_IGN))
     uc.mem_write(SIGINFO + SIGINFO_CODE, struct.pack("<i", si_code))
     uc.mem_write(UCONTEXT + UC_RIP, struct.pack("<Q", ip))
     uc.mem_write(UCONTEXT + UC_RSP, struct.pack("<Q", sp))
@@ -52,13 +64,13 @@ def run_handler(table_bytes: bytes, *, ip: int, sp: int, si_code: int) -> tuple[
     uc.reg_write(UC_X86_REG_RDI, 5)
     uc.reg_write(UC_X86_REG_RSI, SIGINFO)
     uc.reg_write(UC_X86_REG_RDX, UCONTEXT)
-    uc.emu_start(BASE + labels["handler"], SENTINEL, count=10_000)
+    uc.emu_start(BASE + labels[handler_label(copy)], SENTINEL, count=10_000)
     assert uc.reg_read(UC_X86_REG_RIP) == SENTINEL
     rsp, rip = struct.unpack("<QQ", bytes(uc.mem_read(UCONTEXT + UC_RSP, 16)))  # gregs RSP, RIP
     word = struct.unpack("<Q", bytes(uc.mem_read(rsp, 8)))[0] if STACK <= rsp < STACK + STACK_SIZE else 0
     emulated = struct.unpack("<Q", bytes(uc.mem_read(ctl + STAT_EMULATED, 8)))[0]
     not_ours = struct.unpack("<Q", bytes(uc.mem_read(ctl + STAT_NOT_OURS, 8)))[0]
-    return rip, rsp, word, emulated, not_ours
+    return rip, rsp, word, emulated, not_ours, uc.reg_read(UC_X86_REG_RSP) - frame_sp
 
 
 insn_kinds = st.sampled_from(["nop", "call", "jmp"])
@@ -82,10 +94,10 @@ def scenarios(draw):
 
 
 @settings(max_examples=150, deadline=None)
-@given(scenarios())
-def test_machine_code_handler_matches_spec(case):
+@given(scenarios(), st.integers(0, HANDLER_COPIES - 1))
+def test_machine_code_handler_matches_spec(case, copy):
     table, raw, ip, sp, si_code = case
-    rip, rsp, word, emulated, not_ours = run_handler(raw, ip=ip, sp=sp, si_code=si_code)
+    rip, rsp, word, emulated, not_ours = run_handler(raw, ip=ip, sp=sp, si_code=si_code, copy=copy)
     expected = handle_int3(TrapFrame(ip=ip, sp=sp, si_code=si_code), table)
     if expected is NOT_OURS:
         assert (rip, rsp, emulated, not_ours) == (ip, sp, 0, 1)
@@ -103,3 +115,16 @@ def test_call_emulation_pushes_return_address():
     table.publish(0x401000, encode_call(0x401000, 0x402000))
     rip, rsp, word, emulated, _ = run_handler(bytes(buffer), ip=0x401001, sp=STACK + 0x5000, si_code=SI_KERNEL)
     assert (rip, rsp, word, emulated) == (0x402000, STACK + 0x5000 - 8, 0x401005, 1)
+
+
+def test_each_copy_chains_to_its_own_saved_disposition():
+    """Not ours: copy k jumps to OLD_ACTIONS[k]'s handler (its rsp untouched,
+    the same sig/info/uc), and returns (ret pops) when that one is SIG_IGN."""
+    raw = bytes(SiteTable.size_for(CAPACITY))
+    for copy in range(HANDLER_COPIES):
+        *_, not_ours, popped = run_handler_sp(raw, ip=TEXT + 1, sp=STACK + 0x5000, si_code=SI_KERNEL,
+                                              copy=copy, chain_to=SENTINEL)
+        assert (not_ours, popped) == (1, 0)  # jumped to the saved handler at SENTINEL
+        *_, not_ours, popped = run_handler_sp(raw, ip=TEXT + 1, sp=STACK + 0x5000, si_code=SI_KERNEL,
+                                              copy=copy, chain_to=SIG_IGN)
+        assert (not_ours, popped) == (1, 8)  # returned

@@ -1,6 +1,7 @@
 """poke: the batch protocol, its in-flight table, the trap handler and its resident code."""
 
 from .protocol import BatchResult, Patch, Step, apply_batch, revert_patches
+from .recover import Recovery, Restore, recover
 from .resident import Resident, ResidentStats
 from .session import Session, attach, spawn
 from .spec import NOT_OURS, Emulated, TrapFrame, handle_int3
@@ -10,8 +11,10 @@ __all__ = [
     "Emulated",
     "NOT_OURS",
     "Patch",
+    "Recovery",
     "Resident",
     "ResidentStats",
+    "Restore",
     "Session",
     "Step",
     "TrapFrame",
@@ -19,5 +22,6 @@ __all__ = [
     "attach",
     "spawn",
     "handle_int3",
+    "recover",
     "revert_patches",
 ]

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from types import TracebackType
 
-from .._errors import BusyError, InjectionError, TargetExited, UsageError
+from .._errors import BusyError, InjectionError, TargetExited, TargetReplaced, TargetStopped, UsageError
 from ..target import _ptrace
 from ..target import syscalls as sc
 from ..target.inject import BorrowedThread
@@ -37,10 +37,11 @@ from ..target.process import Process
 from ..target.maps import find_free_near
 from ..x86.asm import Asm, Imm64, R, mem
 from ..x86.insn import CALL_OPCODE, CALL_SIZE, JMP_OPCODE
+from .ledger import Ledger
 from .table import HASH_MULTIPLIER, SiteTable
 
 MAGIC = 0x31454B4F50545854  # b"TXTPOKE1" little-endian
-VERSION = 1
+VERSION = 2  # 2: the ledger (originals, baselines) follows the table
 REGION_NAME = "textpoke"
 PAGE = 4096
 
@@ -56,6 +57,7 @@ HDR_CODE_SIZE = 0x030  # u64
 HDR_AGENT_TID = 0x038  # u32, written by the agent when it runs
 HDR_READY = 0x03C  # u32 futex: the tool sets it once code and header are written
 HDR_ALL_SIGNALS = 0x040  # u64: a sigset with every signal, for the agent
+HDR_FRONT = 0x048  # u32: the handler copy SIGTRAP was last given to (safety.ensure_handler)
 MBX_REQUEST = 0x080  # u32 futex: sequence number of the last posted request
 MBX_DONE = 0x084  # u32 futex: sequence number of the last finished request
 MBX_NR = 0x088  # u64
@@ -67,8 +69,13 @@ STAT_SYNCS = 0x110  # u64: membarrier calls the agent made
 STAT_REQUESTS = 0x118  # u64: requests the agent served
 OLD_ACTION = 0x140  # struct k_sigaction {handler, flags, restorer, mask}: before us
 DEFAULT_ACTION = 0x160  # a zeroed k_sigaction (SIG_DFL), for re-raising
+#: What handler copy k chains to: OLD_ACTION (before our install) for copy 0, then
+#: each program handler installed after ours, in front of which copy k was put.
+OLD_ACTIONS = (OLD_ACTION, 0x180, 0x1A0, 0x1C0)
+HANDLER_COPIES = len(OLD_ACTIONS)
 SCRATCH = 0x200  # strings and structs passed to agent syscalls
 SCRATCH_SIZE = 0xE00
+SHARED_MODE = 0o600  # every memfd of ours
 TABLE_OFFSET = 0x1000
 
 # -- ucontext/siginfo offsets (x86-64) ----------------------------------------
@@ -83,8 +90,13 @@ SIG_IGN = 1
 _SIGSET_SIZE = 8
 
 
+def ledger_offset(capacity: int) -> int:
+    """Offset of the ledger (poke/ledger.py) in the control region: right after the table."""
+    return TABLE_OFFSET + SiteTable.size_for(capacity)
+
+
 def ctl_size(capacity: int) -> int:
-    size = TABLE_OFFSET + SiteTable.size_for(capacity)
+    size = ledger_offset(capacity) + Ledger.size_for(capacity)
     return (size + PAGE - 1) & ~(PAGE - 1)
 
 
@@ -110,20 +122,32 @@ class SharedRegion:
 # ---------------------------------------------------------------------------
 
 
-def _emit_handler(a: Asm, *, ctl: int, capacity: int) -> None:
+def handler_label(copy: int) -> str:
+    """Label of handler copy ``copy`` (copy 0 is the one an install gives SIGTRAP)."""
+    return "handler" if copy == 0 else f"handler_{copy}"
+
+
+def _emit_handler(a: Asm, *, ctl: int, capacity: int, copy: int = 0) -> None:
     """The SIGTRAP handler: ``handle_int3`` (poke/spec.py) in machine code.
 
     rdi = signo, rsi = siginfo, rdx = ucontext.  It may clobber every register
     but rsp: rt_sigreturn (our restorer) reloads them all from the ucontext.
     Pairs with SiteTable.publish: an entry's addr is stored after its insn, so
     finding addr here means insn is whole.
+
+    ``copy``: the copies differ only in the saved disposition their not-ours
+    path chains to (``OLD_ACTIONS[copy]``). When the program installs its own
+    handler after ours, a fresh copy is put in front of it (safety.ensure_handler)
+    while the program's handler keeps chaining to the copy it replaced, so the
+    chain never loops back on itself.
     """
     table = ctl + TABLE_OFFSET
     bits = capacity.bit_length() - 1
-    a.label("handler")
+    suffix = "" if copy == 0 else f"_{copy}"
+    a.label(handler_label(copy))
     # Only an int3 executed in user mode (si_code SI_KERNEL) can be ours.
     a.op("CMP_RM32_IMM32", mem(R.RSI, SIGINFO_CODE), sc.SI_KERNEL)
-    a.jump("JNE_REL32_64", "not_ours")
+    a.jump("JNE_REL32_64", "not_ours" + suffix)
     a.op("MOV_R64_RM64", R.R8, mem(R.RDX, UC_RIP))
     a.op("DEC_RM64", R.R8)  # r8 = site (ip is one past the int3)
     # rcx = table_slot(site): Fibonacci hash, the same as poke/table.py.
@@ -132,19 +156,19 @@ def _emit_handler(a: Asm, *, ctl: int, capacity: int) -> None:
     a.op("IMUL_R64_RM64", R.RCX, R.RAX)
     a.op("SHR_RM64_IMM8", R.RCX, 64 - bits)
     a.op("LEA_R64_M", R.R10, mem(R.RIP, table))
-    a.label("probe")
+    a.label("probe" + suffix)
     a.op("MOV_R64_RM64", R.R11, R.RCX)
     a.op("SHL_RM64_IMM8", R.R11, 4)
     a.op("MOV_R64_RM64", R.RAX, mem(R.R10, index=R.R11))
     a.op("CMP_RM64_R64", R.RAX, R.R8)
-    a.jump("JE_REL32_64", "found")
+    a.jump("JE_REL32_64", "found" + suffix)
     a.op("TEST_RM64_R64", R.RAX, R.RAX)
-    a.jump("JE_REL32_64", "not_ours")  # an empty slot ends the probe
+    a.jump("JE_REL32_64", "not_ours" + suffix)  # an empty slot ends the probe
     a.op("INC_RM64", R.RCX)
     a.op("AND_RM64_IMM32", R.RCX, capacity - 1)
-    a.jump("JMP_REL32_64", "probe")
+    a.jump("JMP_REL32_64", "probe" + suffix)
 
-    a.label("found")
+    a.label("found" + suffix)
     a.op("MOV_R64_RM64", R.R9, mem(R.R10, 8, index=R.R11))  # the new instruction
     a.op("LEA_R64_M", R.RCX, mem(R.R8, CALL_SIZE))  # site + 5
     a.op("MOV_R64_RM64", R.RAX, R.R9)
@@ -152,16 +176,16 @@ def _emit_handler(a: Asm, *, ctl: int, capacity: int) -> None:
     a.op("MOVSXD_R64_RM32", R.RAX, R.EAX)
     a.op("ADD_RM64_R64", R.RAX, R.RCX)  # rel32 target = site + 5 + disp
     a.op("CMP_RM8_IMM8", R.R9L, CALL_OPCODE)
-    a.jump("JE_REL32_64", "emulate_call")
+    a.jump("JE_REL32_64", "emulate_call" + suffix)
     a.op("CMP_RM8_IMM8", R.R9L, JMP_OPCODE)
-    a.jump("JE_REL32_64", "emulate_jmp")
+    a.jump("JE_REL32_64", "emulate_jmp" + suffix)
     # nop5: continue after the site.
     a.op("MOV_RM64_R64", mem(R.RDX, UC_RIP), R.RCX)
-    a.jump("JMP_REL32_64", "emulated")
-    a.label("emulate_jmp")
+    a.jump("JMP_REL32_64", "emulated" + suffix)
+    a.label("emulate_jmp" + suffix)
     a.op("MOV_RM64_R64", mem(R.RDX, UC_RIP), R.RAX)
-    a.jump("JMP_REL32_64", "emulated")
-    a.label("emulate_call")
+    a.jump("JMP_REL32_64", "emulated" + suffix)
+    a.label("emulate_call" + suffix)
     # emulate_push(site + 5): the kernel built our frame below the 128-byte
     # red zone, so the word below the interrupted rsp is free to take.
     a.op("MOV_R64_RM64", R.R11, mem(R.RDX, UC_RSP))
@@ -169,24 +193,24 @@ def _emit_handler(a: Asm, *, ctl: int, capacity: int) -> None:
     a.op("MOV_RM64_R64", mem(R.R11), R.RCX)
     a.op("MOV_RM64_R64", mem(R.RDX, UC_RSP), R.R11)
     a.op("MOV_RM64_R64", mem(R.RDX, UC_RIP), R.RAX)
-    a.label("emulated")
+    a.label("emulated" + suffix)
     a.op("LEA_R64_M", R.RAX, mem(R.RIP, ctl + STAT_EMULATED))
     a.op("INC_RM64", mem(R.RAX), lock=True)
     a.op("RETNQ")
 
-    a.label("not_ours")
+    a.label("not_ours" + suffix)
     # Not an in-flight site: whatever handled SIGTRAP before us handles it.
     a.op("LEA_R64_M", R.RAX, mem(R.RIP, ctl))
     a.op("INC_RM64", mem(R.RAX, STAT_NOT_OURS), lock=True)
-    a.op("MOV_R64_RM64", R.RAX, mem(R.RAX, OLD_ACTION))
+    a.op("MOV_R64_RM64", R.RAX, mem(R.RAX, OLD_ACTIONS[copy]))
     a.op("CMP_RM64_IMM8", R.RAX, SIG_IGN)
-    a.jump("JE_REL32_64", "return")
+    a.jump("JE_REL32_64", "return" + suffix)
     a.op("TEST_RM64_R64", R.RAX, R.RAX)
-    a.jump("JE_REL32_64", "default_action")
+    a.jump("JE_REL32_64", "default_action" + suffix)
     a.op("JMP_RM64", R.RAX)  # the program's handler, same (sig, info, uc)
-    a.label("return")
+    a.label("return" + suffix)
     a.op("RETNQ")
-    a.label("default_action")
+    a.label("default_action" + suffix)
     # SIG_DFL: put the default back and re-raise; SIGTRAP is blocked while we
     # run, so it is delivered on return and the program dies as it would have.
     a.op("MOV_R32_IMM32", R.EAX, sc.SYS_rt_sigaction)
@@ -207,6 +231,9 @@ def _emit_handler(a: Asm, *, ctl: int, capacity: int) -> None:
     a.op("SYSCALL")
     a.op("RETNQ")
 
+
+def _emit_restorer(a: Asm) -> None:
+    """sa_restorer of every copy: rt_sigreturn reloads the (edited) ucontext."""
     a.label("restorer")
     a.op("MOV_R32_IMM32", R.EAX, 15)  # rt_sigreturn
     a.op("SYSCALL")
@@ -278,7 +305,9 @@ def generate_code(*, capacity: int) -> tuple[bytes, dict[str, int]]:
     code at CODE_SIZE in the same memfd), so it is generated once, before any
     thread is stopped, and copied to wherever the target maps it."""
     a = Asm()
-    _emit_handler(a, ctl=CODE_SIZE, capacity=capacity)
+    for copy in range(HANDLER_COPIES):
+        _emit_handler(a, ctl=CODE_SIZE, capacity=capacity, copy=copy)
+    _emit_restorer(a)
     _emit_agent(a, ctl=CODE_SIZE)
     blob, labels = a.assemble(0)
     if len(blob) > CODE_SIZE:
@@ -437,10 +466,101 @@ def _open_shared(pid: int, path: str, size: int) -> tuple[int, mmap.mmap]:
             f"cannot open textpoke's shared memory in process {pid}: {exc.strerror}"
         ) from exc
     try:
+        # memfds are created 0777; only the owner (and root) may open ours, even
+        # through /proc, whatever the target's other permissions allow.
+        os.fchmod(fd, SHARED_MODE)
         return fd, mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     except OSError as exc:
         os.close(fd)
         raise InjectionError(f"cannot map textpoke's shared memory of process {pid}: {exc.strerror}") from exc
+
+
+@dataclass(frozen=True)
+class RegionInfo:
+    """A resident region found in a process's maps (read, not locked)."""
+
+    base: int  # its code page in the target
+    path: str  # /proc/PID/map_files link of the code page
+    inode: int
+    version: int  # 0: not a textpoke control region
+    agent_tid: int
+    #: Its agent is a thread of this process: installed here, not inherited
+    #: through fork (a child has its parent's mappings but not its threads).
+    owned: bool
+
+
+def thread_pc(pid: int, tid: int) -> int | None:
+    """User-mode address where thread ``tid`` is stopped or blocked in a syscall
+    (/proc/.../syscall: "nr args.. sp pc" or "-1 sp pc"); None if it runs or is gone."""
+    try:
+        fields = open(f"/proc/{pid}/task/{tid}/syscall").read().split()
+    except OSError:
+        return None
+    if len(fields) not in (3, 9):
+        return None
+    return int(fields[-1], 16)
+
+
+def _agent_here(process: Process, tid: int, code: int) -> bool:
+    """Whether this region's agent (code at ``code``) is a thread of ``process``.
+
+    The tid alone could be a reused number in a forked child, so a thread
+    blocked in a syscall must also be blocked at our code. An agent that has
+    not published its tid yet (it just started, or was stopped first) is
+    found by where it is blocked."""
+    code_range = range(code, code + CODE_SIZE)
+    if not tid:
+        return any(thread_pc(process.pid, t) in code_range for t in process.threads())
+    try:
+        running = open(f"/proc/{process.pid}/task/{tid}/syscall").read().startswith("running")
+    except OSError:
+        return False
+    return running or thread_pc(process.pid, tid) in code_range
+
+
+def find_regions(process: Process) -> list[RegionInfo]:
+    """Every resident region mapped in ``process``, lowest address first."""
+    groups: dict[int, list] = {}
+    for m in process.maps():
+        if m.path.startswith(f"/memfd:{REGION_NAME} "):
+            groups.setdefault(m.inode, []).append(m)
+    regions = []
+    for inode, mappings in groups.items():
+        code = min(mappings, key=lambda m: m.start)
+        path = f"/proc/{process.pid}/map_files/{code.start:x}-{code.end:x}"
+        # An agent that has not published its tid yet (just started, or just
+        # continued after a stop) gets a moment to; one that never started
+        # (an install killed before it) costs this moment on each attach.
+        deadline = time.monotonic() + 0.1
+        while True:
+            header = _read_header(path)
+            if header is None:
+                break
+            tid = _u32(header, HDR_AGENT_TID)
+            owned = _agent_here(process, tid, code.start)
+            if tid or owned or time.monotonic() > deadline:
+                break
+            time.sleep(0.002)
+        if header is None:
+            continue
+        regions.append(RegionInfo(base=code.start, path=path, inode=inode, version=_u32(header, HDR_VERSION),
+                                  agent_tid=tid, owned=owned))
+    return sorted(regions, key=lambda r: r.base)
+
+
+def _read_header(path: str) -> bytes | None:
+    """The header of the region behind ``path``; None if it is gone or not ours."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            header = os.pread(fd, HDR_AGENT_TID + 4, CODE_SIZE)
+        finally:
+            os.close(fd)
+    except OSError:
+        return None  # unmapped meanwhile, or the process is gone
+    if len(header) < HDR_AGENT_TID + 4 or _u64(header, HDR_MAGIC) != MAGIC:
+        return None
+    return header
 
 
 def _take_lock(pid: int, path: str) -> int:
@@ -476,9 +596,12 @@ class Resident:
         self.capacity = _u64(self.ctl, HDR_TABLE_CAPACITY)
         self.table = SiteTable(self.ctl[TABLE_OFFSET:], capacity=self.capacity)
         self.labels = {name: base + off for name, off in generate_code(capacity=self.capacity)[1].items()}
+        self.ledger = Ledger(self.ctl[ledger_offset(self.capacity) :], capacity=self.capacity)
         self._request_addr = _ptrace.buffer_address(local, CODE_SIZE + MBX_REQUEST)
         self._done_addr = _ptrace.buffer_address(local, CODE_SIZE + MBX_DONE)
         self.attach_stop_ns = 0
+        #: How long an agent request may take, or a stopped target stay stopped.
+        self.timeout_s = 10.0
 
     # -- creation ---------------------------------------------------------------
     @classmethod
@@ -496,11 +619,13 @@ class Resident:
 
     @classmethod
     def _find(cls, process: Process) -> Resident | None:
-        ours = [m for m in process.maps() if m.path.startswith(f"/memfd:{REGION_NAME} ")]
-        if not ours:
+        # Only a region whose agent lives here: one inherited through fork is
+        # shared with the parent (and locked by the parent's session); the
+        # child gets a region of its own (poke/recover.py copies the state).
+        owned = [r for r in find_regions(process) if r.owned]
+        if not owned:
             return None
-        code = min(ours, key=lambda m: m.start)
-        path = f"/proc/{process.pid}/map_files/{code.start:x}-{code.end:x}"
+        base, path = owned[0].base, owned[0].path
         lock_fd = _take_lock(process.pid, path)
         try:
             size = os.fstat(lock_fd).st_size
@@ -516,7 +641,8 @@ class Resident:
                 f"process {process.pid} holds textpoke state of another version",
                 hint="use the textpoke version that attached first, or restart the process",
             )
-        resident = cls(process, base=code.start, local=local, lock_fd=lock_fd, created=False)
+        resident = cls(process, base=base, local=local, lock_fd=lock_fd, created=False)
+        resident._wait_agent()  # an agent found by where it blocks may not have published its tid yet
         resident._check_agent()
         return resident
 
@@ -579,6 +705,8 @@ class Resident:
         deadline = time.monotonic() + timeout_s
         while _u32(self.ctl, HDR_AGENT_TID) == 0:
             if time.monotonic() > deadline:
+                if self.process.stopped():
+                    raise TargetStopped(f"process {self.process.pid} was stopped while textpoke started its agent")
                 raise InjectionError(f"the sync agent did not start in process {self.process.pid}")
             time.sleep(0.0002)
 
@@ -594,34 +722,73 @@ class Resident:
                 hint="the process probably forked after textpoke attached to its parent",
             )
 
-    def syscall(self, nr: int, *args: int, timeout_s: float = 10.0) -> int:
+    def syscall(self, nr: int, *args: int, timeout_s: float | None = None) -> int:
         """Run a syscall in the agent thread; no application thread stops.
 
         Pairs with the agent loop (_emit_agent): nr/args first, then the
         request number, then the wake; the agent stores the result before the
         done number, so reading done == request means the result is there."""
         ctl = self.ctl
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        # A request left unfinished (a killed tool, a timed-out call) is served
+        # first: the agent may be loading its arguments right now.
+        pending = _u32(ctl, MBX_REQUEST)
+        if _u32(ctl, MBX_DONE) != pending:
+            _ptrace.futex_wake(self._request_addr)  # its poster may have died before waking the agent
+            self._wait_done(pending, timeout_s, wait_if_stopped=False)
         values = [v & 0xFFFF_FFFF_FFFF_FFFF for v in (*args, *[0] * (6 - len(args)))]
         struct.pack_into("<Q6Q", ctl, MBX_NR, nr, *values)
-        request = (_u32(ctl, MBX_REQUEST) + 1) & 0xFFFF_FFFF
+        request = (pending + 1) & 0xFFFF_FFFF
         struct.pack_into("<I", ctl, MBX_REQUEST, request)
         _ptrace.futex_wake(self._request_addr)
-        deadline = time.monotonic() + timeout_s
-        while (done := _u32(ctl, MBX_DONE)) != request:
-            _ptrace.futex_wait(self._done_addr, done, 0.05)
-            if _u32(ctl, MBX_DONE) == request:
-                break
-            if not self.process.alive():
-                raise TargetExited(f"process {self.process.pid} exited")
-            if time.monotonic() > deadline:
-                self._check_agent()
-                raise InjectionError(f"textpoke's agent in process {self.process.pid} does not answer")
+        self._wait_done(request, timeout_s, wait_if_stopped=True)
         result = struct.unpack_from("<q", ctl, MBX_RESULT)[0]
         if -4095 <= result < 0:
             raise InjectionError(
                 f"syscall {nr} in process {self.process.pid} failed: {os.strerror(-result)}"
             )
         return result
+
+    def _agent_state(self) -> str | None:
+        """The agent thread's state letter (R, S, T, t, Z...), None if it is gone."""
+        try:
+            stat = open(f"/proc/{self.process.pid}/task/{self.agent_tid}/stat").read()
+        except OSError:
+            return None
+        return stat[stat.rindex(")") + 2]
+
+    def _wait_done(self, request: int, timeout_s: float, *, wait_if_stopped: bool) -> None:
+        """Wait until the agent finished ``request``.
+
+        A stopped target (SIGSTOP, a debugger) stops the agent too: we wait for
+        it to continue until the deadline, then fail with TargetStopped, never
+        hang; a request already pending from a failed call fails at once."""
+        ctl, pid = self.ctl, self.process.pid
+        deadline = time.monotonic() + timeout_s
+        while (done := _u32(ctl, MBX_DONE)) != request:
+            _ptrace.futex_wait(self._done_addr, done, 0.05)
+            if _u32(ctl, MBX_DONE) == request:
+                break
+            # Wake the agent again: a tool killed between posting a request and
+            # waking the agent leaves it asleep on a request it never saw.
+            _ptrace.futex_wake(self._request_addr)
+            if not self.process.alive():
+                raise TargetExited(f"process {pid} exited")
+            state = self._agent_state()
+            if state is None or state in "ZX":
+                if self.process.replaced():
+                    raise TargetReplaced(f"process {pid} executed a new program (exec) while textpoke worked on it")
+                self._check_agent()
+                raise InjectionError(f"textpoke's agent in process {pid} died")
+            if state in "Tt":
+                if not wait_if_stopped or time.monotonic() > deadline:
+                    raise TargetStopped(
+                        f"process {pid} is stopped (SIGSTOP or a debugger), so textpoke's agent in it "
+                        f"cannot run; waited {timeout_s:g} s for it to continue"
+                    )
+                continue
+            if time.monotonic() > deadline:
+                raise InjectionError(f"textpoke's agent in process {pid} does not answer")
 
     def sync(self) -> None:
         """Every thread of the target serializes (membarrier SYNC_CORE) before this returns."""
@@ -667,11 +834,19 @@ class Resident:
         """Release the tool's view and the session lock; the target keeps everything."""
         if self._lock_fd < 0:
             return
-        del self.table
-        self.ctl.release()
-        self.local.close()
-        os.close(self._lock_fd)
-        self._lock_fd = -1
+        try:
+            del self.table
+            del self.ledger
+            self.ctl.release()
+            self.local.close()
+        except BufferError:
+            # An exception in flight (its traceback's frames) still holds the
+            # table's arrays; the mapping is unmapped when they go. The lock
+            # must not wait for that.
+            pass
+        finally:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
     def __enter__(self) -> Resident:
         return self

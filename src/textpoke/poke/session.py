@@ -3,6 +3,9 @@
 The session owns the resident part's lock for its lifetime and remembers the
 original bytes of every site it changed, so that leaving the ``with`` block
 puts every byte back (one more batch: three syncs) before releasing the target.
+It also records them in the target's ledger (poke/ledger.py) before changing
+anything, so that if the tool dies instead, the next attach puts them back
+(poke/recover.py).
 """
 
 from __future__ import annotations
@@ -11,12 +14,15 @@ import subprocess
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 
-from .._errors import UsageError
+from .._errors import TargetStopped, UsageError
 from ..target.process import Process
+from ..target.security import check_architecture
 from ..target.spawn import spawn as target_spawn
 from ..x86.insn import SITE_SIZE
 from .protocol import BatchResult, Patch, Step, apply_batch
-from .resident import DEFAULT_CAPACITY, Resident, ResidentStats
+from .recover import Recovery, Restore, prepare
+from .resident import CODE_SIZE, DEFAULT_CAPACITY, Resident, ResidentStats, find_regions
+from .safety import MapsCache, attach_guard, check_addresses, ensure_handler, refuse_sigtrap_blockers, settle_traps
 
 
 class Session:
@@ -28,6 +34,12 @@ class Session:
         self._original: dict[int, bytes] = {}  # site -> bytes before our first patch
         self._current: dict[int, bytes] = {}  # site -> bytes our last batch wrote
         self.batches = 0
+        #: What attach found left by earlier tools and put right (None: spawned).
+        self.recovery: Recovery | None = None
+        #: Times a batch found the program had replaced our SIGTRAP handler.
+        self.handler_reinstalls = 0
+        self._maps = MapsCache(process)
+        self._closed = False
 
     @property
     def pid(self) -> int:
@@ -49,13 +61,53 @@ class Session:
     def apply(self, patches: Iterable[Patch], *, on_step: Callable[[Step], None] | None = None) -> BatchResult:
         """Apply one batch (three syncs whatever its size); see protocol.apply_batch."""
         batch = list(patches)
-        result = apply_batch(batch, text=self.process, sync=self.resident.sync,
-                             table=self.resident.table, on_step=on_step)
+        self._preflight(batch)
+        ledger = self.resident.ledger
+        reached: list[Step] = []
+
+        def step(done: Step) -> None:
+            if done is Step.VERIFIED:
+                # Verified, nothing published yet: the bytes each site returns to.
+                for patch in batch:
+                    ledger.record(patch.site, patch.old)
+            reached.append(done)
+            if on_step is not None:
+                on_step(done)
+
+        try:
+            result = apply_batch(batch, text=self.process, sync=self.resident.sync,
+                                 table=self.resident.table, on_step=step)
+        except BaseException:
+            # Past the int3 sync a failed batch is not rolled back: threads
+            # execute the new instructions (emulated), so revert() must know.
+            if Step.INT3 in reached:
+                self._remember(batch)
+            raise
+        self._remember(batch)
+        self.batches += 1
+        if result.syncs:
+            settle_traps(self.process, exclude=frozenset({self.resident.agent_tid}))
+        return result
+
+    def _remember(self, batch: list[Patch]) -> None:
         for patch in batch:
             self._original.setdefault(patch.site, patch.old)
             self._current[patch.site] = patch.new
-        self.batches += 1
-        return result
+
+    def _preflight(self, batch: list[Patch]) -> None:
+        """Refuse a batch that could hurt the target, before anything is written
+        (see poke/safety.py): sites outside the program's code or calls to
+        non-code, a thread blocking SIGTRAP; and put our SIGTRAP handler back in
+        front if the program installed its own since the last batch."""
+        patches = [patch for patch in batch if isinstance(patch, Patch)]
+        if not patches or len(patches) != len(batch):
+            return  # nothing to write, or apply_batch refuses the batch itself
+        check_addresses(self.process, patches, maps=self._maps)
+        resident = self.resident
+        refuse_sigtrap_blockers(self.process, exclude=frozenset({resident.agent_tid}),
+                                ours=[range(resident.base, resident.base + CODE_SIZE)])
+        if ensure_handler(self.resident):
+            self.handler_reinstalls += 1
 
     def revert(self, *, on_step: Callable[[Step], None] | None = None) -> BatchResult:
         """Put back the original bytes of every site this session changed."""
@@ -64,11 +116,25 @@ class Session:
         return self.apply(batch, on_step=on_step)
 
     # -- lifetime -------------------------------------------------------------------
+    def commit(self) -> None:
+        """Keep this session's changes: they become the sites' baselines, which
+        a later attach leaves in place (``textpoke recover`` still undoes them)."""
+        for site, insn in self._current.items():
+            self.resident.ledger.commit(site, insn)
+
     def close(self, *, revert: bool = True) -> None:
-        """Revert (unless told not to) and release the target; the process runs on."""
+        """Revert (or, with ``revert=False``, :meth:`commit`) and release the
+        target; the process runs on. A process that exited or exec'd has
+        nothing of ours left to revert."""
+        if self._closed:
+            return
+        self._closed = True
         try:
-            if revert and self.process.alive():
-                self.revert()
+            if self.process.alive() and not self.process.replaced():
+                if revert:
+                    self.revert()
+                else:
+                    self.commit()
         finally:
             self.resident.close()
             self.process.close()
@@ -96,17 +162,48 @@ def spawn(argv: Sequence[str], *, capacity: int = DEFAULT_CAPACITY, **popen: obj
     return proc, Session(process, resident)
 
 
-def attach(pid: int, *, capacity: int = DEFAULT_CAPACITY) -> Session:
+def attach(pid: int, *, capacity: int = DEFAULT_CAPACITY, timeout_s: float = 10.0,
+           restore: Restore | None = Restore.BASELINE, refuse_unsafe: bool = True) -> Session:
     """Attach to a running process: adopt or install its resident part.
 
     Stops one thread briefly the first time (see Resident._install); a later
-    attach to the same process stops nothing."""
+    attach to the same process stops nothing. The steps:
+
+    1. check the process, writing nothing: a live user-space x86-64 process
+       we may trace (Process, check_architecture), not stopped (its agent could
+       not run), no thread blocking SIGTRAP (unless ``refuse_unsafe`` is False:
+       recovery then only finishes what is already in flight);
+    2. under attach_guard (one tool at a time), adopt or install the resident
+       part, taking the session lock (BusyError if another session holds it);
+    3. recover.prepare: copy the state a fork child inherited, finish a cut-short
+       install, put our SIGTRAP handler back if the program replaced it, and
+       bring every site to ``restore`` (default: its baseline, undoing what a
+       killed tool left; None: leave sites as they are). See ``session.recovery``.
+
+    ``timeout_s`` bounds every wait on the agent, including for a process that
+    gets stopped (SIGSTOP) while we work (TargetStopped)."""
     if isinstance(pid, bool) or not isinstance(pid, int):
         raise UsageError(f"pid must be an int, not {pid!r}")
     process = Process(pid)
     try:
-        resident = Resident.attach(process, capacity=capacity)
+        check_architecture(pid)
+        if process.stopped():
+            raise TargetStopped(f"process {pid} is stopped (SIGSTOP or a debugger); textpoke needs it running")
+        if refuse_unsafe:
+            regions = find_regions(process)
+            refuse_sigtrap_blockers(process, exclude=frozenset(r.agent_tid for r in regions if r.owned),
+                                    ours=[range(r.base, r.base + CODE_SIZE) for r in regions])
+        with attach_guard(pid):
+            resident = Resident.attach(process, capacity=capacity)
+            try:
+                resident.timeout_s = timeout_s
+                recovery = prepare(resident, restore=restore)
+            except BaseException:
+                resident.close()
+                raise
     except BaseException:
         process.close()
         raise
-    return Session(process, resident)
+    session = Session(process, resident)
+    session.recovery = recovery
+    return session

@@ -185,3 +185,45 @@ def futex_wake(address: int, count: int = 1) -> int:
         ),
         "futex wake",
     )
+
+
+# -- the tool's own time stamp counter ------------------------------------------------
+
+import functools as _functools  # noqa: E402  (appended section: keeps the lines above untouched)
+import mmap as _mmap  # noqa: E402
+from collections.abc import Callable as _Callable  # noqa: E402
+
+
+@_functools.cache
+def _rdtsc_function() -> _Callable[[], int]:
+    """``rdtsc; shl rdx, 32; or rax, rdx; ret`` in a page of our own, as a C function.
+
+    The page is written while RW and then made RX (never writable and executable
+    at once); it is never unmapped, so the function stays valid for the process's
+    life.  The bytes come from the project's assembler, not spelled here."""
+    from ..x86.asm import Asm, R  # the leaf stage; imported on first use only
+
+    a = Asm()
+    a.op("RDTSC")
+    a.op("SHL_RM64_IMM8", R.RDX, 32)
+    a.op("OR_RM64_R64", R.RAX, R.RDX)
+    a.op("RETNQ")
+    code, _ = a.assemble(0)
+    page = _mmap.PAGESIZE
+    # Prototypes of our own: the shared _libc attributes keep their defaults.
+    mmap_fn = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                               ctypes.c_int, ctypes.c_int, ctypes.c_long, use_errno=True)(("mmap", _libc))
+    mprotect_fn = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                   use_errno=True)(("mprotect", _libc))
+    address = mmap_fn(None, page, _mmap.PROT_READ | _mmap.PROT_WRITE, _mmap.MAP_PRIVATE | _mmap.MAP_ANONYMOUS, -1, 0)
+    if address in (None, ctypes.c_void_p(-1).value):
+        err = ctypes.get_errno()
+        raise OSError(err, f"mmap for rdtsc: {os.strerror(err)}")
+    ctypes.memmove(address, code, len(code))
+    _check(mprotect_fn(address, page, _mmap.PROT_READ | _mmap.PROT_EXEC), "mprotect for rdtsc")
+    return ctypes.CFUNCTYPE(ctypes.c_uint64)(address)
+
+
+def rdtsc() -> int:
+    """This CPU's time stamp counter (the clock textpoke's tracers record)."""
+    return _rdtsc_function()()

@@ -14,7 +14,7 @@ import pwd
 from pathlib import Path
 from types import TracebackType
 
-from .._errors import NoSuchProcess, PermissionDenied, TargetError, TargetExited
+from .._errors import NoSuchProcess, NotAUserProcess, PermissionDenied, TargetError, TargetExited, TargetReplaced
 from .maps import Mapping, read_maps
 
 _CAP_SYS_PTRACE = 19
@@ -45,25 +45,55 @@ def why_not_traceable(pid: int) -> str:
     """The most likely reason this process may not trace ``pid`` (for messages)."""
     status = _status_fields(pid)
     tracer = int(status.get("TracerPid", "0"))
-    if tracer and tracer != os.getpid():
-        name = Path(f"/proc/{tracer}/comm").read_text().strip() if Path(f"/proc/{tracer}/comm").exists() else "?"
-        return f"it is already traced by pid {tracer} ({name}); detach that tracer first"
+    tracer_comm = Path(f"/proc/{tracer}/comm")
+    scope_file = Path("/proc/sys/kernel/yama/ptrace_scope")
+    me = _status_fields(os.getpid())
+    return refusal_reason(
+        status,
+        my_pid=os.getpid(),
+        my_uid=os.geteuid(),
+        my_caps=int(me.get("CapEff", "0"), 16),
+        my_permitted=int(me.get("CapPrm", "0"), 16),
+        yama_scope=scope_file.read_text().strip() if scope_file.exists() else None,
+        tracer_name=tracer_comm.read_text().strip() if tracer and tracer_comm.exists() else "?",
+    )
+
+
+def refusal_reason(
+    status: dict[str, str],
+    *,
+    my_pid: int,
+    my_uid: int,
+    my_caps: int,
+    my_permitted: int,
+    yama_scope: str | None,
+    tracer_name: str = "?",
+) -> str:
+    """Why the kernel refuses us ptrace access to a process whose
+    /proc/PID/status fields are ``status``, in the order the kernel checks
+    (pure, so each reason is testable on any machine)."""
+    tracer = int(status.get("TracerPid", "0"))
+    if tracer and tracer != my_pid:
+        return f"it is already traced by pid {tracer} ({tracer_name}); detach that tracer first"
     target_uid = int(status.get("Uid", "0").split()[1])
-    my_uid = os.geteuid()
-    caps = int(_status_fields(os.getpid()).get("CapEff", "0"), 16)
-    has_cap = bool(caps & (1 << _CAP_SYS_PTRACE))
+    has_cap = bool(my_caps & (1 << _CAP_SYS_PTRACE))
     if target_uid != my_uid and not has_cap:
         return (
             f"it belongs to user {_user(target_uid)} and you are {_user(my_uid)} "
             "without CAP_SYS_PTRACE"
         )
-    scope_file = Path("/proc/sys/kernel/yama/ptrace_scope")
-    if scope_file.exists():
-        scope = scope_file.read_text().strip()
-        if scope == "3":
-            return "yama ptrace_scope is 3: ptrace is disabled on this machine"
-        if scope in ("1", "2") and not has_cap:
-            return f"yama ptrace_scope is {scope}: only root (CAP_SYS_PTRACE) may attach to non-children"
+    # Same user, but the kernel also wants the target's permitted capabilities
+    # to be a subset of ours (commoncap's ptrace_access_check).
+    target_caps = int(status.get("CapPrm", "0"), 16)
+    if not has_cap and target_caps & ~my_permitted:
+        return (
+            f"it has capabilities you lack (CapPrm {target_caps:#x}, yours {my_permitted:#x}) "
+            "and you have no CAP_SYS_PTRACE"
+        )
+    if yama_scope == "3":
+        return "yama ptrace_scope is 3: ptrace is disabled on this machine"
+    if yama_scope in ("1", "2") and not has_cap:
+        return f"yama ptrace_scope is {yama_scope}: only root (CAP_SYS_PTRACE) may attach to non-children"
     if not has_cap and status.get("State", "").startswith("D"):
         return "the process is in uninterruptible sleep"
     return "the kernel refused ptrace access (not dumpable, or a security module)"
@@ -79,12 +109,12 @@ class Process:
         status = _status_fields(pid)
         state = status.get("State", "?")
         if state.startswith("Z"):
-            raise TargetError(
+            raise NotAUserProcess(
                 f"process {pid} is a zombie (exited, not yet reaped)",
                 hint="there is no code left to patch; its parent must reap it",
             )
         if not Path(f"/proc/{pid}/maps").read_text(errors="replace").strip() and not self._has_exe():
-            raise TargetError(
+            raise NotAUserProcess(
                 f"pid {pid} is a kernel thread",
                 hint="textpoke patches user-space processes only",
             )
@@ -126,6 +156,26 @@ class Process:
         except NoSuchProcess:
             return False
         return not state.startswith(("Z", "X"))
+
+    def stopped(self) -> bool:
+        """Stopped by a signal (SIGSTOP, SIGTSTP, ...): no thread runs, our agent neither."""
+        try:
+            state = _status_fields(self.pid).get("State", "")
+        except NoSuchProcess:
+            return False
+        return state.startswith("T")
+
+    def replaced(self) -> bool:
+        """The process executed a new program since we opened it.
+
+        Our /proc/PID/mem descriptor pins the address space of the program we
+        opened; after an exec that one is gone and every access reads 0 bytes
+        (an unmapped address in a live one fails with EIO instead), so no write
+        of ours can ever land in the new program."""
+        try:
+            return os.pread(self._mem_fd, 1, 0) == b""
+        except OSError:
+            return False
 
     # -- identity -----------------------------------------------------------
     @property
@@ -171,6 +221,7 @@ class Process:
         except OSError as exc:
             raise self._memory_error("read", address, size, exc) from exc
         if len(data) != size:
+            self._check_replaced()
             raise TargetError(f"short read of {size} bytes at {address:#x} in process {self.pid}")
         return data
 
@@ -180,7 +231,14 @@ class Process:
         except OSError as exc:
             raise self._memory_error("write", address, len(data), exc) from exc
         if written != len(data):
+            self._check_replaced()
             raise TargetError(f"short write of {len(data)} bytes at {address:#x} in process {self.pid}")
+
+    def _check_replaced(self) -> None:
+        if not self.alive():
+            raise TargetExited(f"process {self.pid} exited")
+        if self.replaced():
+            raise TargetReplaced(f"process {self.pid} executed a new program (exec) while textpoke worked on it")
 
     def _memory_error(self, what: str, address: int, size: int, exc: OSError) -> TargetError:
         if not self.alive():

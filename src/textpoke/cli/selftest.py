@@ -1,0 +1,35 @@
+"""``textpoke selftest``: check on a private target that everything textpoke needs works here."""
+
+from __future__ import annotations
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from .._errors import TextpokeError
+from ..selftest import Status, run_selftest
+
+_STYLE = {Status.OK: "green", Status.FAIL: "bold red", Status.SKIP: "yellow"}
+
+
+@click.command("selftest")
+def command() -> None:
+    """Start a private target and check ptrace, /proc/PID/mem, shared memory,
+    membarrier and the resident handler's int3 emulation (exact counts)."""
+    console = Console()
+    with console.status("textpoke selftest") as status:
+        checks = run_selftest(progress=lambda what: status.update(f"textpoke selftest: {what}"))
+    table = Table(title="textpoke selftest", title_justify="left")
+    table.add_column("check")
+    table.add_column("result")
+    table.add_column("detail", overflow="fold")
+    for check in checks:
+        table.add_row(check.name, f"[{_STYLE[check.status]}]{check.status.value}[/]", check.detail)
+    console.print(table)
+    failed = [check.name for check in checks if check.status is Status.FAIL]
+    if failed:
+        raise TextpokeError(
+            f"selftest: {len(failed)} of {len(checks)} checks failed: {', '.join(failed)}",
+            hint="textpoke cannot patch processes safely on this machine until these work",
+        )
+    console.print(f"all {len(checks)} checks passed")

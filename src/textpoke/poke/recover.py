@@ -1,0 +1,351 @@
+"""Finding what an earlier textpoke left in a process, and putting it right.
+
+A tool can die at any instant (``kill -9``), so every attach starts by looking
+at what is there, before the new session writes anything:
+
+- int3 bytes and half-written sites: a batch left in flight; the in-flight
+  table knows each one's instruction (the handler emulates it meanwhile);
+- sites a session changed but never put back (it died before closing): the
+  ledger (poke/ledger.py) holds the baseline each one returns to;
+- the resident part itself: adopted as it is (handler, agent, table,
+  trampolines: never unmapped, a thread may still run in them); what an
+  install cut short left undone is finished (membarrier registration, the
+  SIGTRAP handler, the memfd descriptor left open in the target);
+- after a fork: the child has its parent's mappings (shared with the parent!)
+  but not its agent thread. It gets a resident part of its own, into which the
+  inherited state is copied (:func:`adopt_inherited`); nothing is ever written
+  to the inherited region, which the parent still uses.
+
+Every site is then brought to its baseline (automatic on attach) or to its
+original bytes (``textpoke recover``) in *one* batch, ``apply_batch(...,
+resume=True)``, which completes in-flight sites whatever step they were left at.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import struct
+from dataclasses import dataclass
+
+from .._errors import SiteError
+from ..target import syscalls as sc
+from ..target.process import Process
+from ..target.security import OUR_PREFIX
+from ..x86.insn import INT3_BYTE, decode_site
+from .ledger import Ledger
+from .protocol import Patch, TextAccess, _read_sites, apply_batch
+from .resident import (
+    CODE_SIZE,
+    HANDLER_COPIES,
+    HDR_FRONT,
+    HDR_TABLE_CAPACITY,
+    OLD_ACTIONS,
+    TABLE_OFFSET,
+    VERSION,
+    RegionInfo,
+    Resident,
+    ctl_size,
+    find_regions,
+    generate_code,
+    handler_label,
+    ledger_offset,
+)
+from .safety import _store_action, ensure_handler, settle_traps, sigtrap_blockers
+from .table import SiteTable
+
+
+class Restore(enum.Enum):
+    """What recovery brings every site back to."""
+
+    BASELINE = "baseline"  # undo sessions that died; keep committed changes (on attach)
+    ORIGINAL = "original"  # the bytes before textpoke ever changed the site (textpoke recover)
+
+
+@dataclass(frozen=True)
+class SiteState:
+    """One site as recovery finds it."""
+
+    site: int
+    current: bytes  # its bytes in memory now
+    entry: bytes | None  # its in-flight table entry
+    original: bytes | None  # from the ledger (None: not recorded)
+    baseline: bytes | None
+
+    @property
+    def in_flight(self) -> bool:
+        """A batch left an int3 here: threads execute the table's entry."""
+        return self.current[0] == INT3_BYTE and self.entry is not None
+
+    @property
+    def effective(self) -> bytes:
+        """The instruction threads execute here now."""
+        return self.entry if self.in_flight and self.entry is not None else self.current
+
+    def goal(self, restore: Restore) -> bytes:
+        if self.original is None or self.baseline is None:
+            return self.effective  # unknown to the ledger: just complete it
+        return self.original if restore is Restore.ORIGINAL else self.baseline
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What an attach or ``textpoke recover`` found and did."""
+
+    restore: Restore
+    sites: int  # sites known to the ledger or the table
+    in_flight: tuple[int, ...]  # sites found with an int3 (a batch left half done)
+    written: tuple[int, ...]  # sites rewritten (each: int3, tail, head)
+    syncs: int
+    #: Sites holding bytes that are neither theirs nor ours (someone else wrote
+    #: there, a debugger's int3): left untouched.
+    foreign: tuple[int, ...] = ()
+    #: Sites left as they are because a thread blocks SIGTRAP (no new int3 then).
+    held_back: tuple[int, ...] = ()
+    #: Fork child: code address of the parent's region whose state was copied.
+    inherited_from: int | None = None
+    handler_reinstalled: bool = False
+    fds_closed: int = 0
+    #: Trampoline regions mapped (idle after recovery; never unmapped).
+    trampoline_regions: int = 0
+
+    @property
+    def changed_anything(self) -> bool:
+        return bool(self.written or self.handler_reinstalled or self.fds_closed or self.inherited_from)
+
+
+def survey(process: TextAccess, table: SiteTable, ledger: Ledger) -> list[SiteState]:
+    """Every site the ledger or the table knows, with its bytes now."""
+    originals = {entry.site: entry for entry in ledger.entries()}
+    entries = table.as_dict()
+    sites = sorted(originals.keys() | entries.keys())
+    current = _read_sites(process, sites)
+    return [
+        SiteState(
+            site=site,
+            current=now,
+            entry=entries.get(site),
+            original=originals[site].original if site in originals else None,
+            baseline=originals[site].baseline if site in originals else None,
+        )
+        for site, now in zip(sites, current)
+    ]
+
+
+def plan_recovery(
+    states: list[SiteState], restore: Restore, *, sigtrap_blocked: bool = False
+) -> tuple[list[Patch], list[int], list[int]]:
+    """The recovery batch for ``states`` (pure): (patches, foreign sites, held-back sites).
+
+    One patch per site, effective instruction -> goal; a site whose bytes are
+    no site instruction is foreign (left alone); with ``sigtrap_blocked`` a
+    whole site is left as it is (no new int3), an in-flight one still finished."""
+    patches: list[Patch] = []
+    foreign: list[int] = []
+    held_back: list[int] = []
+    for state in states:
+        goal = state.goal(restore)
+        if sigtrap_blocked and not state.in_flight and goal != state.effective:
+            held_back.append(state.site)
+            goal = state.effective
+        try:
+            patches.append(Patch(site=state.site, old=state.effective, new=goal))
+        except SiteError:
+            foreign.append(state.site)
+    return patches, foreign, held_back
+
+
+def recover(resident: Resident, *, restore: Restore = Restore.BASELINE) -> Recovery:
+    """Bring every known site of the target to ``restore``, in one batch.
+
+    1. survey: the bytes of every site in the ledger or the table; under an
+       int3 (a batch left in flight) the table's entry is what threads run;
+    2. plan one patch per site, effective instruction -> goal; a site whose
+       bytes are not a site instruction (someone else's) is left alone, and
+       while a thread blocks SIGTRAP only in-flight sites are touched (they
+       already hold an int3; a new one could kill that thread);
+    3. ``apply_batch(..., resume=True)``: completes in-flight sites, skips
+       sites already at their goal (fixing stale table entries), 3 syncs if
+       anything is written, none otherwise;
+    4. for ORIGINAL, the originals become the baselines too.
+    """
+    process = resident.process
+    states = survey(process, resident.table, resident.ledger)
+    blocked = bool(sigtrap_blockers(process, exclude=frozenset({resident.agent_tid}),
+                                    ours=[range(resident.base, resident.base + CODE_SIZE)]))
+    patches, foreign, held_back = plan_recovery(states, restore, sigtrap_blocked=blocked)
+    result = apply_batch(patches, text=process, sync=resident.sync, table=resident.table, resume=True)
+    if result.syncs:
+        settle_traps(process, exclude=frozenset({resident.agent_tid}))
+    if restore is Restore.ORIGINAL:
+        for state in states:
+            if state.original is not None and state.site not in held_back and state.site not in foreign:
+                resident.ledger.commit(state.site, state.original)
+    return Recovery(
+        restore=restore,
+        sites=len(states),
+        in_flight=tuple(s.site for s in states if s.in_flight),
+        written=result.patched,
+        syncs=result.syncs,
+        foreign=tuple(foreign),
+        held_back=tuple(held_back),
+        trampoline_regions=_trampoline_regions(process),
+    )
+
+
+def _trampoline_regions(process: Process) -> int:
+    return len({m.inode for m in process.maps() if m.path.startswith(OUR_PREFIX + "-")})
+
+
+def close_leaked_fds(resident: Resident) -> int:
+    """Close descriptors of our memfds left open in the target.
+
+    The installer closes its descriptor once the agent runs, and map_shared
+    right after mapping; a tool killed in between leaves one open (harmless,
+    close-on-exec, but it is ours). Only called under the session lock, so no
+    live tool is between those two steps."""
+    pid = resident.process.pid
+    closed = 0
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return 0
+    for name in names:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue
+        if link.startswith(OUR_PREFIX):
+            resident.syscall(sc.SYS_close, int(name))
+            closed += 1
+    return closed
+
+
+def _read_region(region: RegionInfo) -> bytes:
+    """A snapshot of an inherited region's control area, read-only (never mapped
+    writable: the parent still uses it)."""
+    fd = os.open(region.path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        (capacity,) = struct.unpack("<Q", os.pread(fd, 8, CODE_SIZE + HDR_TABLE_CAPACITY))
+        return os.pread(fd, ctl_size(capacity), CODE_SIZE)
+    finally:
+        os.close(fd)
+
+
+def _snapshot(data: bytes) -> tuple[SiteTable, Ledger]:
+    """Private copies of the table and ledger of a control area read by _read_region."""
+    capacity = struct.unpack_from("<Q", data, HDR_TABLE_CAPACITY)[0]
+    table_size = SiteTable.size_for(capacity)
+    table = SiteTable(bytearray(data[TABLE_OFFSET : TABLE_OFFSET + table_size]), capacity=capacity)
+    start = ledger_offset(capacity)
+    ledger = Ledger(bytearray(data[start : start + Ledger.size_for(capacity)]), capacity=capacity)
+    return table, ledger
+
+
+def inspect(process: Process) -> tuple[RegionInfo | None, list[SiteState]]:
+    """What textpoke left in ``process``, read without writing or locking anything:
+    its resident region (the process's own, else an inherited one) and its sites."""
+    regions = [r for r in find_regions(process) if r.version == VERSION]
+    region = next((r for r in regions if r.owned), regions[0] if regions else None)
+    if region is None:
+        return None, []
+    table, ledger = _snapshot(_read_region(region))
+    return region, survey(process, table, ledger)
+
+
+def adopt_inherited(resident: Resident) -> int | None:
+    """In a fork child: copy the state of the region inherited from the parent.
+
+    The child shares its parent's region (MAP_SHARED), whose handler the
+    child's SIGTRAP disposition still names when the child gets its own
+    resident part, so the new part's saved disposition (what its handler
+    chains to) is the inherited handler. Then:
+
+    1. find the inherited region that saved disposition points into (else, on
+       a first install, any inherited region: its ledger still says what the
+       child's sites were);
+    2. snapshot its table and ledger (read-only);
+    3. for each site: record its original and baseline in our ledger, and
+       publish what threads of the child execute there (the parent's entry
+       under an int3 the child inherited, else the child's own bytes) in our
+       table: from then on our handler emulates it;
+    4. last, chain our handler to the inherited region's saved disposition
+       (the program's own), so the inherited handler is no longer used; this
+       marks the copy done (an attach killed before it starts over).
+
+    Returns the inherited region's code address, or None if there was nothing
+    to copy. Leaves the sites as they are: recovery then brings them to their
+    baselines.
+    """
+    process = resident.process
+    inherited = [r for r in find_regions(process) if not r.owned and r.base != resident.base and r.version == VERSION]
+    if not inherited:
+        return None
+    slot = OLD_ACTIONS[struct.unpack_from("<I", resident.ctl, HDR_FRONT)[0]]
+    chained = struct.unpack_from("<Q", resident.ctl, slot)[0]
+    source = next((r for r in inherited if r.base <= chained < r.base + CODE_SIZE), None)
+    if source is None:
+        if not resident.created:
+            return None  # copied by an earlier attach
+        source = inherited[0]
+    data = _read_region(source)
+    table, ledger = _snapshot(data)
+    states = survey(process, table, ledger)
+    for state in states:
+        effective = state.effective
+        original = state.original if state.original is not None else effective
+        baseline = state.baseline if state.baseline is not None else original
+        if not resident.ledger.record(state.site, original, baseline=baseline):
+            resident.ledger.commit(state.site, baseline)
+        try:
+            decode_site(state.site, effective)
+        except SiteError:
+            continue  # not a site instruction now: nothing the handler could emulate
+        resident.table.publish(state.site, effective)
+    if source.base <= chained < source.base + CODE_SIZE:
+        # What the inherited handler copy in effect chains to (the program's own).
+        offsets = generate_code(capacity=table.capacity)[1]
+        copy = next((k for k in range(HANDLER_COPIES) if source.base + offsets[handler_label(k)] == chained),
+                    struct.unpack_from("<I", data, HDR_FRONT)[0])
+        _store_action(resident.ctl, slot, struct.unpack_from("<4Q", data, OLD_ACTIONS[copy]))
+    return source.base
+
+
+def prepare(resident: Resident, *, restore: Restore | None = Restore.BASELINE) -> Recovery:
+    """Everything an attach does before the session may write (see the module doc):
+
+    1. fork child: copy the inherited state (:func:`adopt_inherited`);
+    2. an adopted part: close leaked descriptors, register for membarrier
+       SYNC_CORE again (idempotent; an install cut short may not have);
+    3. SIGTRAP reaches our handler (:func:`safety.ensure_handler`);
+    4. recover every site to ``restore`` (None: only survey).
+    """
+    inherited = adopt_inherited(resident)
+    closed = 0
+    if not resident.created:
+        closed = close_leaked_fds(resident)
+        resident.syscall(sc.SYS_membarrier, sc.MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0)
+    reinstalled = ensure_handler(resident)
+    if restore is None:
+        states = survey(resident.process, resident.table, resident.ledger)
+        found = Recovery(restore=Restore.BASELINE, sites=len(states),
+                         in_flight=tuple(s.site for s in states if s.in_flight), written=(), syncs=0,
+                         trampoline_regions=_trampoline_regions(resident.process))
+    else:
+        found = recover(resident, restore=restore)
+    return dataclasses.replace(found, inherited_from=inherited, handler_reinstalled=reinstalled, fds_closed=closed)
+
+
+__all__ = [
+    "Recovery",
+    "Restore",
+    "SiteState",
+    "adopt_inherited",
+    "close_leaked_fds",
+    "inspect",
+    "plan_recovery",
+    "prepare",
+    "recover",
+    "survey",
+]

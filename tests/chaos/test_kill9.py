@@ -1,0 +1,144 @@
+"""The tool may die at any instant: SIGKILL it anywhere in attach, recovery or a batch.
+
+A target with 4 threads calls through 2,000 call sites; each trial forks a
+tool (already imported, so trials are cheap) that attaches (recovering what
+the previous, killed, tool left) and retargets all 2,000 sites A <-> B batch
+after batch, printing each protocol step. The test kills it with SIGKILL after
+a chosen event (cycling through every step, so each is covered) plus a random
+delay of up to 3 ms, which lands inside that step's thousands of writes. After
+every kill the target must be alive. A last tool is killed right after a
+complete A -> B batch; the next attach must put all 2,000 sites back by itself
+and the text byte for byte, and the target's own counts and checksums must be
+exact.
+
+Trials: TEXTPOKE_CHAOS_TRIALS (default 14, two per kill point).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import select
+import signal
+import time
+from collections import Counter
+
+from textpoke.poke import Patch, Step, attach
+from textpoke.poke.resident import find_regions
+from textpoke.sites import SiteKind, find_sites
+from textpoke.x86.insn import encode_call
+
+from .harness import Target, env_count, read_mem, symbols, text_section
+from .targets import build_chaos, check_result
+
+SITES = 2000
+#: Where a trial is killed: after this event (+ a random delay).
+EVENTS = ("start", "attached", *(step.value for step in Step))
+
+
+def _tool(pid: int, batches: tuple[list[Patch], list[Patch]], out: int, *, hold: str | None = None) -> None:
+    """The forked tool: attach, then batches forever, reporting each event on
+    ``out`` (and stopping for good after the event ``hold``)."""
+    try:
+        os.write(out, b"start\n")
+        session = attach(pid)
+        found = session.recovery
+        os.write(out, f"attached in_flight={len(found.in_flight)} written={len(found.written)}\n".encode())
+
+        def report(step: Step) -> None:
+            os.write(out, f"{step.value}\n".encode())
+            if step.value == hold:
+                time.sleep(3600)
+
+        while True:
+            for batch in batches:
+                session.apply(batch, on_step=report)
+    except BaseException as exc:  # the test reports it: the tool must only die by our SIGKILL
+        os.write(out, f"error {type(exc).__name__}: {exc}\n".encode())
+    finally:
+        os._exit(0)
+
+
+def _trial(pid: int, batches: tuple[list[Patch], list[Patch]], event: str, nth: int, delay: float,
+           *, hold: str | None = None) -> list[str]:
+    """Fork a tool, SIGKILL it ``delay`` s after its ``nth`` ``event``; the events it reported."""
+    read_fd, write_fd = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.close(read_fd)
+        _tool(pid, batches, write_fd, hold=hold)
+    os.close(write_fd)
+    try:
+        seen = _events(read_fd, event, nth)
+        time.sleep(delay)
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        os.close(read_fd)
+    return seen
+
+
+def _events(fd: int, until: str, nth: int, timeout: float = 60.0) -> list[str]:
+    """Read event lines until the ``nth`` occurrence of ``until``."""
+    seen: list[str] = []
+    buffer = b""
+    deadline = time.monotonic() + timeout
+    while sum(1 for line in seen if line.split()[0] == until) < nth:
+        assert select.select([fd], [], [], max(deadline - time.monotonic(), 0))[0], f"no {until} event: {seen[-5:]}"
+        chunk = os.read(fd, 65536)
+        assert chunk, f"the tool died on its own after {seen[-5:]}"
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        seen += [line.decode() for line in lines]
+    return seen
+
+
+def test_sigkill_at_any_point_the_target_survives(tmp_path):
+    trials = env_count("TEXTPOKE_CHAOS_TRIALS", 2 * len(EVENTS))
+    binary = build_chaos(tmp_path, SITES)
+    syms = symbols(binary)
+    sites = [s.address for s in find_sites(binary, kinds={SiteKind.CALL}, functions=["caller_*"], calls_to=["A"])]
+    assert len(sites) == SITES
+    to_a = [encode_call(s, syms["A"]) for s in sites]
+    to_b = [encode_call(s, syms["B"]) for s in sites]
+    batches = ([Patch(site=s, old=a, new=b) for s, a, b in zip(sites, to_a, to_b)],
+               [Patch(site=s, old=b, new=a) for s, a, b in zip(sites, to_a, to_b)])
+    text_addr, text_bytes = text_section(binary)
+    rng = random.Random(int(os.environ.get("TEXTPOKE_CHAOS_SEED", "5")))
+    target = Target([str(binary), "4"])
+    killed_after: Counter[str] = Counter()
+    recovered_in_flight = 0
+    try:
+        for trial in range(trials):
+            event = EVENTS[trial % len(EVENTS)]
+            nth = 1 if event in ("start", "attached") else rng.randint(1, 4)
+            seen = _trial(target.pid, batches, event, nth, rng.uniform(0, 0.003))
+            killed_after[event] += 1
+            attached = [line for line in seen if line.startswith("attached")]
+            if attached and "in_flight=0" not in attached[0]:
+                recovered_in_flight += 1
+            assert target.alive(), f"trial {trial}: the target died (killed after {event} #{nth})"
+            status = open(f"/proc/{target.pid}/status").read()
+            assert "State:\tT" not in status and "State:\tZ" not in status
+        # Last, a tool killed right after its A -> B batch: all 2,000 sites call B
+        # for a session that will never revert them; the next attach must.
+        _trial(target.pid, batches, "head", 1, 0.0, hold="head")
+        assert all(read_mem(target.pid, s, 5) == b for s, b in zip(sites[:20], to_b[:20]))
+        with attach(target.pid) as session:
+            left = session.recovery
+            assert (len(left.written), left.in_flight, left.syncs) == (SITES, (), 3)
+            assert len(find_regions(session.process)) == 1  # adopted every time, never installed twice
+            assert all(read_mem(target.pid, s, 5) == a for s, a in zip(sites[:20], to_a[:20]))
+            assert session.process.read(text_addr, len(text_bytes)) == text_bytes
+        result = target.stop()
+    finally:
+        target.kill()
+    check_result(result, SITES)
+    assert result["b"] > 0  # the tools really patched
+    if trials >= 2 * len(EVENTS):
+        assert recovered_in_flight > 0  # some kills left a batch in flight, and it was finished
+    summary = (f"kill -9 trials: {trials}, target alive after every one; killed after {dict(killed_after)}; "
+               f"{recovered_in_flight} attaches found a batch left in flight; the final attach put back "
+               f"{len(left.written)} sites; calls made {result['made']}, A {result['a']}, B {result['b']}, bad 0")
+    print(summary)
+    (tmp_path.parent / "kill9-summary.txt").write_text(summary + "\n")
