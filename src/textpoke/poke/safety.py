@@ -93,7 +93,7 @@ def settle_traps(process: Process, *, exclude: frozenset[int] = frozenset(), tim
     return not pending
 
 
-def sigtrap_blockers(process: Process, *, exclude: frozenset[int] = frozenset(), patience_s: float = 0.25,
+def sigtrap_blockers(process: Process, *, exclude: frozenset[int] = frozenset(), patience_s: float = 1.0,
                      ours: Sequence[range] = ()) -> list[int]:
     """Threads of ``process`` that keep SIGTRAP blocked.
 
