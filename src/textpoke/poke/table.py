@@ -118,7 +118,17 @@ class SiteTable:
         if words.ctypes.data % 8:
             raise UsageError("table buffer must be 8-byte aligned (one store per word)")
         self._words = words
-        self._count = int(np.count_nonzero(words[_ADDR_WORD::_ENTRY_WORDS]))
+        # Word access for the per-site paths: a memoryview item is several
+        # times cheaper than a numpy scalar, and its store is still one
+        # aligned 8-byte store (x86-64 is little-endian, so "Q" is "<u8").
+        self._q = raw[:size].cast("Q")
+        # site -> slot of every entry this instance knows. Entries never move
+        # and are never removed, so a hit is always right; a miss (an entry
+        # another writer added) falls back to probing, which finds it.
+        addrs = words[_ADDR_WORD::_ENTRY_WORDS]
+        used = np.flatnonzero(addrs)
+        self._slots: dict[int, int] = dict(zip(addrs[used].tolist(), used.tolist()))
+        self._count = len(self._slots)
 
     @staticmethod
     def size_for(capacity: int) -> int:
@@ -151,14 +161,18 @@ class SiteTable:
 
     def _find(self, site: int) -> tuple[int, bool]:
         """Slot holding ``site`` (True) or the empty slot ending its probe (False)."""
-        words = self._words
+        known = self._slots.get(site)
+        if known is not None:
+            return known, True
+        words = self._q
         mask = self._capacity - 1
         slot = table_slot(site, self._bits)
         # The load limit guarantees an empty slot, so the probe ends within
         # capacity steps; the bound only protects against a corrupt buffer.
         for _ in range(self._capacity):
-            addr = int(words[slot * _ENTRY_WORDS + _ADDR_WORD])
+            addr = words[slot * _ENTRY_WORDS + _ADDR_WORD]
             if addr == site:
+                self._slots[site] = slot
                 return slot, True
             if addr == 0:
                 return slot, False
@@ -170,7 +184,7 @@ class SiteTable:
 
     def _store_word(self, index: int, value: int) -> None:
         """One aligned 8-byte store (every table write goes through here)."""
-        self._words[index] = value
+        self._q[index] = value
 
     def publish(self, site: int, insn: bytes) -> None:
         """Make ``insn`` the instruction a trap at ``site`` emulates."""
@@ -191,6 +205,7 @@ class SiteTable:
         # insn first, addr second: a reader that sees addr sees a complete insn.
         self._store_word(base + _INSN_WORD, word)
         self._store_word(base + _ADDR_WORD, site)
+        self._slots[site] = slot
         self._count += 1
 
     def lookup(self, site: int) -> bytes | None:
@@ -200,7 +215,7 @@ class SiteTable:
         slot, found = self._find(site)
         if not found:
             return None
-        return unpack_insn(int(self._words[slot * _ENTRY_WORDS + _INSN_WORD]))
+        return unpack_insn(self._q[slot * _ENTRY_WORDS + _INSN_WORD])
 
     def __contains__(self, site: object) -> bool:
         return isinstance(site, int) and self.lookup(site) is not None
