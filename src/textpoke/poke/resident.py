@@ -600,6 +600,7 @@ class Resident:
         self._request_addr = _ptrace.buffer_address(local, CODE_SIZE + MBX_REQUEST)
         self._done_addr = _ptrace.buffer_address(local, CODE_SIZE + MBX_DONE)
         self.attach_stop_ns = 0
+        self.held: BorrowedThread | None = None  # a spawned program's main thread, not yet released
         #: How long an agent request may take, or a stopped target stay stopped.
         self.timeout_s = 10.0
 
@@ -609,9 +610,13 @@ class Resident:
         """Adopt the resident part a previous session left, else install one.
 
         ``spawned``: the process comes from target.spawn (held at its entry
-        point by us): install through its main thread, which then runs."""
+        point by us): install through its main thread, which stays stopped
+        there as :attr:`held` until the caller releases it (Session.release)."""
         if spawned:
-            return cls._install(process, capacity=capacity, thread=BorrowedThread(process, process.pid, already_stopped=True))
+            held = BorrowedThread(process, process.pid, already_stopped=True, keep_stopped=True)
+            resident = cls._install(process, capacity=capacity, thread=held)
+            resident.held = held
+            return resident
         existing = cls._find(process)
         if existing is not None:
             return existing

@@ -122,6 +122,12 @@ class Session:
         for site, insn in self._current.items():
             self.resident.ledger.commit(site, insn)
 
+    def release(self) -> None:
+        """Let a program started by ``spawn(..., hold=True)`` run (a no-op otherwise)."""
+        held, self.resident.held = self.resident.held, None
+        if held is not None:
+            held.release()
+
     def close(self, *, revert: bool = True) -> None:
         """Revert (or, with ``revert=False``, :meth:`commit`) and release the
         target; the process runs on. A process that exited or exec'd has
@@ -129,6 +135,7 @@ class Session:
         if self._closed:
             return
         self._closed = True
+        self.release()
         try:
             if self.process.alive() and not self.process.replaced():
                 if revert:
@@ -146,20 +153,26 @@ class Session:
         self.close()
 
 
-def spawn(argv: Sequence[str], *, capacity: int = DEFAULT_CAPACITY, **popen: object) -> tuple[subprocess.Popen, Session]:
+def spawn(argv: Sequence[str], *, capacity: int = DEFAULT_CAPACITY, hold: bool = False,
+          **popen: object) -> tuple[subprocess.Popen, Session]:
     """Start ``argv`` with the resident part installed before its ``main`` runs.
 
-    Returns the process (a Popen: wait for it, read its pipes) and the session;
-    the program runs as soon as this returns."""
+    Returns the process (a Popen: wait for it, read its pipes) and the session.
+    The program runs as soon as this returns, or, with ``hold``, stays at its
+    entry point until ``session.release()`` (or the session's end): patches
+    applied meanwhile see every call the program makes."""
     proc = target_spawn(argv, **popen)
     try:
         process = Process(proc.pid)
         resident = Resident.attach(process, capacity=capacity, spawned=True)
+        session = Session(process, resident)
+        if not hold:
+            session.release()
     except BaseException:
         proc.kill()
         proc.wait()
         raise
-    return proc, Session(process, resident)
+    return proc, session
 
 
 def attach(pid: int, *, capacity: int = DEFAULT_CAPACITY, timeout_s: float = 10.0,

@@ -185,7 +185,8 @@ def _capture(
     pid = session.pid
     sites, skipped = _select_sites(pid, options)
     symbols = _symbols(pid, options.library)
-    abi = probe_thread_abi(session.process, exclude=frozenset({session.resident.agent_tid}))
+    abi = probe_thread_abi(session.process, exclude=frozenset({session.resident.agent_tid}),
+                           held=session.resident.held)
     tracer = Tracer(session.resident, _traced(sites), mode=mode, abi=abi, ring_records=options.ring_records)
     try:
         geometry = tracer.ring if tracer.ring is not None else tracer.counters
@@ -199,6 +200,7 @@ def _capture(
         state = _Capture(tracer, reader)
         del reader
         applied = _apply(session, tracer, exited)
+        session.release()  # a spawned program starts now, with every site in place
         if applied:
             _run(state, options, start_ns=start_ns, exited=exited, stop_event=stop_event, on_progress=on_progress)
             _revert(session, exited)
@@ -351,11 +353,12 @@ def capture_command(
     earlier; the program keeps running and is waited for (after a stop_event
     it gets STOP_GRACE_S to end, e.g. on the terminal's own SIGINT, then
     SIGTERM, then SIGKILL). ``popen`` goes to ``subprocess.Popen`` (stdin, stdout, env, cwd...).
-    Calls the program makes before the batch is applied (a few ms) are not seen.
+    The program is held at its entry point until the batch is applied, so
+    every call it makes (after its constructors) is seen.
     """
     mode = _check_options(options)
     argv = list(argv)
-    proc, session = spawn(argv, **popen)
+    proc, session = spawn(argv, hold=True, **popen)
     try:
         exited = lambda: proc.poll() is not None  # noqa: E731 - reaps the child when it ends
         try:

@@ -79,11 +79,15 @@ def find_syscall_gadget(process: Process) -> int:
 class BorrowedThread:
     """One seized thread, stopped, with its registers saved (steps 2-4)."""
 
-    def __init__(self, process: Process, tid: int | None = None, *, already_stopped: bool = False) -> None:
+    def __init__(self, process: Process, tid: int | None = None, *, already_stopped: bool = False,
+                 keep_stopped: bool = False) -> None:
         self.process = process
         self.tid = tid if tid is not None else choose_thread(process)
         # A thread we already trace and hold stopped (spawn): no seize/interrupt.
         self._already_stopped = already_stopped
+        # Leave the thread stopped at the end of the ``with`` block; release() lets it go
+        # (spawn: the program's first instruction waits until the tracing is in place).
+        self.keep_stopped = keep_stopped
         self._saved: Regs | None = None
         self._pending_signals: list[int] = []
         self._gadget: int | None = None
@@ -225,5 +229,11 @@ class BorrowedThread:
         finally:
             self.stopped_ns = time.perf_counter_ns() - self._stop_start
 
+    def release(self) -> None:
+        """Restore the registers and detach (the end of a kept-stopped borrow)."""
+        self._release(restore=True)
+
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        if self.keep_stopped and et is None:
+            return
         self._release(restore=True)

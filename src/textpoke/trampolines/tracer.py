@@ -57,6 +57,8 @@ for threads made by pthread_create); the routines read and write it.
 
 from __future__ import annotations
 
+import contextlib
+
 import enum
 import mmap
 import os
@@ -299,12 +301,13 @@ def _glibc_rseq(process: Process) -> tuple[int, int] | None:
     return None
 
 
-def probe_thread_abi(process: Process, *, exclude: frozenset[int] = frozenset()) -> ThreadAbi:
+def probe_thread_abi(process: Process, *, exclude: frozenset[int] = frozenset(),
+                     held: BorrowedThread | None = None) -> ThreadAbi:
     """Where the tid and the rseq area are, checked on one thread of ``process``.
 
     1. read glibc's ``__rseq_offset``/``__rseq_size`` from the live process;
     2. seize one thread (not one in ``exclude``, e.g. textpoke's agent) for a
-       moment: its ``fs_base`` from ptrace; the u32 at ``fs_base + 0x2d0`` must
+       moment, or use ``held``, a thread we already hold stopped (spawn): its ``fs_base`` from ptrace; the u32 at ``fs_base + 0x2d0`` must
        be its tid; ``PTRACE_GET_RSEQ_CONFIGURATION`` must show the rseq area at
        ``fs_base + __rseq_offset`` registered with glibc's signature;
     3. decide: rseq per-CPU buffers only if glibc registered rseq and the
@@ -321,8 +324,8 @@ def probe_thread_abi(process: Process, *, exclude: frozenset[int] = frozenset())
     tid_ok = False
     rseq_ok = rseq is not None
     try:
-        tid = choose_thread(process, exclude=exclude, wait_s=0.5)
-        with BorrowedThread(process, tid) as thread:
+        tid = held.tid if held is not None else choose_thread(process, exclude=exclude, wait_s=0.5)
+        with contextlib.nullcontext(held) if held is not None else BorrowedThread(process, tid) as thread:
             fs_base = thread.saved_regs.fs_base
             config = bytearray(struct.calcsize(_RSEQ_CONFIGURATION))
             try:
