@@ -16,10 +16,17 @@ def test_demo_end_to_end():
     # summary rows: calls, calls/s, share, function, ...
     counts = {m.group(2): int(m.group(1).replace(",", ""))
               for m in re.finditer(r"^\s+([\d,]+)\s+\S+\s+\S+%\s+(\w+)", out, re.M)}
-    # Every order goes through parse_order -> validate -> price -> compute_tax;
-    # within one tracing window the four counts agree up to the orders in flight
-    # at the two batch edges (3 workers).
-    assert counts["price"] > 0
-    assert abs(counts["parse_order"] - counts["compute_tax"]) <= 6
-    assert counts["apply_discount"] < counts["price"]
+    # Every order goes through parse_order -> validate -> price -> compute_tax,
+    # so the four counts agree up to the batch edges: a batch switches its
+    # sites one pwrite after another (as the kernel's does), and orders run
+    # while the first sites already trap and the last do not yet. That is a
+    # few orders per worker per edge, never a share of the calls: a lost or
+    # doubled record anywhere would break the bound.
+    assert counts["price"] > 10_000
+    edge = 64 + counts["price"] // 10_000
+    for name in ("parse_order", "validate", "process_order"):
+        assert abs(counts[name] - counts["compute_tax"]) <= edge, (name, counts)
+    # apply_discount runs for every third order id, ship for every tenth.
+    assert abs(3 * counts["apply_discount"] - counts["price"]) <= 3 * edge + counts["price"] // 1000
+    assert abs(10 * counts["ship"] - counts["price"]) <= 10 * edge + counts["price"] // 1000
     assert "checks=ok" in out

@@ -21,31 +21,38 @@ def cache_dir() -> Path:
     return Path(base) / "textpoke"
 
 
-def build_demo() -> Path:
-    """Compile demo.c (once per source version) and return the binary's path."""
-    source = resources.files(__package__).joinpath("demo.c").read_bytes()
+def build_bundled(package: str, source_name: str, *, stem: str, cflags: tuple[str, ...], what: str) -> Path:
+    """Compile a C file shipped in ``package`` (once per source and flags) into the cache.
+
+    Compiled with ``cflags`` and linked apart, non-PIE, without them: ``-pg``
+    at compile time only keeps gcrt and gmon.out out of the program."""
+    source = resources.files(package).joinpath(source_name).read_bytes()
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
-        raise TextpokeError("no C compiler found to build the demo", hint="install gcc (apt-get install gcc)")
-    key = hashlib.sha256(source + repr(FENTRY_CFLAGS).encode()).hexdigest()[:12]
+        raise TextpokeError(f"no C compiler found to build {what}", hint="install gcc (apt-get install gcc)")
+    key = hashlib.sha256(source + repr(cflags).encode()).hexdigest()[:12]
     out_dir = cache_dir()
     out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    binary = out_dir / f"demo-{key}"
+    binary = out_dir / f"{stem}-{key}"
     if binary.exists():
         return binary
-    src, obj = out_dir / f"demo-{key}.c", out_dir / f"demo-{key}.o"
+    src, obj = out_dir / f"{stem}-{key}.c", out_dir / f"{stem}-{key}.o"
     src.write_bytes(source)
+    tmp = binary.with_suffix(f".tmp{os.getpid()}")
     try:
-        # -pg at compile time only: linking without it keeps gcrt and gmon.out out.
-        subprocess.run([compiler, *FENTRY_CFLAGS, "-c", str(src), "-o", str(obj)], check=True, capture_output=True)
-        tmp = binary.with_suffix(f".tmp{os.getpid()}")
+        subprocess.run([compiler, *cflags, "-c", str(src), "-o", str(obj)], check=True, capture_output=True)
         subprocess.run([compiler, str(obj), "-o", str(tmp), "-no-pie", "-pthread"], check=True, capture_output=True)
         tmp.rename(binary)
     except subprocess.CalledProcessError as exc:
         raise TextpokeError(
-            f"building the demo failed: {exc.stderr.decode(errors='replace').strip()[:300]}",
-            hint="the demo needs gcc with -mfentry/-mnop-mcount support (x86-64)",
+            f"building {what} failed: {exc.stderr.decode(errors='replace').strip()[:300]}",
+            hint="it needs gcc for x86-64 (with -mfentry/-mnop-mcount support for fentry sites)",
         ) from exc
     finally:
         obj.unlink(missing_ok=True)
     return binary
+
+
+def build_demo() -> Path:
+    """Compile demo.c (once per source version) and return the binary's path."""
+    return build_bundled(__package__, "demo.c", stem="demo", cflags=FENTRY_CFLAGS, what="the demo")

@@ -13,22 +13,19 @@ the text is byte-identical after the revert.
 from __future__ import annotations
 
 import enum
-import hashlib
 import os
 import selectors
-import shutil
 import struct
 import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 from elftools.elf.elffile import ELFFile
 
 from .._errors import TextpokeError
-from ..demo import cache_dir
+from ..demo import build_bundled
 from ..poke.protocol import Patch, Step
 from ..poke.session import Session, attach
 from ..sites import SiteKind, find_sites
@@ -58,25 +55,7 @@ class Check:
 
 def build_target() -> Path:
     """Compile target.c once per source version into the cache directory."""
-    source = resources.files(__package__).joinpath("target.c").read_bytes()
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if compiler is None:
-        raise TextpokeError("no C compiler found to build the selftest target", hint="install gcc")
-    key = hashlib.sha256(source + repr(CFLAGS).encode()).hexdigest()[:12]
-    out_dir = cache_dir()
-    out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    binary = out_dir / f"selftest-{key}"
-    if binary.exists():
-        return binary
-    src = out_dir / f"selftest-{key}.c"
-    src.write_bytes(source)
-    tmp = binary.with_suffix(f".tmp{os.getpid()}")
-    done = subprocess.run([compiler, *CFLAGS, str(src), "-o", str(tmp), "-no-pie"], capture_output=True)
-    if done.returncode != 0:
-        raise TextpokeError(f"building the selftest target failed: {done.stderr.decode(errors='replace')[:300]}",
-                            hint="the selftest needs gcc for x86-64")
-    tmp.rename(binary)
-    return binary
+    return build_bundled(__package__, "target.c", stem="selftest", cflags=CFLAGS, what="the selftest target")
 
 
 class _Target:
