@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType, ModuleType
 from typing import TYPE_CHECKING, Any, TextIO
@@ -239,3 +239,18 @@ def capture_options(
         options["ring_records"] = ring
     return capture_module().CaptureOptions(**options)
 
+
+
+def selection_options(command: Callable[..., object]) -> Callable[..., object]:
+    """The options that choose what is traced, shared by ``record`` and ``trace``."""
+    for option in reversed((
+        click.option("-f", "--function", "functions", multiple=True, metavar="GLOB",
+                     help="Trace functions matching GLOB at their fentry sites (repeatable; default: every "
+                          "function that has one). With --calls-to: only call sites inside these functions."),
+        click.option("--calls-to", "calls_to", multiple=True, metavar="SYM",
+                     help="Trace the call sites whose callee matches SYM, e.g. malloc (a glob; repeatable). "
+                          "Works on any binary, no -pg build needed."),
+        click.option("--count", is_flag=True, help="Only count calls per function (cheapest; no callers or times)."),
+    )):
+        command = option(command)
+    return command

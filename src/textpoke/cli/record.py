@@ -10,6 +10,7 @@ import click
 
 from . import _capture
 from ._capture import (
+    selection_options,
     DEFAULT_OUTPUT,
     LiveCounter,
     RingSize,
@@ -29,13 +30,7 @@ def exit_status(returncode: int) -> int:
 
 
 @click.command("record", context_settings={"allow_interspersed_args": False})
-@click.option("-f", "--function", "functions", multiple=True, metavar="GLOB",
-              help="Trace functions matching GLOB at their fentry sites (repeatable; default: every "
-                   "function that has one). With --calls-to: only call sites inside these functions.")
-@click.option("--calls-to", "calls_to", multiple=True, metavar="SYM",
-              help="Trace the call sites whose callee matches SYM, e.g. malloc (a glob; repeatable). "
-                   "Works on any binary, no -pg build needed.")
-@click.option("--count", is_flag=True, help="Only count calls per function (cheapest; no callers or times).")
+@selection_options
 @click.option("-o", "--output", default=DEFAULT_OUTPUT, show_default=True, metavar="FILE",
               help="Where to save the recording.")
 @click.option("--ring", type=RingSize(), metavar="N",

@@ -9,6 +9,7 @@ import click
 from ..report import SortKey, SummaryReporter
 from . import _capture
 from ._capture import (
+    selection_options,
     LiveCounter,
     RingSize,
     capture_options,
@@ -25,13 +26,7 @@ from ._capture import (
 
 @click.command("trace")
 @click.option("-p", "--pid", required=True, type=int, help="The running process to trace.")
-@click.option("-f", "--function", "functions", multiple=True, metavar="GLOB",
-              help="Trace functions matching GLOB at their fentry sites (repeatable; default: every "
-                   "function that has one). With --calls-to: only call sites inside these functions.")
-@click.option("--calls-to", "calls_to", multiple=True, metavar="SYM",
-              help="Trace the call sites whose callee matches SYM, e.g. malloc (a glob; repeatable). "
-                   "Works on any binary, no -pg build needed.")
-@click.option("--count", is_flag=True, help="Only count calls per function (cheapest; no callers or times).")
+@selection_options
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True), metavar="S",
               help="Stop after S seconds (default: at Ctrl-C or SIGTERM).")
 @click.option("-o", "--output", metavar="FILE", help="Save the recording to FILE instead of printing the summary.")
