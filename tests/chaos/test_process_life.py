@@ -13,7 +13,7 @@ import pytest
 
 from textpoke import TargetExited, TargetReplaced, TargetStopped, UnsafeTarget
 from textpoke.poke import Patch, Step, attach
-from textpoke.poke.resident import CODE_SIZE, find_regions
+from textpoke.poke.resident import CODE_SIZE, find_regions, our_threads
 from textpoke.poke.safety import sigtrap_action
 from textpoke.target.process import Process
 from textpoke.x86.insn import INT3_BYTE, encode_call
@@ -369,8 +369,11 @@ def test_install_into_a_process_stopped_meanwhile(life):
     assert Process(target.pid).stopped()  # the injection did not continue the stopped process
     os.kill(target.pid, signal.SIGCONT)
     with attach(target.pid) as session:
-        assert not session.resident.created  # the half-done install is adopted, not doubled
-        assert (session.recovery.fds_closed, session.recovery.handler_reinstalled) == (1, True)
+        # The waiting install thread is adopted and the install finished, not doubled.
+        assert session.resident.created
+        assert session.resident.agent_tid in our_threads(Process(target.pid))
+        assert not [fd for fd in os.listdir(f"/proc/{target.pid}/fd")
+                    if os.readlink(f"/proc/{target.pid}/fd/{fd}").startswith("/memfd:textpoke")]
         emulated = session.stats().emulated
         _toggle(session, site, to_a, to_b, 10, hold_s=0.005)
         assert session.stats().emulated > emulated

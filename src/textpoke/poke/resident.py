@@ -32,7 +32,7 @@ from types import TracebackType
 from .._errors import BusyError, InjectionError, TargetExited, TargetReplaced, TargetStopped, UsageError
 from ..target import _ptrace
 from ..target import syscalls as sc
-from ..target.inject import BorrowedThread
+from ..target.inject import BorrowedThread, choose_thread
 from ..target.process import Process
 from ..target.maps import find_free_near
 from ..x86.asm import Asm, Imm64, R, mem
@@ -43,6 +43,7 @@ from .table import HASH_MULTIPLIER, SiteTable
 MAGIC = 0x31454B4F50545854  # b"TXTPOKE1" little-endian
 VERSION = 2  # 2: the ledger (originals, baselines) follows the table
 REGION_NAME = "textpoke"
+AGENT_NAME = "textpoke-agent"  # the agent thread's name (comm), as ps -T and top show it
 PAGE = 4096
 
 # -- control region layout (the contract between tool and resident code) ----
@@ -58,6 +59,11 @@ HDR_AGENT_TID = 0x038  # u32, written by the agent when it runs
 HDR_READY = 0x03C  # u32 futex: the tool sets it once code and header are written
 HDR_ALL_SIGNALS = 0x040  # u64: a sigset with every signal, for the agent
 HDR_FRONT = 0x048  # u32: the handler copy SIGTRAP was last given to (safety.ensure_handler)
+# Written by the install stub's new thread, before the tool writes the rest:
+HDR_INSTALL_STUB = 0x050  # u64: the stub pages, unmapped once the agent runs (0 then)
+HDR_INSTALL_FD = 0x058  # u32: the target's descriptor of this memfd, closed likewise
+HDR_INSTALL_TID = 0x05C  # u32: the new thread
+HDR_INSTALL_MAGIC = 0x060  # u64: MAGIC once the fields above are written
 MBX_REQUEST = 0x080  # u32 futex: sequence number of the last posted request
 MBX_DONE = 0x084  # u32 futex: sequence number of the last finished request
 MBX_NR = 0x088  # u64
@@ -315,9 +321,18 @@ def generate_code(*, capacity: int) -> tuple[bytes, dict[str, int]]:
     return blob, labels
 
 
-# Steps of the install stub, by the value it leaves in r14d when one fails.
-_INSTALL_STEPS = ("memfd_create", "ftruncate", "mmap", "mprotect", "block signals", "clone", "restore signals")
-_NAME_OFFSET = PAGE - 64  # the memfd's name and the all-signals mask sit at the stub page's end
+# The install stub: two pages mapped in the target by the borrowed thread, its
+# code, then a mailbox page the new thread makes writable and posts to.
+STUB_PAGES = 2
+MB_STATUS = 0x00  # u32: 0 running, 1 done, 2 failed (written last)
+MB_STEP = 0x04  # u32: the step that failed
+MB_RESULT = 0x08  # i64: its -errno
+MB_BASE = 0x10  # u64: where the region is mapped
+MB_FD = 0x18  # u64: the target's descriptor of the memfd
+_MB_DONE, _MB_FAILED = 1, 2
+_INSTALL_STEPS = ("mprotect of the mailbox", "memfd_create", "ftruncate", "mmap", "mprotect")
+_NAME_OFFSET = PAGE - 64  # the memfd's name and the thread's sit at the stub page's end
+_THREAD_NAME_OFFSET = _NAME_OFFSET + 32
 
 
 def _syscall_step(a: Asm, step: int) -> None:
@@ -329,36 +344,62 @@ def _syscall_step(a: Asm, step: int) -> None:
 
 
 @functools.cache
-def _install_stub(*, size: int, agent_offset: int) -> bytes:
-    """The code the borrowed thread runs to install us, in one round trip.
+def _install_stub(*, size: int, agent_offset: int, capacity: int) -> bytes:
+    """The code that starts the agent thread, run from the stub pages.
 
-    Position-independent (everything is rip- or r13-relative), so it is made
-    before any thread stops and copied to wherever the stub page lands.
+    Position-independent (rip-, r13- and r15-relative), so it is made before
+    any thread stops and copied to wherever the stub pages land.  Offset 0 is
+    the ``syscall`` the borrowed thread runs as clone, with every signal
+    blocked (BorrowedThread.syscall_at); the tool restores the thread at that
+    syscall's exit, so the parent path below (rt_sigreturn on the thread's
+    restore frame) only runs if the tool died meanwhile.  The child, the
+    agent-to-be, works on its own, after the borrowed thread is released:
 
-    1. memfd_create, ftruncate, mmap it RW shared (-> r13), mprotect the code page RX;
-    2. block every signal (the old mask saved in the control region's scratch),
-       so the clone inherits a fully blocked mask and no signal of the program
-       ever runs on the agent thread;
-    3. clone the agent thread; it sleeps on HDR_READY (a futex in the new
-       region) until the tool has written the code and the header, then jumps
-       to the agent loop (pairs with Resident._install's ready store + wake);
-    4. restore the borrowed thread's mask; int3 back to the tool with fd in r12,
-       the region in r13, r14d = -1; on failure r14d names the step and rax
-       holds -errno (pairs with _stub_results).
+    1. name itself AGENT_NAME (so an attach that finds it before it posts
+       knows it for ours) and make the mailbox page RW;
+    2. memfd_create, ftruncate, mmap it RW shared (-> r13), mprotect the code page RX;
+    3. record in the region's header where it came from (HDR_INSTALL_*:
+       stub, descriptor, tid, capacity; the install magic last), so that an
+       attach after a tool died here can finish the install (Resident.attach);
+    4. post base and descriptor to the mailbox, status last (pairs with _await_stub);
+    5. sleep on HDR_READY until the tool has written code and header (pairs
+       with _finish_install's ready store + wake), switch to the region's
+       stack and jump to the agent loop.
+    On a failed step: post the step and -errno (if the mailbox is writable),
+    undo the mapping and the descriptor, and exit the thread.
     """
     ctl = CODE_SIZE
-    at = 0
+    mailbox = PAGE
     a = Asm()
+    a.op("SYSCALL")  # clone: rax = 0 in the child, its tid in the parent
+    a.op("TEST_RM64_R64", R.RAX, R.RAX)
+    a.jump("JE_REL32_64", "child")
+    a.op("MOV_R32_IMM32", R.EAX, sc.SYS_rt_sigreturn)  # orphaned parent: back to its own state
+    a.op("SYSCALL")
+    a.label("child")
+    a.op("MOV_RM64_IMM32", R.R12, -1)
+    a.op("XOR_R32_RM32", R.R13D, R.R13D)
+    a.op("LEA_R64_M", R.R15, mem(R.RIP, 0))
     # Step 1.
-    a.op("MOV_R32_IMM32", R.EAX, sc.SYS_memfd_create)
-    a.op("LEA_R64_M", R.RDI, mem(R.RIP, at + _NAME_OFFSET))
-    a.op("MOV_R32_IMM32", R.ESI, sc.MFD_CLOEXEC)
+    a.op("MOV_R32_IMM32", R.EAX, sc.SYS_prctl)
+    a.op("MOV_R32_IMM32", R.EDI, sc.PR_SET_NAME)
+    a.op("LEA_R64_M", R.RSI, mem(R.R15, _THREAD_NAME_OFFSET))
+    a.op("SYSCALL")  # a name is a courtesy: its failure is not one
+    a.op("MOV_R32_IMM32", R.EAX, sc.SYS_mprotect)
+    a.op("LEA_R64_M", R.RDI, mem(R.R15, mailbox))
+    a.op("MOV_R32_IMM32", R.ESI, PAGE)
+    a.op("MOV_R32_IMM32", R.EDX, sc.PROT_READ | sc.PROT_WRITE)
     _syscall_step(a, 0)
+    # Step 2.
+    a.op("MOV_R32_IMM32", R.EAX, sc.SYS_memfd_create)
+    a.op("LEA_R64_M", R.RDI, mem(R.R15, _NAME_OFFSET))
+    a.op("MOV_R32_IMM32", R.ESI, sc.MFD_CLOEXEC)
+    _syscall_step(a, 1)
     a.op("MOV_R64_RM64", R.R12, R.RAX)
     a.op("MOV_R32_IMM32", R.EAX, sc.SYS_ftruncate)
     a.op("MOV_R64_RM64", R.RDI, R.R12)
     a.op("MOV_R64_IMM64", R.RSI, Imm64(size))
-    _syscall_step(a, 1)
+    _syscall_step(a, 2)
     a.op("MOV_R32_IMM32", R.EAX, sc.SYS_mmap)
     a.op("XOR_R32_RM32", R.EDI, R.EDI)
     a.op("MOV_R64_IMM64", R.RSI, Imm64(size))
@@ -366,47 +407,28 @@ def _install_stub(*, size: int, agent_offset: int) -> bytes:
     a.op("MOV_R32_IMM32", R.R10D, sc.MAP_SHARED)
     a.op("MOV_R64_RM64", R.R8, R.R12)
     a.op("XOR_R32_RM32", R.R9D, R.R9D)
-    _syscall_step(a, 2)
+    _syscall_step(a, 3)
     a.op("MOV_R64_RM64", R.R13, R.RAX)
     a.op("MOV_R32_IMM32", R.EAX, sc.SYS_mprotect)
     a.op("MOV_R64_RM64", R.RDI, R.R13)
     a.op("MOV_R32_IMM32", R.ESI, CODE_SIZE)
     a.op("MOV_R32_IMM32", R.EDX, sc.PROT_READ | sc.PROT_EXEC)
-    _syscall_step(a, 3)
-    # Step 2.
-    a.op("MOV_R32_IMM32", R.EAX, sc.SYS_rt_sigprocmask)
-    a.op("MOV_R32_IMM32", R.EDI, sc.SIG_SETMASK)
-    a.op("LEA_R64_M", R.RSI, mem(R.RIP, at + _NAME_OFFSET + 32))
-    a.op("LEA_R64_M", R.RDX, mem(R.R13, ctl + SCRATCH))
-    a.op("MOV_R32_IMM32", R.R10D, _SIGSET_SIZE)
     _syscall_step(a, 4)
     # Step 3.
-    a.op("MOV_R32_IMM32", R.EAX, sc.SYS_clone)
-    a.op("MOV_R32_IMM32", R.EDI, sc.CLONE_THREAD_FLAGS)
-    a.op("LEA_R64_M", R.RSI, mem(R.R13, size - 64))
-    a.op("XOR_R32_RM32", R.EDX, R.EDX)
-    a.op("XOR_R32_RM32", R.R10D, R.R10D)
-    a.op("XOR_R32_RM32", R.R8D, R.R8D)
+    a.op("MOV_RM64_R64", mem(R.R13, ctl + HDR_INSTALL_STUB), R.R15)
+    a.op("MOV_RM32_R32", mem(R.R13, ctl + HDR_INSTALL_FD), R.R12D)
+    a.op("MOV_R32_IMM32", R.EAX, sc.SYS_gettid)
     a.op("SYSCALL")
-    a.op("TEST_RM64_R64", R.RAX, R.RAX)
-    a.jump("JE_REL32_64", "child")
-    a.op("MOV_R64_RM64", R.R15, R.RAX)  # tid, or -errno
+    a.op("MOV_RM32_R32", mem(R.R13, ctl + HDR_INSTALL_TID), R.EAX)
+    a.op("MOV_R64_IMM64", R.RAX, Imm64(capacity))
+    a.op("MOV_RM64_R64", mem(R.R13, ctl + HDR_TABLE_CAPACITY), R.RAX)
+    a.op("MOV_R64_IMM64", R.RAX, Imm64(MAGIC))
+    a.op("MOV_RM64_R64", mem(R.R13, ctl + HDR_INSTALL_MAGIC), R.RAX)
     # Step 4.
-    a.op("MOV_R32_IMM32", R.EAX, sc.SYS_rt_sigprocmask)
-    a.op("MOV_R32_IMM32", R.EDI, sc.SIG_SETMASK)
-    a.op("LEA_R64_M", R.RSI, mem(R.R13, ctl + SCRATCH))
-    a.op("XOR_R32_RM32", R.EDX, R.EDX)
-    a.op("MOV_R32_IMM32", R.R10D, _SIGSET_SIZE)
-    _syscall_step(a, 6)
-    a.op("MOV_R64_RM64", R.RAX, R.R15)
-    a.op("MOV_R32_IMM32", R.R14D, 5)
-    a.op("CMP_RM64_IMM32", R.RAX, -4095)
-    a.jump("JAE_REL32_64", "fail")
-    a.op("MOV_R32_IMM32", R.R14D, -1)
-    a.label("fail")
-    a.op("INT3")
-    # The agent thread, until the tool says the region is ready.
-    a.label("child")
+    a.op("MOV_RM64_R64", mem(R.R15, mailbox + MB_BASE), R.R13)
+    a.op("MOV_RM64_R64", mem(R.R15, mailbox + MB_FD), R.R12)
+    a.op("MOV_RM32_IMM32", mem(R.R15, mailbox + MB_STATUS), _MB_DONE)
+    # Step 5.
     a.op("LEA_R64_M", R.RDI, mem(R.R13, ctl + HDR_READY))
     a.label("wait")
     a.op("CMP_RM32_IMM8", mem(R.RDI), 0)
@@ -418,23 +440,56 @@ def _install_stub(*, size: int, agent_offset: int) -> bytes:
     a.op("SYSCALL")
     a.jump("JMP_REL32_64", "wait")
     a.label("go")
+    a.op("LEA_R64_M", R.RSP, mem(R.R13, size - 64))
     a.op("LEA_R64_M", R.R11, mem(R.R13, agent_offset))
     a.op("JMP_RM64", R.R11)
-    code, _ = a.assemble(at)
-    name = REGION_NAME.encode() + b"\0"
-    tail = name + bytes(32 - len(name)) + struct.pack("<Q", 0xFFFF_FFFF_FFFF_FFFF)
-    return code + bytes(_NAME_OFFSET - len(code)) + tail
+    # A failed step: r14d names it, rax holds -errno.
+    a.label("fail")
+    a.op("TEST_RM32_R32", R.R14D, R.R14D)
+    a.jump("JE_REL32_64", "undo")  # step 0: the mailbox is not writable
+    a.op("MOV_RM32_R32", mem(R.R15, mailbox + MB_STEP), R.R14D)
+    a.op("MOV_RM64_R64", mem(R.R15, mailbox + MB_RESULT), R.RAX)
+    a.op("MOV_RM32_IMM32", mem(R.R15, mailbox + MB_STATUS), _MB_FAILED)
+    a.label("undo")
+    a.op("TEST_RM64_R64", R.R13, R.R13)
+    a.jump("JE_REL32_64", "unmapped")
+    a.op("MOV_R32_IMM32", R.EAX, sc.SYS_munmap)
+    a.op("MOV_R64_RM64", R.RDI, R.R13)
+    a.op("MOV_R64_IMM64", R.RSI, Imm64(size))
+    a.op("SYSCALL")
+    a.label("unmapped")
+    a.op("TEST_RM64_R64", R.R12, R.R12)
+    a.jump("JS_REL32_64", "closed")
+    a.op("MOV_R32_IMM32", R.EAX, sc.SYS_close)
+    a.op("MOV_R64_RM64", R.RDI, R.R12)
+    a.op("SYSCALL")
+    a.label("closed")
+    a.op("MOV_R32_IMM32", R.EAX, sc.SYS_exit)  # this thread only
+    a.op("XOR_R32_RM32", R.EDI, R.EDI)
+    a.op("SYSCALL")
+    code, _ = a.assemble(0)
+    names = REGION_NAME.encode().ljust(32, b"\0") + AGENT_NAME.encode().ljust(16, b"\0")
+    return code + bytes(_NAME_OFFSET - len(code)) + names
 
 
-def _stub_results(pid: int, regs: _ptrace.Regs) -> tuple[int, int]:
-    """(fd, region) left by the install stub; InjectionError naming a failed step."""
-    step = regs.r14 & 0xFFFF_FFFF  # r14d: -1 (success) reads 0xffffffff
-    if step != 0xFFFF_FFFF:
-        errno_value = 2**64 - regs.rax if regs.rax >= 2**63 else 0
-        raise InjectionError(
-            f"installing textpoke in process {pid} failed at {_INSTALL_STEPS[step]}: {os.strerror(errno_value)}"
-        )
-    return regs.r12, regs.r13
+def _await_stub(process: Process, stub: int, timeout_s: float = 5.0) -> tuple[int, int]:
+    """(descriptor, base) the new thread posts to the stub's mailbox; InjectionError
+    naming the step if it failed (pairs with _install_stub's step 4)."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.0
+    while True:
+        status, step, result, base, fd = struct.unpack("<IIqQQ", process.read(stub + PAGE, 32))
+        if status == _MB_DONE:
+            return fd, base
+        if status == _MB_FAILED:
+            raise InjectionError(f"installing textpoke in process {process.pid} failed at "
+                                 f"{_INSTALL_STEPS[step]}: {os.strerror(-result)}")
+        if time.monotonic() > deadline:
+            if process.stopped():
+                raise TargetStopped(f"process {process.pid} was stopped while textpoke started its agent")
+            raise InjectionError(f"textpoke's new thread did not start in process {process.pid}")
+        time.sleep(delay)
+        delay = min(delay + 0.0001, 0.002)
 
 
 def region_size(capacity: int) -> int:
@@ -548,6 +603,73 @@ def find_regions(process: Process) -> list[RegionInfo]:
     return sorted(regions, key=lambda r: r.base)
 
 
+@dataclass(frozen=True)
+class UnfinishedInstall:
+    """A region whose agent thread waits to be released by a tool that died."""
+
+    base: int
+    path: str
+    fd: int
+    stub: int
+    capacity: int
+    tid: int
+
+
+def our_threads(process: Process) -> frozenset[int]:
+    """Threads named AGENT_NAME: agents, and install threads not yet released."""
+    found = set()
+    for tid in process.threads():
+        try:
+            with open(f"/proc/{process.pid}/task/{tid}/comm") as f:
+                if f.read().strip() == AGENT_NAME:
+                    found.add(tid)
+        except OSError:
+            continue
+    return frozenset(found)
+
+
+def find_unfinished(process: Process) -> list[UnfinishedInstall]:
+    """Regions the install stub created in ``process`` (install magic set) whose
+    agent never started (a tool died before releasing it): their new thread
+    still waits in the stub."""
+    found = []
+    for m in process.maps():
+        if not (m.path.startswith(f"/memfd:{REGION_NAME} ") and m.offset == 0):
+            continue
+        path = f"/proc/{process.pid}/map_files/{m.start:x}-{m.end:x}"
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                header = os.pread(fd, HDR_INSTALL_MAGIC + 8, CODE_SIZE)
+            finally:
+                os.close(fd)
+        except OSError:
+            continue
+        # The tool may have died writing the header (magic set, agent not yet
+        # started): finishing again writes the same bytes.
+        if len(header) < HDR_INSTALL_MAGIC + 8 or _u64(header, HDR_INSTALL_MAGIC) != MAGIC:
+            continue
+        if _u32(header, HDR_AGENT_TID):
+            continue
+        stub, tid = _u64(header, HDR_INSTALL_STUB), _u32(header, HDR_INSTALL_TID)
+        if thread_pc(process.pid, tid) not in range(stub, stub + PAGE):
+            continue  # not this process's thread (inherited through fork), or gone
+        found.append(UnfinishedInstall(base=m.start, path=path, fd=_u32(header, HDR_INSTALL_FD), stub=stub,
+                                       capacity=_u64(header, HDR_TABLE_CAPACITY), tid=tid))
+    return found
+
+
+def _wait_unfinished(process: Process, timeout_s: float = 2.0) -> list[UnfinishedInstall]:
+    """find_unfinished, waiting for an install thread that has not posted yet
+    (one a stopped process held back, say) rather than installing a second part."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = find_unfinished(process)
+        if found or not our_threads(process) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.002)
+
+
 def _read_header(path: str) -> bytes | None:
     """The header of the region behind ``path``; None if it is gone or not ours."""
     try:
@@ -620,6 +742,12 @@ class Resident:
         existing = cls._find(process)
         if existing is not None:
             return existing
+        unfinished = _wait_unfinished(process)
+        if unfinished:
+            # A tool died between starting the agent thread and releasing it.
+            u = unfinished[0]
+            return cls._finish_install(process, capacity=u.capacity, fd=u.fd, base=u.base, stub=u.stub,
+                                       path=u.path)
         return cls._install(process, capacity=capacity)
 
     @classmethod
@@ -647,42 +775,68 @@ class Resident:
                 hint="use the textpoke version that attached first, or restart the process",
             )
         resident = cls(process, base=base, local=local, lock_fd=lock_fd, created=False)
-        resident._wait_agent()  # an agent found by where it blocks may not have published its tid yet
-        resident._check_agent()
+        try:
+            resident._wait_agent()  # an agent found by where it blocks may not have published its tid yet
+            resident._check_agent()
+            resident._drop_stub()  # an install cut short after releasing the agent
+        except BaseException:
+            resident.close()
+            raise
         return resident
 
     @classmethod
     def _install(cls, process: Process, *, capacity: int, thread: BorrowedThread | None = None) -> Resident:
-        """Install the resident part. Only step 1 stops a thread (two round trips):
+        """Install the resident part. Only step 1 stops a thread:
 
-        1. borrow one thread; map a stub page and run _install_stub in it
-           (memfd, mapping, agent thread started but held); detach, registers
-           restored;
-        2. map the memfd in the tool, write code and header, release the agent
-           (HDR_READY);
-        3. wait for the agent;
-        4. through the agent, stopping nothing: close the target's descriptor,
-           unmap the scratch page, register for membarrier SYNC_CORE, and
-           install the SIGTRAP handler (the old disposition saved in the
-           control region, for the handler's not-ours path).
+        1. borrow one thread (the code is generated and the gadgets found before
+           it stops); in it, through its restore frame (target/inject.py):
+           mmap the two stub pages (RX), write _install_stub there, and run
+           its clone with every signal blocked; restore the thread and detach;
+        2. meanwhile the new thread, signals blocked from birth, creates and
+           maps the memfd and posts to the stub's mailbox (_await_stub);
+        3. :meth:`_finish_install`.
+        A tool killed in step 1 leaves the borrowed thread to rt_sigreturn to
+        its own state; one killed after it leaves the new thread waiting, and
+        the next attach finishes the install (find_unfinished).
         """
         blob, offsets = generate_code(capacity=capacity)
         size = region_size(capacity)
-        stub = _install_stub(size=size, agent_offset=offsets["agent"])
-        thread = thread or BorrowedThread(process)
-        thread.prepare()  # find the syscall gadget before anything stops
+        stub = _install_stub(size=size, agent_offset=offsets["agent"], capacity=capacity)
+        thread = thread or BorrowedThread(process, choose_thread(process, exclude=our_threads(process)))
+        thread.prepare()  # find the gadgets before anything stops
         with thread:
-            # Step 1: an injected mmap for the stub page (RX; written through
-            # /proc/PID/mem), then the stub: two round trips in all.
-            scratch = thread.syscall(sc.SYS_mmap, 0, PAGE, sc.PROT_READ | sc.PROT_EXEC,
-                                     sc.MAP_PRIVATE | sc.MAP_ANONYMOUS, -1, 0)
-            process.write(scratch, stub)
-            fd, base = _stub_results(process.pid, thread.run_stub(scratch))
-        # Step 2, with no thread stopped: the agent waits on HDR_READY meanwhile.
-        path = f"/proc/{process.pid}/fd/{fd}"
+            pages = thread.syscall(sc.SYS_mmap, 0, STUB_PAGES * PAGE, sc.PROT_READ | sc.PROT_EXEC,
+                                   sc.MAP_PRIVATE | sc.MAP_ANONYMOUS, -1, 0)
+            process.write(pages, stub)
+            thread.syscall_at(pages, sc.SYS_clone, sc.CLONE_THREAD_FLAGS, 0, 0, 0, 0, block_signals=True)
+        fd, base = _await_stub(process, pages)
+        resident = cls._finish_install(process, capacity=capacity, fd=fd, base=base, stub=pages,
+                                       path=f"/proc/{process.pid}/fd/{fd}")
+        resident.attach_stop_ns = thread.stopped_ns
+        return resident
+
+    @classmethod
+    def _finish_install(cls, process: Process, *, capacity: int, fd: int, base: int, stub: int,
+                        path: str) -> Resident:
+        """Steps after the agent thread exists, none of which stops anything:
+
+        1. take the session lock and map the memfd in the tool; write code and
+           header; release the agent (HDR_READY, last);
+        2. wait for the agent;
+        3. through the agent: close the target's descriptor, unmap the stub
+           pages, register for membarrier SYNC_CORE, and install the SIGTRAP
+           handler (the old disposition saved in the control region, for the
+           handler's not-ours path).
+        """
+        blob, _ = generate_code(capacity=capacity)
+        size = region_size(capacity)
         lock_fd = _take_lock(process.pid, path)
-        local_fd, local = _open_shared(process.pid, path, size)
-        os.close(local_fd)
+        try:
+            local_fd, local = _open_shared(process.pid, path, size)
+            os.close(local_fd)
+        except BaseException:
+            os.close(lock_fd)
+            raise
         local[: len(blob)] = blob
         ctl = CODE_SIZE
         struct.pack_into("<QII", local, ctl + HDR_MAGIC, MAGIC, VERSION, TABLE_OFFSET)
@@ -692,18 +846,27 @@ class Resident:
         struct.pack_into("<I", local, ctl + HDR_READY, 1)  # last: releases the agent
         _ptrace.futex_wake(_ptrace.buffer_address(local, ctl + HDR_READY))
         resident = cls(process, base=base, local=local, lock_fd=lock_fd, created=True)
-        resident.attach_stop_ns = thread.stopped_ns
-        # Steps 3 and 4.
-        resident._wait_agent()
-        resident.syscall(sc.SYS_close, fd)
-        resident.syscall(sc.SYS_munmap, scratch, PAGE)
-        resident.syscall(sc.SYS_membarrier, sc.MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0)
-        action = struct.pack("<QQQQ", resident.labels["handler"],
-                             sc.SA_SIGINFO | sc.SA_RESTORER | sc.SA_RESTART, resident.labels["restorer"], 0)
-        resident.ctl[SCRATCH : SCRATCH + len(action)] = action
-        resident.syscall(sc.SYS_rt_sigaction, sc.SIGTRAP, resident.ctl_address + SCRATCH,
-                         resident.ctl_address + OLD_ACTION, _SIGSET_SIZE)
+        try:
+            resident._wait_agent()
+            resident.syscall(sc.SYS_close, fd)
+            resident._drop_stub()
+            resident.syscall(sc.SYS_membarrier, sc.MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0)
+            action = struct.pack("<QQQQ", resident.labels["handler"],
+                                 sc.SA_SIGINFO | sc.SA_RESTORER | sc.SA_RESTART, resident.labels["restorer"], 0)
+            resident.ctl[SCRATCH : SCRATCH + len(action)] = action
+            resident.syscall(sc.SYS_rt_sigaction, sc.SIGTRAP, resident.ctl_address + SCRATCH,
+                             resident.ctl_address + OLD_ACTION, _SIGSET_SIZE)
+        except BaseException:
+            resident.close()
+            raise
         return resident
+
+    def _drop_stub(self) -> None:
+        """Unmap the install stub's pages once the agent has left them."""
+        stub = _u64(self.ctl, HDR_INSTALL_STUB)
+        if stub:
+            self.syscall(sc.SYS_munmap, stub, STUB_PAGES * PAGE)
+            struct.pack_into("<Q", self.ctl, HDR_INSTALL_STUB, 0)
 
     # -- the agent ------------------------------------------------------------------
     def _wait_agent(self, timeout_s: float = 5.0) -> None:

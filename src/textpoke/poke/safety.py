@@ -37,7 +37,7 @@ from ..target.process import Process
 from ..target.security import OUR_PREFIX
 from ..x86.insn import SITE_SIZE, InsnKind, decode_site
 from .protocol import Patch
-from .resident import HANDLER_COPIES, HDR_FRONT, OLD_ACTIONS, SCRATCH, Resident, handler_label, thread_pc
+from .resident import AGENT_NAME, HANDLER_COPIES, HDR_FRONT, OLD_ACTIONS, SCRATCH, Resident, handler_label, thread_pc
 
 #: Where ensure_handler has the agent read and write sigactions (in SCRATCH,
 #: past what map_shared and the installer use).
@@ -93,6 +93,13 @@ def settle_traps(process: Process, *, exclude: frozenset[int] = frozenset(), tim
     return not pending
 
 
+def _thread_name(pid: int, tid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 def sigtrap_blockers(process: Process, *, exclude: frozenset[int] = frozenset(), patience_s: float = 1.0,
                      ours: Sequence[range] = ()) -> list[int]:
     """Threads of ``process`` that keep SIGTRAP blocked.
@@ -105,11 +112,13 @@ def sigtrap_blockers(process: Process, *, exclude: frozenset[int] = frozenset(),
     ``patience_s``, one per millisecond, finds it blocked. A thread that is not
     blocked costs one read, and so does one stopped or blocked in a syscall at
     an address in ``ours`` (our code pages: our handler, blocked only until it
-    returns, or an agent, which blocks every signal and never runs a site)."""
+    returns, or an agent, which blocks every signal and never runs a site), or
+    one named as our agents are (an install thread names itself first)."""
     pid = process.pid
 
     def suspect(tid: int) -> bool:
-        return _blocks_sigtrap(pid, tid) and not any(thread_pc(pid, tid) in code for code in ours)
+        return (_blocks_sigtrap(pid, tid) and not any(thread_pc(pid, tid) in code for code in ours)
+                and _thread_name(pid, tid) != AGENT_NAME)
 
     suspects = {tid for tid in process.threads() if tid not in exclude and suspect(tid)}
     deadline = time.monotonic() + patience_s
@@ -126,10 +135,7 @@ def refuse_sigtrap_blockers(process: Process, *, exclude: frozenset[int] = froze
     if not blockers:
         return
     tid = blockers[0]
-    try:
-        name = Path(f"/proc/{process.pid}/task/{tid}/comm").read_text().strip()
-    except OSError:
-        name = "?"
+    name = _thread_name(process.pid, tid) or "?"
     others = f" (and {len(blockers) - 1} more)" if len(blockers) > 1 else ""
     raise UnsafeTarget(
         f"thread {tid} ({name}){others} of process {process.pid} blocks SIGTRAP: an int3 it ran into "

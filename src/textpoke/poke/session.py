@@ -21,7 +21,7 @@ from ..target.spawn import spawn as target_spawn
 from ..x86.insn import SITE_SIZE
 from .protocol import BatchResult, Patch, Step, apply_batch
 from .recover import Recovery, Restore, prepare
-from .resident import CODE_SIZE, DEFAULT_CAPACITY, Resident, ResidentStats, find_regions
+from .resident import CODE_SIZE, DEFAULT_CAPACITY, Resident, ResidentStats, find_regions, our_threads
 from .safety import MapsCache, attach_guard, check_addresses, ensure_handler, refuse_sigtrap_blockers, settle_traps
 
 
@@ -204,7 +204,8 @@ def attach(pid: int, *, capacity: int = DEFAULT_CAPACITY, timeout_s: float = 10.
             raise TargetStopped(f"process {pid} is stopped (SIGSTOP or a debugger); textpoke needs it running")
         if refuse_unsafe:
             regions = find_regions(process)
-            refuse_sigtrap_blockers(process, exclude=frozenset(r.agent_tid for r in regions if r.owned),
+            refuse_sigtrap_blockers(process, exclude=frozenset(r.agent_tid for r in regions if r.owned)
+                                    | our_threads(process),
                                     ours=[range(r.base, r.base + CODE_SIZE) for r in regions])
         with attach_guard(pid):
             resident = Resident.attach(process, capacity=capacity)

@@ -19,19 +19,28 @@ PTRACE_TRACEME = 0
 PTRACE_PEEKUSER = 3
 PTRACE_CONT = 7
 PTRACE_SINGLESTEP = 9
+PTRACE_SYSCALL = 24
 PTRACE_GETREGS = 12
 PTRACE_SETREGS = 13
 PTRACE_DETACH = 17
 PTRACE_SETOPTIONS = 0x4200
 PTRACE_GETSIGINFO = 0x4202
+PTRACE_GETREGSET = 0x4204
+PTRACE_GETSIGMASK = 0x420A
+PTRACE_SETSIGMASK = 0x420B
+PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
+NT_X86_XSTATE = 0x202
 PTRACE_SEIZE = 0x4206
 PTRACE_INTERRUPT = 0x4207
 PTRACE_EVENT_STOP = 128
+PTRACE_O_TRACESYSGOOD = 0x1
 PTRACE_O_EXITKILL = 0x100000
+SYSCALL_STOP = 0x80 | 5  # WSTOPSIG of a syscall-stop with TRACESYSGOOD (SIGTRAP | 0x80)
 
 WALL = 0x40000000  # __WALL: wait for clone children (threads) too
 
 SYS_futex = 202
+SYS_tgkill = 234
 FUTEX_WAIT = 0
 FUTEX_WAKE = 1
 
@@ -111,6 +120,22 @@ def singlestep(tid: int, sig: int = 0) -> None:
     ptrace(PTRACE_SINGLESTEP, tid, 0, sig)
 
 
+def syscall(tid: int, sig: int = 0) -> None:
+    """Resume until the next syscall entry or exit (PTRACE_SYSCALL)."""
+    ptrace(PTRACE_SYSCALL, tid, 0, sig)
+
+
+def set_options(tid: int, options: int) -> None:
+    ptrace(PTRACE_SETOPTIONS, tid, 0, options)
+
+
+def tgkill(pid: int, tid: int, sig: int) -> None:
+    """Send ``sig`` to one thread of another process."""
+    ctypes.set_errno(0)
+    _check(_libc.syscall(ctypes.c_long(SYS_tgkill), ctypes.c_int(pid), ctypes.c_int(tid), ctypes.c_int(sig)),
+           "tgkill")
+
+
 def detach(tid: int, sig: int = 0) -> None:
     ptrace(PTRACE_DETACH, tid, 0, sig)
 
@@ -128,6 +153,43 @@ def get_regs(tid: int) -> Regs:
 def set_regs(tid: int, regs: Regs) -> None:
     raw = _UserRegs(*(getattr(regs, name) & 0xFFFF_FFFF_FFFF_FFFF for name in _REG_NAMES))
     ptrace(PTRACE_SETREGS, tid, 0, ctypes.addressof(raw))
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+def get_xstate(tid: int) -> bytes:
+    """The thread's XSAVE area (standard format, the kernel's user size): x87,
+    SSE, AVX... state, as a signal frame would carry it."""
+    buf = ctypes.create_string_buffer(1 << 16)
+    iov = _Iovec(ctypes.addressof(buf), len(buf))
+    ptrace(PTRACE_GETREGSET, tid, NT_X86_XSTATE, ctypes.addressof(iov))
+    return buf.raw[: iov.len]
+
+
+def get_sigmask(tid: int) -> int:
+    """The thread's blocked-signal mask (bit ``sig - 1`` per signal)."""
+    mask = ctypes.c_uint64()
+    ptrace(PTRACE_GETSIGMASK, tid, 8, ctypes.addressof(mask))
+    return mask.value
+
+
+def set_sigmask(tid: int, mask: int) -> None:
+    raw = ctypes.c_uint64(mask & 0xFFFF_FFFF_FFFF_FFFF)
+    ptrace(PTRACE_SETSIGMASK, tid, 8, ctypes.addressof(raw))
+
+
+class _RseqConfiguration(ctypes.Structure):
+    _fields_ = [("pointer", ctypes.c_uint64), ("size", ctypes.c_uint32), ("signature", ctypes.c_uint32),
+                ("flags", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+def rseq_configuration(tid: int) -> tuple[int, int, int]:
+    """(rseq area address, its size, its signature) the thread registered; address 0: none."""
+    raw = _RseqConfiguration()
+    ptrace(PTRACE_GET_RSEQ_CONFIGURATION, tid, ctypes.sizeof(raw), ctypes.addressof(raw))
+    return raw.pointer, raw.size, raw.signature
 
 
 def wait_thread(tid: int, *, nohang: bool = False) -> tuple[int, int]:

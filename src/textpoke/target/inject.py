@@ -6,31 +6,75 @@ This is the only time textpoke stops anything: one thread, briefly.  The steps:
    in a syscall that restarts transparently (read, nanosleep, futex, ...), else
    one running user code; never one in epoll_wait & co, which would see EINTR;
 2. ``PTRACE_SEIZE`` + ``PTRACE_INTERRUPT`` it (no other thread is touched:
-   ptrace attaches per thread) and save its registers;
-3. for each syscall: point ``rip`` at a ``syscall`` instruction of the target,
-   set ``orig_rax = -1`` (so the kernel's restart logic leaves *our* syscall
-   alone), single-step, read ``rax``;
-4. restore every register exactly, so an interrupted syscall restarts as it
-   would have, and detach, delivering any signal that arrived meanwhile.
+   ptrace attaches per thread) and save its registers; a thread stopped
+   inside an rseq critical section is resumed at its abort handler, as the
+   kernel does after any preemption;
+3. before the first register change, write a restore frame on its stack
+   (sigframe.py): from then on, whatever instruction the thread is left at,
+   the code it runs on ends in rt_sigreturn to its own state, so a tool killed
+   at any instant leaves it running as if never stopped;
+4. for each syscall: point ``rip`` at a ``syscall; ret`` of the target with
+   the frame under ``rsp``, set ``orig_rax = -1`` (so the kernel's restart
+   logic leaves *our* syscall alone), run to its syscall-exit stop
+   (PTRACE_SYSCALL: the kernel drops syscall tracing when the tracer dies,
+   unlike single-stepping, whose trap would kill an untraced thread), read ``rax``;
+5. restore the mask and every register (the kernel's restart fix-up applied,
+   so an interrupted syscall restarts as it would have), re-send the
+   program's signals that arrived meanwhile, and detach.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import signal
+import struct
 import time
+from dataclasses import dataclass, replace
 from types import TracebackType
 
 from .._errors import InjectionError, PermissionDenied, TargetError, TargetExited
-from . import _ptrace
+from ..x86.asm import Asm, R
+from . import _ptrace, sigframe
 from ._ptrace import Regs
 from .process import Process, why_not_traceable
-from .syscalls import TRANSPARENT_RESTART
+from .syscalls import SYS_rt_sigreturn, TRANSPARENT_RESTART
 
-SYSCALL_INSN = b"\x0f\x05"
 _ERRNO_MAX = 4095
 _U64 = 0xFFFF_FFFF_FFFF_FFFF
+#: Every signal blocked (the kernel keeps SIGKILL and SIGSTOP deliverable).
+ALL_SIGNALS = _U64
+_RSEQ_CS = 8  # struct rseq: u32 cpu_id_start, u32 cpu_id, u64 rseq_cs
+_RSEQ_CS_FORMAT = "<IIQQQ"  # struct rseq_cs: version, flags, start_ip, post_commit_offset, abort_ip
+_MAX_STOPS = 100  # stops tolerated (program signals, group stops) before one syscall completes
+
+
+def _assemble(*ops: tuple[object, ...]) -> bytes:
+    a = Asm()
+    for op in ops:
+        a.op(*op)
+    return a.assemble(0)[0]
+
+
+@functools.cache
+def _syscall_ret() -> bytes:
+    return _assemble(("SYSCALL",), ("RETNQ",))
+
+
+@functools.cache
+def _sigreturn_patterns() -> tuple[bytes, ...]:
+    """``mov rax, 15; syscall`` (glibc's and musl's __restore_rt) and its short form."""
+    return (_assemble(("MOV_RM64_IMM32", R.RAX, SYS_rt_sigreturn), ("SYSCALL",)),
+            _assemble(("MOV_R32_IMM32", R.EAX, SYS_rt_sigreturn), ("SYSCALL",)))
+
+
+@dataclass(frozen=True)
+class Gadgets:
+    """Code of the target a borrowed thread runs on (step 4)."""
+
+    syscall_ret: int  # ``syscall; ret``
+    sigreturn: int  # ``mov rax, 15; syscall``
 
 
 def choose_thread(process: Process, *, exclude: frozenset[int] = frozenset(), wait_s: float = 2.0) -> int:
@@ -59,25 +103,53 @@ def choose_thread(process: Process, *, exclude: frozenset[int] = frozenset(), wa
         time.sleep(0.005)
 
 
-def find_syscall_gadget(process: Process) -> int:
-    """Address of a ``syscall`` instruction in the target's executable mappings."""
+def find_gadgets(process: Process) -> Gadgets:
+    """Find a ``syscall; ret`` and an rt_sigreturn in the target's executable
+    mappings (libc has both: its syscall wrappers and __restore_rt)."""
     maps = [m for m in process.maps() if m.executable and m.path != "[vsyscall]"]
-    # The vdso and libc are tiny to scan and always have one.
-    maps.sort(key=lambda m: (m.path != "[vdso]", "libc" not in m.path, m.start))
+    maps.sort(key=lambda m: ("libc" not in m.path, m.path != "[vdso]", m.start))
+    syscall_ret = sigreturn = None
     for mapping in maps:
         size = min(mapping.end - mapping.start, 4 << 20)
         try:
             code = process.read(mapping.start, size)
         except TargetError:
             continue
-        offset = code.find(SYSCALL_INSN)
-        if offset >= 0:
-            return mapping.start + offset
-    raise InjectionError(f"no syscall instruction found in process {process.pid}")
+        if syscall_ret is None and (offset := code.find(_syscall_ret())) >= 0:
+            syscall_ret = mapping.start + offset
+        for pattern in _sigreturn_patterns():
+            if sigreturn is None and (offset := code.find(pattern)) >= 0:
+                sigreturn = mapping.start + offset
+        if syscall_ret is not None and sigreturn is not None:
+            return Gadgets(syscall_ret=syscall_ret, sigreturn=sigreturn)
+    raise InjectionError(
+        f"process {process.pid} has no 'syscall; ret' and rt_sigreturn code to return through "
+        "(glibc and musl have both), so a thread of it cannot be borrowed safely",
+        hint="textpoke attaches to programs linked with a C library",
+    )
+
+
+def rseq_resume_point(process: Process, tid: int, regs: Regs) -> Regs:
+    """``regs`` with rip at the abort handler if the thread was stopped inside an
+    rseq critical section (the kernel aborts a preempted one the same way; our
+    code running in between would otherwise make it forget to)."""
+    try:
+        area, _, _ = _ptrace.rseq_configuration(tid)
+        if not area:
+            return regs
+        (cs,) = struct.unpack("<Q", process.read(area + _RSEQ_CS, 8))
+        if not cs:
+            return regs
+        _, _, start, post_commit, abort = struct.unpack(_RSEQ_CS_FORMAT, process.read(cs, 32))
+    except (OSError, TargetError):
+        return regs  # no rseq request (old kernel) or an unreadable descriptor: nothing to abort
+    if start <= regs.rip < start + post_commit:
+        return replace(regs, rip=abort)
+    return regs
 
 
 class BorrowedThread:
-    """One seized thread, stopped, with its registers saved (steps 2-4)."""
+    """One seized thread, stopped, with its registers saved (steps 2-5)."""
 
     def __init__(self, process: Process, tid: int | None = None, *, already_stopped: bool = False,
                  keep_stopped: bool = False) -> None:
@@ -88,9 +160,13 @@ class BorrowedThread:
         # Leave the thread stopped at the end of the ``with`` block; release() lets it go
         # (spawn: the program's first instruction waits until the tracing is in place).
         self.keep_stopped = keep_stopped
-        self._saved: Regs | None = None
+        self._stopped_regs: Regs | None = None  # as the stop found them
+        self._saved: Regs | None = None  # what the thread resumes with (rseq abort applied)
         self._pending_signals: list[int] = []
-        self._gadget: int | None = None
+        self._gadgets: Gadgets | None = None
+        self._frame: int | None = None  # the restore frame, once written (step 3)
+        self._mask = 0
+        self._restored = False
         self.stopped_ns = 0
         self._stop_start = 0
 
@@ -98,10 +174,15 @@ class BorrowedThread:
     def __enter__(self) -> BorrowedThread:
         if self._already_stopped:
             self._stop_start = time.perf_counter_ns()
-            self._saved = _ptrace.get_regs(self.tid)
+            try:
+                _ptrace.set_options(self.tid, _ptrace.PTRACE_O_TRACESYSGOOD)
+                self._save()
+            except BaseException:
+                self._release(restore=False)
+                raise
             return self
         try:
-            _ptrace.seize(self.tid)
+            _ptrace.seize(self.tid, options=_ptrace.PTRACE_O_TRACESYSGOOD)
         except OSError as exc:
             if exc.errno == errno.ESRCH:
                 raise TargetExited(f"thread {self.tid} of process {self.process.pid} is gone") from exc
@@ -113,81 +194,118 @@ class BorrowedThread:
         self._stop_start = time.perf_counter_ns()
         try:
             _ptrace.interrupt(self.tid)
-            self._wait_stopped()
-            self._saved = _ptrace.get_regs(self.tid)
+            self._wait_stop()
+            self._save()
         except BaseException:
             self._release(restore=False)
             raise
         return self
 
-    def _wait_stopped(self) -> None:
-        """Wait for our thread's next ptrace stop.
+    def _save(self) -> None:
+        self._stopped_regs = _ptrace.get_regs(self.tid)
+        self._saved = rseq_resume_point(self.process, self.tid, self._stopped_regs)
 
-        A signal-delivery-stop for a signal of the program (anything but the
-        SIGTRAP of our own single step or int3) is held and re-delivered at
-        detach (step 4), so the program loses no signal."""
+    def _wait_stop(self) -> int:
+        """Wait for our thread's next ptrace stop; its WSTOPSIG.
+
+        A signal-delivery-stop for a signal of the program is held (the signal
+        is suppressed now and sent again at step 5), so the program loses no
+        signal and never runs its handler on our injected state."""
         _, status = _ptrace.wait_thread(self.tid)
         if os.WIFEXITED(status) or os.WIFSIGNALED(status):
             raise TargetExited(f"process {self.process.pid} exited while textpoke injected code")
         sig = os.WSTOPSIG(status)
-        if status >> 16 == 0 and sig != signal.SIGTRAP:
+        if status >> 16 == 0 and sig != _ptrace.SYSCALL_STOP:
             self._pending_signals.append(sig)
+        return sig
 
     # step 3 ---------------------------------------------------------------
     def prepare(self) -> None:
-        """Do the slow lookups (the syscall gadget) before the thread is stopped."""
-        if self._gadget is None:
-            self._gadget = find_syscall_gadget(self.process)
+        """Do the slow lookups (the gadgets) before the thread is stopped."""
+        if self._gadgets is None:
+            self._gadgets = find_gadgets(self.process)
 
     @property
     def saved_regs(self) -> Regs:
         assert self._saved is not None
         return self._saved
 
+    def _arm(self) -> int:
+        """Write the restore frame below the thread's red zone; its address."""
+        if self._frame is not None:
+            return self._frame
+        self.prepare()
+        assert self._gadgets is not None
+        xstate = _ptrace.get_xstate(self.tid)
+        self._mask = _ptrace.get_sigmask(self.tid)
+        at = sigframe.place(self.saved_regs.rsp, sigframe.frame_size(len(xstate)))
+        frame = sigframe.build(self.saved_regs, xstate=xstate, sigmask=self._mask, at=at,
+                               pretcode=self._gadgets.sigreturn)
+        try:
+            self.process.write(at, frame)
+        except TargetError as exc:
+            raise InjectionError(
+                f"no room below the stack pointer of thread {self.tid} for textpoke's restore frame",
+                hint="retry: another thread may be borrowed",
+            ) from exc
+        self._frame = at
+        return at
+
+    @property
+    def frame_sp(self) -> int:
+        """The ``rsp`` under which code of ours finds the restore frame for
+        rt_sigreturn (which reads the frame at rsp - 8)."""
+        return self._arm() + 8
+
+    # step 4 ---------------------------------------------------------------
     def syscall(self, nr: int, *args: int) -> int:
-        """Run ``nr(args)`` in the borrowed thread; negative errno raises InjectionError."""
-        if self._gadget is None:
-            self._gadget = find_syscall_gadget(self.process)
-        return self.run_at(self._gadget, nr, *args, stop_after=len(SYSCALL_INSN))
+        """Run ``nr(args)`` in the borrowed thread; negative errno raises InjectionError.
 
-    def run_at(self, rip: int, nr: int, *args: int, stop_after: int | None) -> int:
-        """Run from ``rip`` with rax=nr and the syscall argument registers set.
+        Runs at a ``syscall; ret`` gadget with ``rsp`` at the frame, whose first
+        word sends the ``ret`` into rt_sigreturn."""
+        frame = self._arm()
+        assert self._gadgets is not None
+        return self._run_syscall(self._gadgets.syscall_ret, nr, args, rsp=frame)
 
-        ``stop_after``: single-step once and expect ``rip + stop_after``;
-        None: continue until the code executes an ``int3`` (our own stubs)."""
+    def syscall_at(self, rip: int, nr: int, *args: int, block_signals: bool = False) -> int:
+        """Run the ``syscall`` instruction at ``rip``: code of ours whose
+        fall-through returns through rt_sigreturn (rsp = :attr:`frame_sp`).
+
+        ``block_signals``: with every signal blocked (a thread it clones starts so)."""
+        rsp = self.frame_sp
+        if block_signals:
+            _ptrace.set_sigmask(self.tid, ALL_SIGNALS)
+        return self._run_syscall(rip, nr, args, rsp=rsp)
+
+    def _run_syscall(self, rip: int, nr: int, args: tuple[int, ...], *, rsp: int) -> int:
         regs6 = list(args) + [0] * (6 - len(args))
-        base = self.saved_regs
-        regs = Regs(
-            **{
-                **base.__dict__,
-                "rip": rip,
-                "rax": nr & _U64,
-                "orig_rax": _U64,  # -1: not in a syscall, no restart fix-up
-                "rdi": regs6[0] & _U64,
-                "rsi": regs6[1] & _U64,
-                "rdx": regs6[2] & _U64,
-                "r10": regs6[3] & _U64,
-                "r8": regs6[4] & _U64,
-                "r9": regs6[5] & _U64,
-                # Keep the red zone and our pushes away from the interrupted frame.
-                "rsp": (base.rsp - 256) & ~0xF,
-            }
+        regs = replace(
+            self.saved_regs,
+            rip=rip,
+            rax=nr & _U64,
+            orig_rax=_U64,  # -1: not in a syscall, no restart fix-up
+            rdi=regs6[0] & _U64,
+            rsi=regs6[1] & _U64,
+            rdx=regs6[2] & _U64,
+            r10=regs6[3] & _U64,
+            r8=regs6[4] & _U64,
+            r9=regs6[5] & _U64,
+            rsp=rsp,
         )
-        for _ in range(50):
-            _ptrace.set_regs(self.tid, regs)
-            if stop_after is not None:
-                _ptrace.singlestep(self.tid)
-            else:
-                _ptrace.cont(self.tid)
-            self._wait_stopped()
-            after = _ptrace.get_regs(self.tid)
-            if stop_after is not None and after.rip == rip + stop_after:
+        _ptrace.set_regs(self.tid, regs)
+        entered = False
+        for _ in range(_MAX_STOPS):
+            _ptrace.syscall(self.tid)
+            if self._wait_stop() != _ptrace.SYSCALL_STOP:
+                continue  # a program signal (held) or a group stop before the syscall: again
+            if entered:
                 break
-            if stop_after is None and after.rip != rip:
-                break
-            # Stopped before the instruction ran (a signal or group stop): again.
+            entered = True
         else:
             raise InjectionError(f"injected syscall {nr} never completed in thread {self.tid}")
+        after = _ptrace.get_regs(self.tid)
+        if after.rip != rip + sigframe.SYSCALL_INSN_SIZE:
+            raise InjectionError(f"injected syscall {nr} stopped at {after.rip:#x}, not after {rip:#x}")
         result = after.rax if after.rax < 2**63 else after.rax - 2**64
         if -_ERRNO_MAX <= result < 0:
             raise InjectionError(
@@ -195,34 +313,33 @@ class BorrowedThread:
             )
         return result
 
-    def run_stub(self, rip: int) -> Regs:
-        """Run generated code at ``rip`` until it executes an ``int3``; its registers then.
+    # step 5 ---------------------------------------------------------------
+    def _restore(self) -> None:
+        """Give the thread its own state back. The order matters if we die
+        meanwhile: the mask first (the thread would still reach rt_sigreturn,
+        which restores it anyway), then the registers (from then on it resumes
+        as its own)."""
+        if self._saved is None or self._restored:
+            return
+        if self._frame is not None:
+            _ptrace.set_sigmask(self.tid, self._mask)
+        if self._pending_signals:
+            # The signal path needs the raw state: with orig_rax and -ERESTART*
+            # the kernel decides restart or EINTR per handler.
+            _ptrace.set_regs(self.tid, self._saved)
+            for sig in self._pending_signals:
+                _ptrace.tgkill(self.process.pid, self.tid, sig)  # queued until we detach
+        elif self._frame is not None or self._saved != self._stopped_regs:
+            # From a syscall-exit stop the kernel's restart fix-up does not run
+            # without a signal: apply it ourselves.
+            _ptrace.set_regs(self.tid, sigframe.resumed_state(self._saved, restart_block_intact=True))
+        self._restored = True
 
-        One round trip for a whole sequence of syscalls (the stub's), where
-        :meth:`syscall` costs one per syscall: each round trip waits for the
-        borrowed thread to be scheduled, which dominates the stop on a busy
-        machine."""
-        base = self.saved_regs
-        regs = Regs(**{**base.__dict__, "rip": rip, "orig_rax": _U64, "rsp": (base.rsp - 256) & ~0xF})
-        for _ in range(50):
-            _ptrace.set_regs(self.tid, regs)
-            _ptrace.cont(self.tid)
-            self._wait_stopped()
-            after = _ptrace.get_regs(self.tid)
-            if after.rip != rip:
-                return after
-            # Stopped before the first instruction ran (a signal or group stop): again.
-        raise InjectionError(f"injected code never ran in thread {self.tid}")
-
-    # step 4 ---------------------------------------------------------------
     def _release(self, *, restore: bool) -> None:
         try:
-            if restore and self._saved is not None:
-                _ptrace.set_regs(self.tid, self._saved)
-            first = self._pending_signals[0] if self._pending_signals else 0
-            _ptrace.detach(self.tid, first)
-            for extra in self._pending_signals[1:]:
-                os.kill(self.process.pid, extra)  # rare: re-queue process-wide
+            if restore:
+                self._restore()
+            _ptrace.detach(self.tid, 0)
         except OSError as exc:
             if exc.errno != errno.ESRCH:
                 raise InjectionError(f"could not detach thread {self.tid}: {exc.strerror}") from exc
@@ -230,10 +347,15 @@ class BorrowedThread:
             self.stopped_ns = time.perf_counter_ns() - self._stop_start
 
     def release(self) -> None:
-        """Restore the registers and detach (the end of a kept-stopped borrow)."""
+        """Restore the thread and detach (the end of a kept-stopped borrow)."""
         self._release(restore=True)
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         if self.keep_stopped and et is None:
+            # Its own state back now (its mask matters to who checks it), still stopped.
+            try:
+                self._restore()
+            except OSError as exc:
+                raise InjectionError(f"could not restore thread {self.tid}: {exc.strerror}") from exc
             return
         self._release(restore=True)

@@ -12,9 +12,11 @@ SYS_mprotect = 10
 SYS_munmap = 11
 SYS_rt_sigaction = 13
 SYS_rt_sigprocmask = 14
+SYS_rt_sigreturn = 15
 SYS_getpid = 39
 SYS_clone = 56
 SYS_exit = 60
+SYS_prctl = 157
 SYS_ftruncate = 77
 SYS_fchmod = 91
 SYS_gettid = 186
@@ -33,6 +35,7 @@ MAP_ANONYMOUS = 0x20
 MAP_FIXED_NOREPLACE = 0x100000
 
 MFD_CLOEXEC = 1
+PR_SET_NAME = 15
 
 SIGTRAP = 5
 SIG_BLOCK = 0
