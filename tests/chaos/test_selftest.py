@@ -8,7 +8,7 @@ from textpoke.selftest import CALLS, Status, run_selftest
 
 from .harness import run_cli
 
-NAMES = ["C compiler", "ptrace permission", "/proc/PID/mem writes", "shared memory private",
+NAMES = ["C compiler", "crash-safe borrow", "ptrace permission", "/proc/PID/mem writes", "shared memory private",
          "membarrier SYNC_CORE", "int3 emulation", "signal chaining", "text restored", "target survived"]
 
 
@@ -18,6 +18,8 @@ def test_selftest_checks():
     emulation = next(c for c in checks if c.name == "int3 emulation")
     assert emulation.detail == (f"{4 * CALLS} calls made mid-patch, each trapped and emulated exactly once "
                                 "(A->B and back)")
+    assert next(c for c in checks if c.name == "crash-safe borrow").detail.startswith(
+        "a thread left mid-injection returned through its restore frame (")
     assert next(c for c in checks if c.name == "signal chaining").detail == (
         "the target's own SIGTRAP handler ran 1 time(s), passed on 1 time(s)")
 

@@ -29,7 +29,10 @@ from ..demo import build_bundled
 from ..poke.protocol import Patch, Step
 from ..poke.session import Session, attach
 from ..sites import SiteKind, find_sites
+from ..target import _ptrace
 from ..target import syscalls as sc
+from ..target.inject import BorrowedThread
+from ..target.process import Process
 from ..target.security import shared_modes, writable_and_executable
 from ..x86.insn import SITE_SIZE, encode_call
 
@@ -223,6 +226,35 @@ class _Run:
                       f"site {self.site:#x} holds {now.hex(' ')} (file: {self.file_bytes.hex(' ')})")
 
 
+def _crash_safe_borrow(target: _Target) -> Check:
+    """Borrow the target's main thread (blocked in read), run a syscall in it,
+    and abandon it there as a killed tool would: it must return through its
+    restore frame to the read it was in, and answer the next command."""
+    process = Process(target.pid)
+    try:
+        with BorrowedThread(process, target.pid) as thread:
+            before = thread.saved_regs
+            pid = thread.syscall(sc.SYS_getpid)
+            xstate = len(_ptrace.get_xstate(target.pid))
+            thread.abandon()
+    finally:
+        process.close()
+    deadline = time.monotonic() + 5
+    back = None
+    while time.monotonic() < deadline:
+        fields = open(f"/proc/{target.pid}/task/{target.pid}/syscall").read().split()
+        if fields[0] != "running" and int(fields[-1], 16) == before.rip:
+            back = int(fields[0])
+            break
+        time.sleep(0.001)
+    answered = target.ask("peek").get("scratch") is not None
+    ok = pid == target.pid and back == before.orig_rax and answered
+    return _check("crash-safe borrow", ok,
+                  f"a thread left mid-injection returned through its restore frame ({xstate}-byte XSAVE area) "
+                  f"to syscall {back} at {before.rip:#x} and answered" if ok else
+                  f"getpid gave {pid}; thread back in syscall {back} (was {before.orig_rax}); answered: {answered}")
+
+
 def run_selftest(*, progress: Callable[[str], None] | None = None) -> list[Check]:
     """Run every check; an error in one is its FAIL row, and the others still run."""
     say = progress or (lambda _: None)
@@ -233,6 +265,11 @@ def run_selftest(*, progress: Callable[[str], None] | None = None) -> list[Check
     checks = [Check("C compiler", Status.OK, f"built {binary}")]
     target = _Target(binary)
     try:
+        say("crash-safe borrow")
+        try:
+            checks.append(_crash_safe_borrow(target))
+        except TextpokeError as exc:
+            checks.append(Check("crash-safe borrow", Status.FAIL, exc.message))
         say("attaching")
         try:
             session = attach(target.pid)

@@ -18,9 +18,10 @@ This is the only time textpoke stops anything: one thread, briefly.  The steps:
    logic leaves *our* syscall alone), run to its syscall-exit stop
    (PTRACE_SYSCALL: the kernel drops syscall tracing when the tracer dies,
    unlike single-stepping, whose trap would kill an untraced thread), read ``rax``;
-5. restore the mask and every register (the kernel's restart fix-up applied,
-   so an interrupted syscall restarts as it would have), re-send the
-   program's signals that arrived meanwhile, and detach.
+5. bring the thread back into the kernel's signal path (an interrupt stop),
+   restore its mask and every register there, re-send the program's signals
+   that arrived meanwhile, and detach: an interrupted syscall restarts, or
+   returns EINTR to a handler, exactly as it would have without us.
 """
 
 from __future__ import annotations
@@ -167,6 +168,7 @@ class BorrowedThread:
         self._frame: int | None = None  # the restore frame, once written (step 3)
         self._mask = 0
         self._restored = False
+        self._last_status = 0
         self.stopped_ns = 0
         self._stop_start = 0
 
@@ -212,6 +214,7 @@ class BorrowedThread:
         is suppressed now and sent again at step 5), so the program loses no
         signal and never runs its handler on our injected state."""
         _, status = _ptrace.wait_thread(self.tid)
+        self._last_status = status
         if os.WIFEXITED(status) or os.WIFSIGNALED(status):
             raise TargetExited(f"process {self.process.pid} exited while textpoke injected code")
         sig = os.WSTOPSIG(status)
@@ -224,6 +227,11 @@ class BorrowedThread:
         """Do the slow lookups (the gadgets) before the thread is stopped."""
         if self._gadgets is None:
             self._gadgets = find_gadgets(self.process)
+
+    @property
+    def held_signals(self) -> tuple[int, ...]:
+        """Signals of the program that arrived while we held the thread (sent again at step 5)."""
+        return tuple(self._pending_signals)
 
     @property
     def saved_regs(self) -> Regs:
@@ -314,25 +322,47 @@ class BorrowedThread:
         return result
 
     # step 5 ---------------------------------------------------------------
+    def _back_into_get_signal(self) -> None:
+        """From a syscall-exit stop, move the thread to an interrupt stop.
+
+        Only the kernel's signal path (get_signal, where an interrupt stops a
+        thread) decides exactly what an interrupted syscall of the program
+        does next: restart it, resume it through restart_syscall, or return
+        EINTR to a handler without SA_RESTART, for whatever signal arrived
+        meanwhile. PTRACE_INTERRUPT marks the stopped thread; PTRACE_CONT lets
+        it leave the syscall and stop there, before it reaches user mode. A
+        thread traced since exec (spawn: PTRACE_TRACEME, where
+        PTRACE_INTERRUPT does not apply) gets a SIGSTOP instead, which stops
+        it at its delivery and is then suppressed."""
+        if self._already_stopped:
+            _ptrace.tgkill(self.process.pid, self.tid, signal.SIGSTOP)
+        else:
+            _ptrace.interrupt(self.tid)
+        for _ in range(_MAX_STOPS):
+            _ptrace.cont(self.tid)
+            sig = self._wait_stop()
+            if self._last_status >> 16 == _ptrace.PTRACE_EVENT_STOP:
+                return
+            if self._already_stopped and sig == signal.SIGSTOP:
+                self._pending_signals.remove(signal.SIGSTOP)
+                return
+        raise InjectionError(f"thread {self.tid} never reached a stop in its signal path")
+
     def _restore(self) -> None:
-        """Give the thread its own state back. The order matters if we die
-        meanwhile: the mask first (the thread would still reach rt_sigreturn,
-        which restores it anyway), then the registers (from then on it resumes
-        as its own)."""
+        """Give the thread its own state back, in the kernel's signal path
+        (:meth:`_back_into_get_signal`), so it resumes exactly as from the
+        first stop. The order matters if we die meanwhile: the mask first (the
+        thread would still reach rt_sigreturn, which restores it anyway), then
+        the registers (from then on it resumes as its own)."""
         if self._saved is None or self._restored:
             return
         if self._frame is not None:
+            self._back_into_get_signal()
             _ptrace.set_sigmask(self.tid, self._mask)
-        if self._pending_signals:
-            # The signal path needs the raw state: with orig_rax and -ERESTART*
-            # the kernel decides restart or EINTR per handler.
+        if self._saved != _ptrace.get_regs(self.tid):
             _ptrace.set_regs(self.tid, self._saved)
-            for sig in self._pending_signals:
-                _ptrace.tgkill(self.process.pid, self.tid, sig)  # queued until we detach
-        elif self._frame is not None or self._saved != self._stopped_regs:
-            # From a syscall-exit stop the kernel's restart fix-up does not run
-            # without a signal: apply it ourselves.
-            _ptrace.set_regs(self.tid, sigframe.resumed_state(self._saved, restart_block_intact=True))
+        for sig in self._pending_signals:
+            _ptrace.tgkill(self.process.pid, self.tid, sig)  # queued until we detach
         self._restored = True
 
     def _release(self, *, restore: bool) -> None:
@@ -345,6 +375,13 @@ class BorrowedThread:
                 raise InjectionError(f"could not detach thread {self.tid}: {exc.strerror}") from exc
         finally:
             self.stopped_ns = time.perf_counter_ns() - self._stop_start
+
+    def abandon(self) -> None:
+        """Detach leaving the thread where it is, as a killed tool would: it
+        returns through its restore frame (textpoke selftest checks that this
+        kernel and CPU take our frame)."""
+        self._restored = True
+        self._release(restore=False)
 
     def release(self) -> None:
         """Restore the thread and detach (the end of a kept-stopped borrow)."""
