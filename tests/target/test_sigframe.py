@@ -17,7 +17,7 @@ NANOSLEEP = 230
 
 
 def regs(**changes: int) -> Regs:
-    base = {name: 0 for name in Regs.__dataclass_fields__}
+    base = {name: 0 for name in Regs._fields}
     base.update(rip=0x401002, rsp=0x7FFF_0000_1000, cs=0x33, ss=0x2B, eflags=0x246, orig_rax=U64,
                 rax=0x1111, rdi=3, rsi=0x5000, rdx=64)
     base.update(changes)
@@ -47,7 +47,7 @@ def test_restart_block_syscall_goes_through_restart_syscall_only_while_the_block
 @pytest.mark.parametrize("changes", [dict(), dict(orig_rax=READ, rax=12), dict(orig_rax=READ, rax=neg(4))])
 def test_user_code_and_finished_syscalls_resume_as_they_are(changes):
     before = regs(**changes)
-    assert sigframe.resumed_state(before, restart_block_intact=False) == replace(before, orig_rax=U64)
+    assert sigframe.resumed_state(before, restart_block_intact=False) == before._replace(orig_rax=U64)
 
 
 def xstate(size: int = 1088) -> bytes:

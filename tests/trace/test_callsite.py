@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import dataclasses
 import os
 import signal
 import threading
@@ -176,7 +175,7 @@ def breakpoint_counts(run: PythonRun, sites: list[int]) -> collections.Counter[i
         assert site in original, f"unexpected trap at {regs.rip:#x}"
         hits[site] += 1
         process.write(site, original[site])
-        _ptrace.set_regs(tid, dataclasses.replace(regs, rip=site))
+        _ptrace.set_regs(tid, regs._replace(rip=site))
         _ptrace.singlestep(tid)
         _wait(tid)
         process.write(site, INT3)

@@ -116,11 +116,13 @@ class ResidentStats:
 
 @dataclass(frozen=True)
 class SharedRegion:
-    """A memfd mapped at ``address`` in the target and at ``local`` in the tool."""
+    """A memfd mapped at ``address`` in the target and at ``local`` in the tool;
+    its data part (after the code) at ``data_address`` in the target."""
 
     address: int
     size: int
     local: mmap.mmap
+    data_address: int
 
 
 # ---------------------------------------------------------------------------
@@ -964,15 +966,19 @@ class Resident:
 
     # -- more shared regions ---------------------------------------------------------
     def map_shared(self, *, code_size: int, data_size: int, near: int | None = None,
-                   name: str = "textpoke-tramp") -> SharedRegion:
+                   name: str = "textpoke-tramp", apart: bool = False) -> SharedRegion:
         """A new memfd region in the target, mapped by the tool too, via the agent.
 
         The first ``code_size`` bytes are RX in the target (the tool's view is
-        the only writable one), the ``data_size`` bytes after them RW in both,
-        so generated code reaches its data rip-relatively.  ``near``: placed
-        within rel32 reach of that address (trampolines called from sites)."""
+        the only writable one), the ``data_size`` bytes after them RW in both.
+        ``near``: the code is placed within rel32 reach of that address
+        (trampolines called from sites). The data follows the code, so code
+        reaches it rip-relatively, unless ``apart``: then it is a mapping of
+        its own wherever the kernel puts it (big record buffers: the address
+        space within reach of the program's code is scarce, and a region is
+        never unmapped), and code must address it absolutely."""
         size = code_size + data_size
-        if code_size % PAGE or data_size % PAGE or size == 0:
+        if code_size % PAGE or data_size % PAGE or size == 0 or (apart and not (code_size and data_size)):
             raise UsageError("shared region sizes must be whole pages")
         raw = name.encode() + b"\0"
         self.ctl[SCRATCH : SCRATCH + len(raw)] = raw
@@ -981,17 +987,22 @@ class Resident:
             self.syscall(sc.SYS_ftruncate, fd, size)
             flags = sc.MAP_SHARED
             hint = 0
+            first = code_size if apart else size
             if near is not None:
-                hint = find_free_near(self.process.maps(), near, size)
+                hint = find_free_near(self.process.maps(), near, first)
                 flags |= sc.MAP_FIXED_NOREPLACE
-            address = self.syscall(sc.SYS_mmap, hint, size, sc.PROT_READ | sc.PROT_WRITE, flags, fd, 0)
+            address = self.syscall(sc.SYS_mmap, hint, first, sc.PROT_READ | sc.PROT_WRITE, flags, fd, 0)
             if code_size:
                 self.syscall(sc.SYS_mprotect, address, code_size, sc.PROT_READ | sc.PROT_EXEC)
+            data_address = address + code_size
+            if apart:
+                data_address = self.syscall(sc.SYS_mmap, 0, data_size, sc.PROT_READ | sc.PROT_WRITE,
+                                            sc.MAP_SHARED, fd, code_size)
             local_fd, local = _open_shared(self.process.pid, f"/proc/{self.process.pid}/fd/{fd}", size)
             os.close(local_fd)
         finally:
             self.syscall(sc.SYS_close, fd)
-        return SharedRegion(address, size, local)
+        return SharedRegion(address, size, local, data_address)
 
     # -- statistics -------------------------------------------------------------------
     def stats(self) -> ResidentStats:

@@ -30,12 +30,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+
 from .._errors import BusyError, OwnCodeRefused, SiteError, UnsafeTarget
 from ..target import syscalls as sc
 from ..target.maps import Mapping
 from ..target.process import Process
 from ..target.security import OUR_PREFIX
-from ..x86.insn import SITE_SIZE, InsnKind, decode_site
+from ..x86.insn import CALL_OPCODE, JMP_OPCODE, NOP5, SITE_SIZE, InsnKind, decode_site
 from .protocol import Patch
 from .resident import AGENT_NAME, HANDLER_COPIES, HDR_FRONT, OLD_ACTIONS, SCRATCH, Resident, handler_label, thread_pc
 
@@ -146,17 +148,32 @@ def refuse_sigtrap_blockers(process: Process, *, exclude: frozenset[int] = froze
 
 
 class _Maps:
-    """Mappings sorted by address, for many lookups."""
+    """Mappings sorted by address, for many lookups (one at a time, or as arrays)."""
 
     def __init__(self, maps: Sequence[Mapping]) -> None:
         self.maps = sorted(maps, key=lambda m: m.start)
         self.starts = [m.start for m in self.maps]
+        self._starts = np.array(self.starts, dtype=np.uint64)
+        self._ends = np.array([m.end for m in self.maps], dtype=np.uint64)
+        #: Where a site may be: executable, not ours. Where a call/jmp may go:
+        #: executable, not our resident handler (trampolines are fine).
+        self.site_ok = np.array([m.executable and not m.path.startswith(OUR_PREFIX) for m in self.maps], dtype=bool)
+        self.target_ok = np.array([m.executable and not m.path.startswith(_RESIDENT_PATH) for m in self.maps],
+                                  dtype=bool)
 
     def at(self, address: int) -> Mapping | None:
         index = bisect.bisect_right(self.starts, address) - 1
         if index >= 0 and address in self.maps[index]:
             return self.maps[index]
         return None
+
+    def all_in(self, addresses: np.ndarray, ok: np.ndarray) -> bool:
+        """Whether every address lies in a mapping for which ``ok`` is true."""
+        if not len(self.maps):
+            return not len(addresses)
+        index = np.searchsorted(self._starts, addresses, side="right") - 1
+        clipped = np.maximum(index, 0)
+        return bool(((index >= 0) & (addresses < self._ends[clipped]) & ok[clipped]).all())
 
 
 class MapsCache:
@@ -167,28 +184,53 @@ class MapsCache:
         self.process = process
         self._maps: _Maps | None = None
 
-    def lookup(self, addresses: Sequence[int]) -> _Maps:
-        maps = self._maps
-        if maps is None or not all((m := maps.at(a)) is not None and m.executable for a in addresses):
-            maps = self._maps = _Maps(self.process.maps())
-        return maps
+    def current(self) -> _Maps:
+        if self._maps is None:
+            self._maps = _Maps(self.process.maps())
+        return self._maps
+
+    def fresh(self) -> _Maps:
+        self._maps = _Maps(self.process.maps())
+        return self._maps
 
 
-def _addresses(patches: Sequence[Patch]) -> list[int]:
-    found = []
-    for patch in patches:
-        found += [patch.site, patch.site + SITE_SIZE - 1]
-        if patch.changes:
-            target = decode_site(patch.site, patch.new).target
-            if target is not None:
-                found.append(target)
-    return found
+def _all_clear(maps: _Maps, patches: Sequence[Patch]) -> bool:
+    """check_addresses for a whole batch at once, as arrays: True when every
+    site lies in executable memory that is not ours and every call/jmp written
+    goes to executable code outside our handler. False means "look closer":
+    the caller then checks one patch at a time, which names what is wrong."""
+    count = len(patches)
+    try:
+        sites = np.fromiter((p.site for p in patches), dtype=np.uint64, count=count)
+    except OverflowError:
+        return False  # not an address: the exact check names it
+    if (sites >= 1 << 63).any():
+        return False
+    if not (maps.all_in(sites, maps.site_ok) and maps.all_in(sites + np.uint64(SITE_SIZE - 1), maps.site_ok)):
+        return False
+    new = np.frombuffer(b"".join(p.new for p in patches), dtype=np.uint8).reshape(count, SITE_SIZE)
+    old = np.frombuffer(b"".join(p.old for p in patches), dtype=np.uint8).reshape(count, SITE_SIZE)
+    changed = (new != old).any(axis=1)
+    branch = changed & np.isin(new[:, 0], (CALL_OPCODE, JMP_OPCODE))
+    nop = (new == np.frombuffer(NOP5, dtype=np.uint8)).all(axis=1)
+    if (changed & ~branch & ~nop).any():
+        return False
+    rel32 = np.ascontiguousarray(new[branch, 1:SITE_SIZE]).view("<i4").ravel().astype(np.int64)
+    targets = sites[branch].astype(np.int64) + SITE_SIZE + rel32  # sites are user addresses: < 2**63
+    if (targets < 0).any():
+        return False
+    return maps.all_in(targets.astype(np.uint64), maps.target_ok)
 
 
 def check_addresses(process: Process, patches: Sequence[Patch], *, maps: MapsCache | None = None) -> None:
     """Refuse a batch that would write outside the program's code, or make it
     jump anywhere but executable code (SiteError, OwnCodeRefused)."""
-    lookup = (maps or MapsCache(process)).lookup(_addresses(patches))
+    cache = maps or MapsCache(process)
+    if not patches or _all_clear(cache.current(), patches):
+        return
+    lookup = cache.fresh()  # the mappings may have changed since they were read
+    if _all_clear(lookup, patches):
+        return
     pid = process.pid
     for patch in patches:
         first, last = lookup.at(patch.site), lookup.at(patch.site + SITE_SIZE - 1)

@@ -32,7 +32,7 @@ import os
 import signal
 import struct
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from types import TracebackType
 
 from .._errors import InjectionError, PermissionDenied, TargetError, TargetExited
@@ -145,7 +145,7 @@ def rseq_resume_point(process: Process, tid: int, regs: Regs) -> Regs:
     except (OSError, TargetError):
         return regs  # no rseq request (old kernel) or an unreadable descriptor: nothing to abort
     if start <= regs.rip < start + post_commit:
-        return replace(regs, rip=abort)
+        return regs._replace(rip=abort)
     return regs
 
 
@@ -287,8 +287,7 @@ class BorrowedThread:
 
     def _run_syscall(self, rip: int, nr: int, args: tuple[int, ...], *, rsp: int) -> int:
         regs6 = list(args) + [0] * (6 - len(args))
-        regs = replace(
-            self.saved_regs,
+        regs = self.saved_regs._replace(
             rip=rip,
             rax=nr & _U64,
             orig_rax=_U64,  # -1: not in a syscall, no restart fix-up

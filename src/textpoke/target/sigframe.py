@@ -38,7 +38,6 @@ and writes the bytes.
 from __future__ import annotations
 
 import struct
-from dataclasses import replace
 
 from ._ptrace import Regs
 
@@ -100,11 +99,11 @@ def resumed_state(regs: Regs, *, restart_block_intact: bool) -> Regs:
     nr, result = _signed(regs.orig_rax), _signed(regs.rax)
     rewound = (regs.rip - SYSCALL_INSN_SIZE) & _U64
     if nr >= 0 and result in _RESTARTS:
-        return replace(regs, rip=rewound, rax=regs.orig_rax, orig_rax=_U64)
+        return regs._replace(rip=rewound, rax=regs.orig_rax, orig_rax=_U64)
     if nr >= 0 and result == -ERESTART_RESTARTBLOCK:
         again = SYS_restart_syscall if restart_block_intact else regs.orig_rax
-        return replace(regs, rip=rewound, rax=again, orig_rax=_U64)
-    return replace(regs, orig_rax=_U64)
+        return regs._replace(rip=rewound, rax=again, orig_rax=_U64)
+    return regs._replace(orig_rax=_U64)
 
 
 def frame_size(xstate_size: int) -> int:

@@ -14,7 +14,6 @@ import signal
 import struct
 import subprocess
 from collections.abc import Sequence
-from dataclasses import replace
 
 from .._errors import InjectionError, TargetError, TargetExited, UsageError
 from . import _ptrace
@@ -63,7 +62,7 @@ def spawn(argv: Sequence[str], **popen: object) -> subprocess.Popen:
             if regs.rip != entry + 1:
                 raise InjectionError(f"process {proc.pid} trapped at {regs.rip:#x}, not at its entry point")
             process.write(entry, original)
-            _ptrace.set_regs(proc.pid, replace(regs, rip=entry))
+            _ptrace.set_regs(proc.pid, regs._replace(rip=entry))
     except BaseException:
         proc.kill()
         proc.wait()

@@ -491,7 +491,7 @@ def _emit_record(a: Asm, *, name: str, entry: bool, abi: ThreadAbi, ring: RingGe
 
     a.label(f"{name}_fallback")
     a.op("PUSH_R64", R.RAX)  # ts: rax becomes cmpxchg's comparand
-    a.op("LEA_R64_M", R.RCX, mem(R.RIP, fallback))
+    a.op("MOV_R64_IMM64", R.RCX, Imm64(fallback))  # data lives apart from the code (map_shared)
     a.op("MOV_R64_RM64", R.RAX, mem(R.RCX, CTL_HEAD))
     a.label(f"{name}_reserve")
     a.op("CMP_R64_RM64", R.RAX, mem(R.RCX, CTL_LIMIT))
@@ -526,7 +526,7 @@ def _emit_count(a: Asm, *, name: str, entry: bool, abi: ThreadAbi, counters: Cou
     _save(a, regs)
     if not entry:
         _emit_site_from_return(a, R.RCX, 8 * len(regs), stub_return, STUB_SHIFT - 3)
-        a.op("LEA_R64_M", R.RAX, mem(R.RIP, rows))
+        a.op("MOV_R64_IMM64", R.RAX, Imm64(rows))
         a.op("ADD_R64_RM64", R.RCX, R.RAX)
     if abi.rseq_offset is not None:
         _emit_rseq_enter(a, abi, descriptor, R.RAX, name)
@@ -649,8 +649,9 @@ def generate(
 class Tracer:
     """Trampolines for ``sites`` and the shared memory they write; a context manager.
 
-    Construction maps one region near the sites (code RX in the target, data
-    RW in both) and writes code and control blocks; it patches nothing:
+    Construction maps one memfd: its code near the sites (RX in the target),
+    its data apart (RW in both; see Resident.map_shared), and writes code and
+    control blocks; it patches nothing:
     :attr:`patches` is the batch that sends every site to its routine or stub
     (apply it with ``Session.apply``, revert with ``Session.revert``). The
     region is never unmapped in the target (a thread may still be inside a
@@ -677,10 +678,11 @@ class Tracer:
         code_size = _page_up(_STUBS + len(self.sites) * STUB_SIZE)
         self.code_size = code_size
         self.region: SharedRegion = resident.map_shared(
-            code_size=code_size, data_size=data_size, near=min(s.address for s in self.sites), name=name)
+            code_size=code_size, data_size=data_size, near=min(s.address for s in self.sites), name=name,
+            apart=True)
         try:
             self._restrict(resident.process.pid, code_size)
-            self.data_address = self.region.address + code_size
+            self.data_address = self.region.data_address
             self._populate(resident, code_size, data_size)
             code, self.labels = generate(base=self.region.address, data=self.data_address, mode=mode, abi=abi,
                                          sites=self.sites, ring=self.ring, counters=self.counters)
