@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import re
 import selectors
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from elftools.elf.elffile import ELFFile
@@ -105,6 +106,26 @@ class Target:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+
+
+def fork_and_kill(tool: Callable[[int], None], events: Callable[[int], list[str]], delay: float) -> list[str]:
+    """Fork ``tool(write_fd)`` (it reports events on the pipe and never returns),
+    read them with ``events(read_fd)``, then SIGKILL it ``delay`` s later; the events seen."""
+    read_fd, write_fd = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.close(read_fd)
+        tool(write_fd)
+        os._exit(0)
+    os.close(write_fd)
+    try:
+        seen = events(read_fd)
+        time.sleep(delay)
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        os.close(read_fd)
+    return seen
 
 
 def run_cli(*args: str, timeout: float = 120.0, **kwargs) -> subprocess.CompletedProcess[str]:

@@ -12,7 +12,6 @@ through several injected syscalls, changes no register and no syscall result.
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import random
 import select
-import signal
 import time
 from collections import Counter
 
@@ -28,7 +27,7 @@ from textpoke.poke.resident import find_regions
 from textpoke.sites import SiteKind, find_sites
 from textpoke.x86.insn import encode_call
 
-from .harness import Target, env_count, read_mem, symbols, text_section
+from .harness import Target, env_count, fork_and_kill, read_mem, symbols, text_section
 from .targets import build_chaos, check_result
 
 SITES = 2000
@@ -62,20 +61,8 @@ def _tool(pid: int, batches: tuple[list[Patch], list[Patch]], out: int, *, hold:
 def _trial(pid: int, batches: tuple[list[Patch], list[Patch]], event: str, nth: int, delay: float,
            *, hold: str | None = None) -> list[str]:
     """Fork a tool, SIGKILL it ``delay`` s after its ``nth`` ``event``; the events it reported."""
-    read_fd, write_fd = os.pipe()
-    child = os.fork()
-    if child == 0:
-        os.close(read_fd)
-        _tool(pid, batches, write_fd, hold=hold)
-    os.close(write_fd)
-    try:
-        seen = _events(read_fd, event, nth)
-        time.sleep(delay)
-    finally:
-        os.kill(child, signal.SIGKILL)
-        os.waitpid(child, 0)
-        os.close(read_fd)
-    return seen
+    return fork_and_kill(lambda out: _tool(pid, batches, out, hold=hold),
+                         lambda events: _events(events, event, nth), delay)
 
 
 def _events(fd: int, until: str, nth: int, timeout: float = 60.0) -> list[str]:

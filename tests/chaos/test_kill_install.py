@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import time
 
 import pytest
@@ -34,7 +33,7 @@ from textpoke.poke.resident import find_regions, our_threads
 from textpoke.target import _ptrace
 from textpoke.target.process import Process
 
-from .harness import Target, env_count, fields
+from .harness import Target, env_count, fields, fork_and_kill
 
 KINDS = ("spinner", "sleeper", "main")
 #: The binding's requests a borrow makes, reported after each returns.
@@ -86,20 +85,7 @@ def _events_until(fd: int, count: int | None, timeout: float = 30.0) -> list[str
 
 
 def _run_tool(pid: int, tid: int, kill_after: int | None, delay: float) -> list[str]:
-    read_fd, write_fd = os.pipe()
-    child = os.fork()
-    if child == 0:
-        os.close(read_fd)
-        _tool(pid, tid, write_fd)
-    os.close(write_fd)
-    try:
-        seen = _events_until(read_fd, kill_after)
-        time.sleep(delay)
-    finally:
-        os.kill(child, signal.SIGKILL)
-        os.waitpid(child, 0)
-        os.close(read_fd)
-    return seen
+    return fork_and_kill(lambda out: _tool(pid, tid, out), lambda events: _events_until(events, kill_after), delay)
 
 
 def _check_unchanged(target: Target, what: str) -> dict[str, int]:

@@ -152,7 +152,7 @@ def test_i386_notifier_resumes_from_the_frame_it_could_not_return(make_world):
     assert v.message.startswith(
         f"entry restores pt_regs from {outcome.regs_in:#x}, but do_int3 returned the frame at {outcome.regs_out:#x}: "
     )
-    assert f"ip=0x8, emulated ftrace_regs_caller" in v.message   # cs slid into ip's place
+    assert "ip=0x8, emulated ftrace_regs_caller" in v.message   # cs slid into ip's place
 
 
 def test_x86_64_notifier_needs_no_returned_frame(make_world):

@@ -6,7 +6,6 @@ import dataclasses
 import os
 import tempfile
 import time
-from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings

@@ -4,7 +4,6 @@ tests/chaos/test_kill_install.py)."""
 from __future__ import annotations
 
 import struct
-from dataclasses import replace
 
 import pytest
 

@@ -639,17 +639,10 @@ def find_unfinished(process: Process) -> list[UnfinishedInstall]:
         if not (m.path.startswith(f"/memfd:{REGION_NAME} ") and m.offset == 0):
             continue
         path = f"/proc/{process.pid}/map_files/{m.start:x}-{m.end:x}"
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                header = os.pread(fd, HDR_INSTALL_MAGIC + 8, CODE_SIZE)
-            finally:
-                os.close(fd)
-        except OSError:
-            continue
+        header = _read_ctl(path, HDR_INSTALL_MAGIC + 8)
         # The tool may have died writing the header (magic set, agent not yet
         # started): finishing again writes the same bytes.
-        if len(header) < HDR_INSTALL_MAGIC + 8 or _u64(header, HDR_INSTALL_MAGIC) != MAGIC:
+        if header is None or _u64(header, HDR_INSTALL_MAGIC) != MAGIC:
             continue
         if _u32(header, HDR_AGENT_TID):
             continue
@@ -672,17 +665,24 @@ def _wait_unfinished(process: Process, timeout_s: float = 2.0) -> list[Unfinishe
         time.sleep(0.002)
 
 
-def _read_header(path: str) -> bytes | None:
-    """The header of the region behind ``path``; None if it is gone or not ours."""
+def _read_ctl(path: str, size: int) -> bytes | None:
+    """The first ``size`` bytes of the control area of the region behind ``path``;
+    None if it is gone (unmapped meanwhile, or the process exited) or shorter."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            header = os.pread(fd, HDR_AGENT_TID + 4, CODE_SIZE)
+            data = os.pread(fd, size, CODE_SIZE)
         finally:
             os.close(fd)
     except OSError:
-        return None  # unmapped meanwhile, or the process is gone
-    if len(header) < HDR_AGENT_TID + 4 or _u64(header, HDR_MAGIC) != MAGIC:
+        return None
+    return data if len(data) == size else None
+
+
+def _read_header(path: str) -> bytes | None:
+    """The header of the region behind ``path``; None if it is gone or not ours."""
+    header = _read_ctl(path, HDR_AGENT_TID + 4)
+    if header is None or _u64(header, HDR_MAGIC) != MAGIC:
         return None
     return header
 
