@@ -33,16 +33,17 @@ from textpoke.poke.resident import find_regions, our_threads
 from textpoke.target import _ptrace
 from textpoke.target.process import Process
 
-from .harness import Target, env_count, fields, fork_and_kill
+from .harness import Target, env_count, fields, fork_and_kill, run_cli
 
 KINDS = ("spinner", "sleeper", "main")
 #: The binding's requests a borrow makes, reported after each returns.
 _REPORTED = ("seize", "interrupt", "set_options", "set_regs", "syscall", "set_sigmask", "tgkill", "detach")
 
 
-def _tool(pid: int, tid: int, out: int) -> None:
+def _tool(pid: int, tid: int, out: int, *, hold: str | None = None) -> None:
     """The forked tool: attach (installing through thread ``tid``), reporting each
-    ptrace request and memory write; then wait to be killed."""
+    ptrace request and memory write; then wait to be killed (or, with ``hold``,
+    stop for good right after the first such request)."""
     try:
         resident_module.choose_thread = lambda process, exclude=frozenset(), wait_s=2.0: tid
 
@@ -50,6 +51,8 @@ def _tool(pid: int, tid: int, out: int) -> None:
             def wrapper(*args, **kwargs):
                 result = call(*args, **kwargs)
                 os.write(out, f"{name}\n".encode())
+                if name == hold:
+                    time.sleep(3600)
                 return result
 
             return wrapper
@@ -66,8 +69,8 @@ def _tool(pid: int, tid: int, out: int) -> None:
         os._exit(0)
 
 
-def _events_until(fd: int, count: int | None, timeout: float = 30.0) -> list[str]:
-    """Read the tool's events until the ``count``-th (None: until "attached")."""
+def _events_until(fd: int, count: int | None, timeout: float = 30.0, stop_at: str | None = None) -> list[str]:
+    """Read the tool's events until the ``count``-th (None: until "attached" or ``stop_at``)."""
     seen: list[str] = []
     buffer = b""
     deadline = time.monotonic() + timeout
@@ -76,7 +79,7 @@ def _events_until(fd: int, count: int | None, timeout: float = 30.0) -> list[str
             line, _, buffer = buffer.partition(b"\n")
             seen.append(line.decode())
             assert not seen[-1].startswith("error"), seen[-1]
-            if (count is not None and len(seen) == count) or seen[-1] == "attached":
+            if (count is not None and len(seen) == count) or seen[-1] in ("attached", stop_at):
                 return seen
         assert time.monotonic() < deadline, f"tool stalled after {seen!r}"
         chunk = os.read(fd, 4096)
@@ -84,8 +87,9 @@ def _events_until(fd: int, count: int | None, timeout: float = 30.0) -> list[str
         buffer += chunk
 
 
-def _run_tool(pid: int, tid: int, kill_after: int | None, delay: float) -> list[str]:
-    return fork_and_kill(lambda out: _tool(pid, tid, out), lambda events: _events_until(events, kill_after), delay)
+def _run_tool(pid: int, tid: int, kill_after: int | None, delay: float, *, hold: str | None = None) -> list[str]:
+    return fork_and_kill(lambda out: _tool(pid, tid, out, hold=hold), lambda events: _events_until(events, kill_after, stop_at=hold),
+                         delay)
 
 
 def _check_unchanged(target: Target, what: str) -> dict[str, int]:
@@ -171,3 +175,27 @@ def test_kill_at_every_ptrace_request_of_an_install(start_borrowee):
     assert survived == rounds * len(KINDS) * points
     print(f"{survived} kills at {points} points, {adopted} adopted")
     assert adopted > 0  # some kills left a waiting agent thread, which the next attach adopted
+
+
+def test_recover_finishes_an_install_a_killed_tool_left(start_borrowee):
+    """Killed right after it gave the borrowed thread back: the new thread waits
+    for a tool that is gone. `textpoke recover` says so, then finishes the install."""
+    target, tids = start_borrowee()
+    seen = _run_tool(target.pid, tids["main"], None, 0.0, hold="detach")
+    assert seen.count("detach") == 1 and seen[-1] == "detach"
+    process = Process(target.pid)
+    dry = run_cli("recover", "-p", str(target.pid), "--dry-run")
+    assert (dry.returncode, dry.stdout) == (0, f"process {target.pid}: a textpoke killed during its first attach "
+                                               "left its agent thread waiting; recover would finish installing "
+                                               "it (no site was changed)\n"), dry.stderr
+    (waiting,) = our_threads(process)
+    done = run_cli("recover", "-p", str(target.pid))
+    assert (done.returncode, done.stdout) == (0, f"process {target.pid}: finished the install a killed textpoke "
+                                                 "left (its agent thread was waiting); no site had been changed\n"), \
+        done.stderr
+    (region,) = find_regions(process)
+    assert region.owned and region.agent_tid == waiting and our_threads(process) == {waiting}
+    assert _our_fds(target.pid) == []
+    _check_unchanged(target, "after recover")
+    again = run_cli("recover", "-p", str(target.pid))
+    assert again.returncode == 0 and again.stdout.startswith(f"process {target.pid}: 0 sites known to textpoke")

@@ -12,6 +12,7 @@ import click
 
 from .._errors import UnsafeTarget
 from ..poke.recover import Recovery, Restore, SiteState, inspect, recover
+from ..poke.resident import wait_unfinished
 from ..poke.session import attach
 from ..target.process import Process
 from ..target.security import check_architecture
@@ -48,7 +49,18 @@ def command(pid: int, to: str, dry_run: bool, verbose: bool) -> None:
         check_architecture(pid)
         region, states = inspect(process)
     if region is None:
-        click.echo(f"process {pid} holds nothing of textpoke; nothing to recover")
+        with Process(pid) as process:
+            unfinished = wait_unfinished(process)
+        if not unfinished:
+            click.echo(f"process {pid} holds nothing of textpoke; nothing to recover")
+            return
+        if dry_run:
+            click.echo(f"process {pid}: a textpoke killed during its first attach left its agent thread waiting; "
+                       "recover would finish installing it (no site was changed)")
+            return
+        attach(pid, restore=None, refuse_unsafe=False).close(revert=False)
+        click.echo(f"process {pid}: finished the install a killed textpoke left (its agent thread was waiting); "
+                   "no site had been changed")
         return
     if dry_run:
         pending = [s for s in states if s.in_flight or s.current != s.goal(restore)]

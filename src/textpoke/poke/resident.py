@@ -654,7 +654,7 @@ def find_unfinished(process: Process) -> list[UnfinishedInstall]:
     return found
 
 
-def _wait_unfinished(process: Process, timeout_s: float = 2.0) -> list[UnfinishedInstall]:
+def wait_unfinished(process: Process, timeout_s: float = 2.0) -> list[UnfinishedInstall]:
     """find_unfinished, waiting for an install thread that has not posted yet
     (one a stopped process held back, say) rather than installing a second part."""
     deadline = time.monotonic() + timeout_s
@@ -725,6 +725,8 @@ class Resident:
         self._done_addr = _ptrace.buffer_address(local, CODE_SIZE + MBX_DONE)
         self.attach_stop_ns = 0
         self.held: BorrowedThread | None = None  # a spawned program's main thread, not yet released
+        #: This attach finished an install a killed tool had left (its agent thread waiting).
+        self.finished_install = False
         #: How long an agent request may take, or a stopped target stay stopped.
         self.timeout_s = 10.0
 
@@ -744,12 +746,14 @@ class Resident:
         existing = cls._find(process)
         if existing is not None:
             return existing
-        unfinished = _wait_unfinished(process)
+        unfinished = wait_unfinished(process)
         if unfinished:
             # A tool died between starting the agent thread and releasing it.
             u = unfinished[0]
-            return cls._finish_install(process, capacity=u.capacity, fd=u.fd, base=u.base, stub=u.stub,
-                                       path=u.path)
+            resident = cls._finish_install(process, capacity=u.capacity, fd=u.fd, base=u.base, stub=u.stub,
+                                           path=u.path)
+            resident.finished_install = True
+            return resident
         return cls._install(process, capacity=capacity)
 
     @classmethod
@@ -1034,4 +1038,4 @@ class Resident:
         self.close()
 
 
-__all__ = ["Resident", "ResidentStats", "SharedRegion", "generate_code", "region_size"]
+__all__ = ["Resident", "ResidentStats", "SharedRegion", "generate_code", "region_size", "wait_unfinished"]
