@@ -329,7 +329,9 @@ class BorrowedThread:
         does next: restart it, resume it through restart_syscall, or return
         EINTR to a handler without SA_RESTART, for whatever signal arrived
         meanwhile. PTRACE_INTERRUPT marks the stopped thread; PTRACE_CONT lets
-        it leave the syscall and stop there, before it reaches user mode. A
+        it leave the syscall and stop there, before it reaches user mode.
+        (Not from the entry stop, which would save a stop: a pending
+        interrupt makes clone fail with ERESTARTNOINTR.) A
         thread traced since exec (spawn: PTRACE_TRACEME, where
         PTRACE_INTERRUPT does not apply) gets a SIGSTOP instead, which stops
         it at its delivery and is then suppressed."""
