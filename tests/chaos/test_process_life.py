@@ -372,8 +372,10 @@ def test_install_into_a_process_stopped_meanwhile(life):
         # The waiting install thread is adopted and the install finished, not doubled.
         assert session.resident.created
         assert session.resident.agent_tid in our_threads(Process(target.pid))
-        assert not [fd for fd in os.listdir(f"/proc/{target.pid}/fd")
-                    if os.readlink(f"/proc/{target.pid}/fd/{fd}").startswith("/memfd:textpoke")]
+        ours = [fd for fd in os.listdir(f"/proc/{target.pid}/fd")
+                if os.readlink(f"/proc/{target.pid}/fd/{fd}").startswith("/memfd:textpoke")]
+        # One descriptor only: the one the resident part keeps for later sessions.
+        assert [os.stat(f"/proc/{target.pid}/fd/{fd}").st_ino for fd in ours] == [session.resident.inode]
         emulated = session.stats().emulated
         _toggle(session, site, to_a, to_b, 10, hold_s=0.005)
         assert session.stats().emulated > emulated

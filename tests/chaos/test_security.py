@@ -4,18 +4,20 @@ with no path, no page writable and executable, no write outside validated sites.
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import shutil
 import stat
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 
 import pytest
 
 from textpoke import OwnCodeRefused, SiteError
 from textpoke.poke import Patch, attach
-from textpoke.poke.resident import SHARED_MODE
+from textpoke.poke.resident import SHARED_MODE, find_regions
 from textpoke.poke.safety import check_addresses
 from textpoke.target.maps import Mapping, read_maps
 from textpoke.target.process import refusal_reason
@@ -112,7 +114,9 @@ def test_shared_memory_is_private_and_has_no_path(build_target):
             assert writable_and_executable(maps) == []
             tramp = [m for m in ours(maps) if m.path.startswith("/memfd:textpoke-counters")]
             assert sorted(m.perms for m in tramp) == ["r-xs", "rw-s"]
-            assert _fds(target.pid) == fds  # no descriptor of ours left open in the target
+            added = {fd: link for fd, link in _fds(target.pid).items() if fds.get(fd) != link}
+            # One descriptor of ours: the resident region's, kept for later sessions; none of the trampolines'.
+            assert list(added.values()) == ["/memfd:textpoke (deleted)"]
             local = os.stat(f"/proc/{target.pid}/map_files/{tramp[0].start:x}-{tramp[0].end:x}")
             assert stat.S_IMODE(local.st_mode) == 0o600
         assert writable_and_executable(read_maps(target.pid)) == []
@@ -179,3 +183,59 @@ def test_no_call_into_the_resident_handler():
     check_addresses(process, [Patch(site=site, old=NOP5, new=encode_call(site, tramp.start))])  # type: ignore[arg-type]
     with pytest.raises(SiteError, match=re.escape(f"{text.end - 2:#x} is not in executable memory of process 1")):
         check_addresses(process, [Patch(site=text.end - 2, old=NOP5, new=NOP5)])  # type: ignore[arg-type]
+
+
+def _as_nobody(work, *args) -> object:
+    """Run ``work(*args)`` in a forked child that is user nobody (no capabilities):
+    its result, or the exception's ``type: message``, through a pipe."""
+    read_fd, write_fd = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.close(read_fd)
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            result: object = work(*args)
+        except BaseException as exc:  # reported to the test
+            result = f"{type(exc).__name__}: {exc}"
+        os.write(write_fd, pickle.dumps(result))
+        os._exit(0)
+    os.close(write_fd)
+    data = b""
+    while chunk := os.read(read_fd, 65536):
+        data += chunk
+    os.close(read_fd)
+    os.waitpid(child, 0)
+    return pickle.loads(data)
+
+
+def _session_as_user(pid: int, site: int) -> tuple[bool, int, int]:
+    """Attach, count calls through ``site`` for a moment, revert: (installed, calls, regions)."""
+    with attach(pid) as session:
+        counters = Counters(session.resident, n=1, near=site)
+        session.apply([Patch(site=site, old=NOP5, new=encode_call(site, counters.entry(0)))])
+        time.sleep(0.05)
+        calls = int(counters.counts()[0])
+        session.revert()
+        return session.resident.created, calls, len(find_regions(session.process))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="starts the target and the tool as user nobody")
+def test_same_user_without_privileges_attaches_and_attaches_again(build_target):
+    """A tool of the target's own user, without capabilities (no map_files): the
+    first attach installs, the second adopts that install (through the
+    descriptor the resident part keeps), and both count calls."""
+    binary = build_target("hammer")
+    site = symbols(binary)["traced"]
+    target = Target(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", str(binary), "2"])
+    try:
+        first = _as_nobody(_session_as_user, target.pid, site)
+        second = _as_nobody(_session_as_user, target.pid, site)
+        assert isinstance(first, tuple) and isinstance(second, tuple), (first, second)
+        assert (first[0], second[0]) == (True, False)  # installed once, then adopted
+        assert first[1] > 0 and second[1] > 0
+        assert (first[2], second[2]) == (1, 1)
+        assert read_mem(target.pid, site, 5) == NOP5
+    finally:
+        target.kill()

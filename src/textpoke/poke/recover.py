@@ -199,12 +199,12 @@ def _trampoline_regions(process: Process) -> int:
 
 
 def close_leaked_fds(resident: Resident) -> int:
-    """Close descriptors of our memfds left open in the target.
+    """Close descriptors of our memfds left open in the target, but the one the
+    resident region keeps (a later session opens the region through it).
 
-    The installer closes its descriptor once the agent runs, and map_shared
-    right after mapping; a tool killed in between leaves one open (harmless,
-    close-on-exec, but it is ours). Only called under the session lock, so no
-    live tool is between those two steps."""
+    map_shared closes its descriptor right after mapping; a tool killed in
+    between leaves one open (harmless, close-on-exec, but it is ours). Only
+    called under the session lock, so no live tool is between those two steps."""
     pid = resident.process.pid
     closed = 0
     try:
@@ -214,23 +214,21 @@ def close_leaked_fds(resident: Resident) -> int:
     for name in names:
         try:
             link = os.readlink(f"/proc/{pid}/fd/{name}")
+            inode = os.stat(f"/proc/{pid}/fd/{name}").st_ino
         except OSError:
             continue
-        if link.startswith(OUR_PREFIX):
+        if link.startswith(OUR_PREFIX) and inode != resident.inode:
             resident.syscall(sc.SYS_close, int(name))
             closed += 1
     return closed
 
 
-def _read_region(region: RegionInfo) -> bytes:
+def _read_region(process: Process, region: RegionInfo) -> bytes:
     """A snapshot of an inherited region's control area, read-only (never mapped
-    writable: the parent still uses it)."""
-    fd = os.open(region.path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        (capacity,) = struct.unpack("<Q", os.pread(fd, 8, CODE_SIZE + HDR_TABLE_CAPACITY))
-        return os.pread(fd, ctl_size(capacity), CODE_SIZE)
-    finally:
-        os.close(fd)
+    writable: the parent still uses it), through /proc/PID/mem."""
+    ctl = region.base + CODE_SIZE
+    (capacity,) = struct.unpack("<Q", process.read(ctl + HDR_TABLE_CAPACITY, 8))
+    return process.read(ctl, ctl_size(capacity))
 
 
 def _snapshot(data: bytes) -> tuple[SiteTable, Ledger]:
@@ -250,7 +248,7 @@ def inspect(process: Process) -> tuple[RegionInfo | None, list[SiteState]]:
     region = next((r for r in regions if r.owned), regions[0] if regions else None)
     if region is None:
         return None, []
-    table, ledger = _snapshot(_read_region(region))
+    table, ledger = _snapshot(_read_region(process, region))
     return region, survey(process, table, ledger)
 
 
@@ -289,7 +287,7 @@ def adopt_inherited(resident: Resident) -> int | None:
         if not resident.created:
             return None  # copied by an earlier attach
         source = inherited[0]
-    data = _read_region(source)
+    data = _read_region(process, source)
     table, ledger = _snapshot(data)
     states = survey(process, table, ledger)
     for state in states:

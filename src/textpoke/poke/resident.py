@@ -61,7 +61,8 @@ HDR_ALL_SIGNALS = 0x040  # u64: a sigset with every signal, for the agent
 HDR_FRONT = 0x048  # u32: the handler copy SIGTRAP was last given to (safety.ensure_handler)
 # Written by the install stub's new thread, before the tool writes the rest:
 HDR_INSTALL_STUB = 0x050  # u64: the stub pages, unmapped once the agent runs (0 then)
-HDR_INSTALL_FD = 0x058  # u32: the target's descriptor of this memfd, closed likewise
+HDR_INSTALL_FD = 0x058  # u32: the target's descriptor of this memfd, kept open (close-on-exec) so a
+#                           later session opens the region through /proc/PID/fd, no privilege needed
 HDR_INSTALL_TID = 0x05C  # u32: the new thread
 HDR_INSTALL_MAGIC = 0x060  # u64: MAGIC once the fields above are written
 MBX_REQUEST = 0x080  # u32 futex: sequence number of the last posted request
@@ -537,8 +538,8 @@ class RegionInfo:
     """A resident region found in a process's maps (read, not locked)."""
 
     base: int  # its code page in the target
-    path: str  # /proc/PID/map_files link of the code page
     inode: int
+    fd: int  # the target's descriptor of its memfd, kept open (it may have been closed since)
     version: int  # 0: not a textpoke control region
     agent_tid: int
     #: Its agent is a thread of this process: installed here, not inherited
@@ -584,13 +585,12 @@ def find_regions(process: Process) -> list[RegionInfo]:
     regions = []
     for inode, mappings in groups.items():
         code = min(mappings, key=lambda m: m.start)
-        path = f"/proc/{process.pid}/map_files/{code.start:x}-{code.end:x}"
         # An agent that has not published its tid yet (just started, or just
         # continued after a stop) gets a moment to; one that never started
         # (an install killed before it) costs this moment on each attach.
         deadline = time.monotonic() + 0.1
         while True:
-            header = _read_header(path)
+            header = _read_header(process, code.start)
             if header is None:
                 break
             tid = _u32(header, HDR_AGENT_TID)
@@ -600,8 +600,8 @@ def find_regions(process: Process) -> list[RegionInfo]:
             time.sleep(0.002)
         if header is None:
             continue
-        regions.append(RegionInfo(base=code.start, path=path, inode=inode, version=_u32(header, HDR_VERSION),
-                                  agent_tid=tid, owned=owned))
+        regions.append(RegionInfo(base=code.start, inode=inode, fd=_u32(header, HDR_INSTALL_FD),
+                                  version=_u32(header, HDR_VERSION), agent_tid=tid, owned=owned))
     return sorted(regions, key=lambda r: r.base)
 
 
@@ -610,7 +610,7 @@ class UnfinishedInstall:
     """A region whose agent thread waits to be released by a tool that died."""
 
     base: int
-    path: str
+    inode: int
     fd: int
     stub: int
     capacity: int
@@ -638,8 +638,7 @@ def find_unfinished(process: Process) -> list[UnfinishedInstall]:
     for m in process.maps():
         if not (m.path.startswith(f"/memfd:{REGION_NAME} ") and m.offset == 0):
             continue
-        path = f"/proc/{process.pid}/map_files/{m.start:x}-{m.end:x}"
-        header = _read_ctl(path, HDR_INSTALL_MAGIC + 8)
+        header = _read_ctl(process, m.start, HDR_INSTALL_MAGIC + 8)
         # The tool may have died writing the header (magic set, agent not yet
         # started): finishing again writes the same bytes.
         if header is None or _u64(header, HDR_INSTALL_MAGIC) != MAGIC:
@@ -649,7 +648,7 @@ def find_unfinished(process: Process) -> list[UnfinishedInstall]:
         stub, tid = _u64(header, HDR_INSTALL_STUB), _u32(header, HDR_INSTALL_TID)
         if thread_pc(process.pid, tid) not in range(stub, stub + PAGE):
             continue  # not this process's thread (inherited through fork), or gone
-        found.append(UnfinishedInstall(base=m.start, path=path, fd=_u32(header, HDR_INSTALL_FD), stub=stub,
+        found.append(UnfinishedInstall(base=m.start, inode=m.inode, fd=_u32(header, HDR_INSTALL_FD), stub=stub,
                                        capacity=_u64(header, HDR_TABLE_CAPACITY), tid=tid))
     return found
 
@@ -665,32 +664,74 @@ def wait_unfinished(process: Process, timeout_s: float = 2.0) -> list[Unfinished
         time.sleep(0.002)
 
 
-def _read_ctl(path: str, size: int) -> bytes | None:
-    """The first ``size`` bytes of the control area of the region behind ``path``;
-    None if it is gone (unmapped meanwhile, or the process exited) or shorter."""
+def _read_ctl(process: Process, base: int, size: int) -> bytes | None:
+    """The first ``size`` bytes of the control area of the region at ``base``
+    (through /proc/PID/mem: no privilege beyond ptrace access); None if it
+    is gone (unmapped meanwhile, or the process exited)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            data = os.pread(fd, size, CODE_SIZE)
-        finally:
-            os.close(fd)
-    except OSError:
+        return process.read(base + CODE_SIZE, size)
+    except TargetError:
         return None
-    return data if len(data) == size else None
 
 
-def _read_header(path: str) -> bytes | None:
-    """The header of the region behind ``path``; None if it is gone or not ours."""
-    header = _read_ctl(path, HDR_AGENT_TID + 4)
+def _read_header(process: Process, base: int) -> bytes | None:
+    """The header of the region at ``base``; None if it is gone or not ours."""
+    header = _read_ctl(process, base, HDR_INSTALL_FD + 4)
     if header is None or _u64(header, HDR_MAGIC) != MAGIC:
         return None
     return header
 
 
+def _region_path(process: Process, *, base: int, end: int, inode: int, fd: int) -> str:
+    """A path that opens the memfd mapped at [base, end) of the target (``inode``).
+
+    The target's descriptor ``fd`` (/proc/PID/fd: same-user ptrace access
+    suffices; checked, since the program may have closed it and reused the
+    number), else /proc/PID/map_files (root, or CAP_CHECKPOINT_RESTORE).
+    The caller checks what it opened (:func:`_open_checked`)."""
+    pid = process.pid
+    for path in (f"/proc/{pid}/fd/{fd}", f"/proc/{pid}/map_files/{base:x}-{end:x}"):
+        try:
+            if os.stat(path).st_ino == inode:
+                return path
+        except OSError:
+            continue
+    raise InjectionError(
+        f"cannot open textpoke's shared memory in process {pid}: the program closed textpoke's descriptor "
+        "of it, and /proc/PID/map_files needs privileges",
+        hint="attach as root (or with CAP_CHECKPOINT_RESTORE)",
+    )
+
+
+def _open_checked(pid: int, path: str, size: int, inode: int) -> mmap.mmap:
+    """_open_shared, refusing a file that is not the memfd ``inode`` (a race
+    with the program reusing a descriptor number)."""
+    local_fd, local = _open_shared(pid, path, size)
+    try:
+        if os.fstat(local_fd).st_ino != inode:
+            local.close()
+            raise InjectionError(f"textpoke's memfd in process {pid} was replaced under it; nothing was written")
+    finally:
+        os.close(local_fd)
+    return local
+
+
+def _still_ours(pid: int, fd: int, inode: int) -> bool:
+    """Whether descriptor ``fd`` of ``pid`` is still our memfd (the program may
+    have closed it, with close_range say, and reused the number)."""
+    try:
+        return os.stat(f"/proc/{pid}/fd/{fd}").st_ino == inode
+    except OSError:
+        return False
+
+
 def _take_lock(pid: int, path: str) -> int:
     """The session lock: flock on a descriptor of our own (not mmap's dup), so
     closing it releases the lock, and the kernel releases it if we die."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise InjectionError(f"cannot open textpoke's state in process {pid}: {exc.strerror}") from exc
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -715,6 +756,7 @@ class Resident:
         self.local = local
         self.created = created
         self._lock_fd = lock_fd
+        self.inode = os.fstat(lock_fd).st_ino  # of the memfd: which descriptor of the target is ours
         self.ctl = memoryview(local)[CODE_SIZE:]
         self.ctl_address = base + CODE_SIZE
         self.capacity = _u64(self.ctl, HDR_TABLE_CAPACITY)
@@ -751,7 +793,7 @@ class Resident:
             # A tool died between starting the agent thread and releasing it.
             u = unfinished[0]
             resident = cls._finish_install(process, capacity=u.capacity, fd=u.fd, base=u.base, stub=u.stub,
-                                           path=u.path)
+                                           inode=u.inode)
             resident.finished_install = True
             return resident
         return cls._install(process, capacity=capacity)
@@ -764,12 +806,12 @@ class Resident:
         owned = [r for r in find_regions(process) if r.owned]
         if not owned:
             return None
-        base, path = owned[0].base, owned[0].path
+        region = owned[0]
+        base = region.base
+        path = _region_path(process, base=base, end=base + CODE_SIZE, inode=region.inode, fd=region.fd)
         lock_fd = _take_lock(process.pid, path)
         try:
-            size = os.fstat(lock_fd).st_size
-            fd, local = _open_shared(process.pid, path, size)
-            os.close(fd)
+            local = _open_checked(process.pid, path, os.fstat(lock_fd).st_size, region.inode)
         except BaseException:
             os.close(lock_fd)
             raise
@@ -816,30 +858,31 @@ class Resident:
             process.write(pages, stub)
             thread.syscall_at(pages, sc.SYS_clone, sc.CLONE_THREAD_FLAGS, 0, 0, 0, 0, block_signals=True)
         fd, base = _await_stub(process, pages)
-        resident = cls._finish_install(process, capacity=capacity, fd=fd, base=base, stub=pages,
-                                       path=f"/proc/{process.pid}/fd/{fd}")
+        inode = next((m.inode for m in process.maps() if m.start == base), 0)
+        resident = cls._finish_install(process, capacity=capacity, fd=fd, base=base, stub=pages, inode=inode)
         resident.attach_stop_ns = thread.stopped_ns
         return resident
 
     @classmethod
     def _finish_install(cls, process: Process, *, capacity: int, fd: int, base: int, stub: int,
-                        path: str) -> Resident:
+                        inode: int) -> Resident:
         """Steps after the agent thread exists, none of which stops anything:
 
-        1. take the session lock and map the memfd in the tool; write code and
-           header; release the agent (HDR_READY, last);
+        1. take the session lock and map the memfd in the tool (through the
+           target's descriptor, which stays open for later sessions); write
+           code and header; release the agent (HDR_READY, last);
         2. wait for the agent;
-        3. through the agent: close the target's descriptor, unmap the stub
-           pages, register for membarrier SYNC_CORE, and install the SIGTRAP
+        3. through the agent: unmap the stub pages, register for membarrier
+           SYNC_CORE, and install the SIGTRAP
            handler (the old disposition saved in the control region, for the
            handler's not-ours path).
         """
         blob, _ = generate_code(capacity=capacity)
         size = region_size(capacity)
+        path = _region_path(process, base=base, end=base + CODE_SIZE, inode=inode, fd=fd)
         lock_fd = _take_lock(process.pid, path)
         try:
-            local_fd, local = _open_shared(process.pid, path, size)
-            os.close(local_fd)
+            local = _open_checked(process.pid, path, size, inode)
         except BaseException:
             os.close(lock_fd)
             raise
@@ -854,7 +897,6 @@ class Resident:
         resident = cls(process, base=base, local=local, lock_fd=lock_fd, created=True)
         try:
             resident._wait_agent()
-            resident.syscall(sc.SYS_close, fd)
             resident._drop_stub()
             resident.syscall(sc.SYS_membarrier, sc.MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0)
             action = struct.pack("<QQQQ", resident.labels["handler"],
@@ -987,6 +1029,11 @@ class Resident:
         raw = name.encode() + b"\0"
         self.ctl[SCRATCH : SCRATCH + len(raw)] = raw
         fd = self.syscall(sc.SYS_memfd_create, self.ctl_address + SCRATCH, sc.MFD_CLOEXEC)
+        pid = self.process.pid
+        try:
+            inode = os.stat(f"/proc/{pid}/fd/{fd}").st_ino
+        except OSError as exc:
+            raise InjectionError(f"textpoke's new memfd in process {pid} vanished: {exc.strerror}") from exc
         try:
             self.syscall(sc.SYS_ftruncate, fd, size)
             flags = sc.MAP_SHARED
@@ -1002,10 +1049,14 @@ class Resident:
             if apart:
                 data_address = self.syscall(sc.SYS_mmap, 0, data_size, sc.PROT_READ | sc.PROT_WRITE,
                                             sc.MAP_SHARED, fd, code_size)
-            local_fd, local = _open_shared(self.process.pid, f"/proc/{self.process.pid}/fd/{fd}", size)
-            os.close(local_fd)
+            # Checked against what is mapped: never a file of the program's.
+            mapped = next((m.inode for m in self.process.maps() if m.start == address), 0)
+            if mapped != inode:
+                raise InjectionError(f"the memory textpoke mapped in process {pid} is not its memfd")
+            local = _open_checked(pid, f"/proc/{pid}/fd/{fd}", size, inode)
         finally:
-            self.syscall(sc.SYS_close, fd)
+            if _still_ours(pid, fd, inode):
+                self.syscall(sc.SYS_close, fd)
         return SharedRegion(address, size, local, data_address)
 
     # -- statistics -------------------------------------------------------------------

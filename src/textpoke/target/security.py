@@ -68,13 +68,38 @@ def writable_and_executable(maps: Iterable[Mapping]) -> list[Mapping]:
 def shared_modes(pid: int, maps: Iterable[Mapping]) -> dict[str, int]:
     """Permission bits of each of our memfds mapped in ``pid``, by maps path and inode."""
     modes: dict[str, int] = {}
+    by_inode: dict[int, os.stat_result] | None = None
     for mapping in ours(maps):
         key = f"{mapping.path}@{mapping.inode}"
         if key in modes:
             continue
-        st = os.stat(f"/proc/{pid}/map_files/{mapping.start:x}-{mapping.end:x}")
+        try:
+            st = os.stat(f"/proc/{pid}/map_files/{mapping.start:x}-{mapping.end:x}")
+        except PermissionError:
+            # map_files needs privileges; a descriptor of the target reaches the same file.
+            if by_inode is None:
+                by_inode = _open_files(pid)
+            found = by_inode.get(mapping.inode)
+            if found is None:
+                continue  # no descriptor open on it (trampolines close theirs): not seen
+            st = found
         modes[key] = stat.S_IMODE(st.st_mode)
     return modes
+
+
+def _open_files(pid: int) -> dict[int, os.stat_result]:
+    found = {}
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return found
+    for name in names:
+        try:
+            st = os.stat(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue
+        found[st.st_ino] = st
+    return found
 
 
 __all__ = [
