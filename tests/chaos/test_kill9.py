@@ -111,7 +111,9 @@ def test_sigkill_at_any_point_the_target_survives(tmp_path):
                 recovered_in_flight += 1
             assert target.alive(), f"trial {trial}: the target died (killed after {event} #{nth})"
             status = open(f"/proc/{target.pid}/status").read()
-            assert "State:\tT" not in status and "State:\tZ" not in status
+            assert "State:\tZ" not in status, (
+                f"trial {trial}: the target died with {target.proc.wait(5)} (killed after {event} #{nth}): {seen[-3:]}")
+            assert "State:\tT" not in status, f"trial {trial}: the target was left stopped (killed after {event})"
         # Last, a tool killed right after its A -> B batch: all 2,000 sites call B
         # for a session that will never revert them; the next attach must.
         _trial(target.pid, batches, "head", 1, 0.0, hold="head")

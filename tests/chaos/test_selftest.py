@@ -14,7 +14,8 @@ NAMES = ["C compiler", "crash-safe borrow", "ptrace permission", "/proc/PID/mem 
 
 def test_selftest_checks():
     checks = run_selftest()
-    assert [(c.name, c.status) for c in checks] == [(name, Status.OK) for name in NAMES]
+    assert [(c.name, c.status) for c in checks] == [(name, Status.OK) for name in NAMES], [
+        c for c in checks if c.status != Status.OK]
     emulation = next(c for c in checks if c.name == "int3 emulation")
     assert emulation.detail == (f"{4 * CALLS} calls made mid-patch, each trapped and emulated exactly once "
                                 "(A->B and back)")

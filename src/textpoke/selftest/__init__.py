@@ -226,10 +226,23 @@ class _Run:
                       f"site {self.site:#x} holds {now.hex(' ')} (file: {self.file_bytes.hex(' ')})")
 
 
+def _syscall_of(pid: int, *, pc: bool = False) -> tuple[int | None, int | None]:
+    """The syscall the main thread is blocked in (None: running), and its pc if asked."""
+    fields = open(f"/proc/{pid}/task/{pid}/syscall").read().split()
+    if fields[0] == "running":
+        return None, None
+    return int(fields[0]), int(fields[-1], 16) if pc else None
+
+
 def _crash_safe_borrow(target: _Target) -> Check:
     """Borrow the target's main thread (blocked in read), run a syscall in it,
     and abandon it there as a killed tool would: it must return through its
     restore frame to the read it was in, and answer the next command."""
+    # It printed "ready" (or its last answer) and may still be returning from
+    # that write: wait until it blocks in read, the syscall it must come back to.
+    deadline = time.monotonic() + 5
+    while _syscall_of(target.pid) != (sc.SYS_read, None) and time.monotonic() < deadline:
+        time.sleep(0.001)
     process = Process(target.pid)
     try:
         with BorrowedThread(process, target.pid) as thread:
@@ -242,9 +255,9 @@ def _crash_safe_borrow(target: _Target) -> Check:
     deadline = time.monotonic() + 5
     back = None
     while time.monotonic() < deadline:
-        fields = open(f"/proc/{target.pid}/task/{target.pid}/syscall").read().split()
-        if fields[0] != "running" and int(fields[-1], 16) == before.rip:
-            back = int(fields[0])
+        number, pc = _syscall_of(target.pid, pc=True)
+        if number is not None and pc == before.rip:
+            back = number
             break
         time.sleep(0.001)
     answered = target.ask("peek").get("scratch") is not None
