@@ -9,7 +9,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from elftools.elf.elffile import ELFFile
@@ -20,6 +21,19 @@ ROOT = Path(__file__).resolve().parents[2]
 def env_count(name: str, default: int) -> int:
     """A trial count from the environment (CI keeps the defaults small)."""
     return int(os.environ.get(name, default))
+
+
+@contextlib.contextmanager
+def cpu_hogs(count: int) -> Iterator[None]:
+    """``count`` processes spinning on the CPU while the block runs: preemption
+    at every instant (it found races a quiet machine hid)."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
 
 
 def symbols(path: Path) -> dict[str, int]:

@@ -11,7 +11,8 @@ complete A -> B batch; the next attach must put all 2,000 sites back by itself
 and the text byte for byte, and the target's own counts and checksums must be
 exact.
 
-Trials: TEXTPOKE_CHAOS_TRIALS (default 14, two per kill point).
+Trials: TEXTPOKE_CHAOS_TRIALS (default 14, two per kill point), run beside
+TEXTPOKE_CHAOS_HOGS (default 1) processes spinning on the CPU.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from textpoke.poke.resident import find_regions
 from textpoke.sites import SiteKind, find_sites
 from textpoke.x86.insn import encode_call
 
-from .harness import Target, env_count, fork_and_kill, read_mem, symbols, text_section
+from .harness import Target, cpu_hogs, env_count, fork_and_kill, read_mem, symbols, text_section
 from .targets import build_chaos, check_result
 
 SITES = 2000
@@ -82,6 +83,7 @@ def _events(fd: int, until: str, nth: int, timeout: float = 60.0) -> list[str]:
 
 def test_sigkill_at_any_point_the_target_survives(tmp_path):
     trials = env_count("TEXTPOKE_CHAOS_TRIALS", 2 * len(EVENTS))
+    hogs = env_count("TEXTPOKE_CHAOS_HOGS", 1)
     binary = build_chaos(tmp_path, SITES)
     syms = symbols(binary)
     sites = [s.address for s in find_sites(binary, kinds={SiteKind.CALL}, functions=["caller_*"], calls_to=["A"])]
@@ -101,19 +103,20 @@ def test_sigkill_at_any_point_the_target_survives(tmp_path):
         # registers not yet restored) is outside what these trials cover.
         with attach(target.pid) as session:
             assert session.resident.created
-        for trial in range(trials):
-            event = EVENTS[trial % len(EVENTS)]
-            nth = 1 if event in ("start", "attached") else rng.randint(1, 4)
-            seen = _trial(target.pid, batches, event, nth, rng.uniform(0, 0.003))
-            killed_after[event] += 1
-            attached = [line for line in seen if line.startswith("attached")]
-            if attached and "in_flight=0" not in attached[0]:
-                recovered_in_flight += 1
-            assert target.alive(), f"trial {trial}: the target died (killed after {event} #{nth})"
-            status = open(f"/proc/{target.pid}/status").read()
-            assert "State:\tZ" not in status, (
-                f"trial {trial}: the target died with {target.proc.wait(5)} (killed after {event} #{nth}): {seen[-3:]}")
-            assert "State:\tT" not in status, f"trial {trial}: the target was left stopped (killed after {event})"
+        with cpu_hogs(hogs):  # preempted anywhere: how the trials found a real race
+            for trial in range(trials):
+                event = EVENTS[trial % len(EVENTS)]
+                nth = 1 if event in ("start", "attached") else rng.randint(1, 4)
+                seen = _trial(target.pid, batches, event, nth, rng.uniform(0, 0.003))
+                killed_after[event] += 1
+                attached = [line for line in seen if line.startswith("attached")]
+                if attached and "in_flight=0" not in attached[0]:
+                    recovered_in_flight += 1
+                assert target.alive(), f"trial {trial}: the target died (killed after {event} #{nth})"
+                status = open(f"/proc/{target.pid}/status").read()
+                assert "State:\tZ" not in status, (
+                    f"trial {trial}: the target died with {target.proc.wait(5)} (killed after {event} #{nth}): {seen[-3:]}")
+                assert "State:\tT" not in status, f"trial {trial}: the target was left stopped (killed after {event})"
         # Last, a tool killed right after its A -> B batch: all 2,000 sites call B
         # for a session that will never revert them; the next attach must.
         _trial(target.pid, batches, "head", 1, 0.0, hold="head")
@@ -131,7 +134,7 @@ def test_sigkill_at_any_point_the_target_survives(tmp_path):
     assert result["b"] > 0  # the tools really patched
     if trials >= 2 * len(EVENTS):
         assert recovered_in_flight > 0  # some kills left a batch in flight, and it was finished
-    summary = (f"kill -9 trials: {trials}, target alive after every one; killed after {dict(killed_after)}; "
+    summary = (f"kill -9 trials: {trials} beside {hogs} CPU hog(s), target alive after every one; killed after {dict(killed_after)}; "
                f"{recovered_in_flight} attaches found a batch left in flight; the final attach put back "
                f"{len(left.written)} sites; calls made {result['made']}, A {result['a']}, B {result['b']}, bad 0")
     print(summary)
