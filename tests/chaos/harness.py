@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import selectors
@@ -9,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 

@@ -134,8 +134,8 @@ def test_sigkill_at_any_point_the_target_survives(tmp_path):
     assert result["b"] > 0  # the tools really patched
     if trials >= 2 * len(EVENTS):
         assert recovered_in_flight > 0  # some kills left a batch in flight, and it was finished
-    summary = (f"kill -9 trials: {trials} beside {hogs} CPU hog(s), target alive after every one; killed after {dict(killed_after)}; "
-               f"{recovered_in_flight} attaches found a batch left in flight; the final attach put back "
+    summary = (f"kill -9 trials: {trials} beside {hogs} CPU hog(s), target alive after every one; "
+               f"killed after {dict(killed_after)}; {recovered_in_flight} attaches found a batch left in flight; the final attach put back "
                f"{len(left.written)} sites; calls made {result['made']}, A {result['a']}, B {result['b']}, bad 0")
     print(summary)
     (tmp_path.parent / "kill9-summary.txt").write_text(summary + "\n")

@@ -24,6 +24,7 @@ import fcntl
 import functools
 import mmap
 import os
+import signal
 import struct
 import time
 from dataclasses import dataclass
@@ -657,23 +658,13 @@ def find_unfinished(process: Process) -> list[UnfinishedInstall]:
 #: kernel keeps SIGKILL and SIGSTOP out). glibc never lets a program block its
 #: internal signals 32 and 33, so only glibc itself (for a moment, in fork or
 #: pthread_create) or a new thread of ours has this mask.
-_BORN_BLOCKED = 0xFFFF_FFFF_FFFF_FFFF & ~((1 << (9 - 1)) | (1 << (19 - 1)))
+_BORN_BLOCKED = 0xFFFF_FFFF_FFFF_FFFF & ~((1 << (signal.SIGKILL - 1)) | (1 << (signal.SIGSTOP - 1)))
 
 
 def _being_born(process: Process) -> bool:
     """Whether a thread has every signal blocked: perhaps an install thread that
     has not named itself yet (a stopped process held it back at birth)."""
-    for tid in process.threads():
-        try:
-            with open(f"/proc/{process.pid}/task/{tid}/status", "rb") as f:
-                for line in f:
-                    if line.startswith(b"SigBlk:"):
-                        if int(line.split()[1], 16) == _BORN_BLOCKED:
-                            return True
-                        break
-        except OSError:
-            continue
-    return False
+    return any(process.thread_signal_mask(tid) == _BORN_BLOCKED for tid in process.threads())
 
 
 def wait_unfinished(process: Process, timeout_s: float = 2.0) -> list[UnfinishedInstall]:
@@ -682,9 +673,7 @@ def wait_unfinished(process: Process, timeout_s: float = 2.0) -> list[Unfinished
     deadline = time.monotonic() + timeout_s
     while True:
         found = find_unfinished(process)
-        if found or time.monotonic() > deadline:
-            return found
-        if not (our_threads(process) or _being_born(process)):
+        if found or time.monotonic() > deadline or not (our_threads(process) or _being_born(process)):
             return found
         time.sleep(0.002)
 

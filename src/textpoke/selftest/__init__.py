@@ -27,6 +27,7 @@ from elftools.elf.elffile import ELFFile
 from .._errors import TextpokeError
 from ..demo import build_bundled
 from ..poke.protocol import Patch, Step
+from ..poke.resident import thread_pc
 from ..poke.session import Session, attach
 from ..sites import SiteKind, find_sites
 from ..target import _ptrace
@@ -226,40 +227,32 @@ class _Run:
                       f"site {self.site:#x} holds {now.hex(' ')} (file: {self.file_bytes.hex(' ')})")
 
 
-def _syscall_of(pid: int, *, pc: bool = False) -> tuple[int | None, int | None]:
-    """The syscall the main thread is blocked in (None: running), and its pc if asked."""
-    fields = open(f"/proc/{pid}/task/{pid}/syscall").read().split()
-    if fields[0] == "running":
-        return None, None
-    return int(fields[0]), int(fields[-1], 16) if pc else None
-
-
 def _crash_safe_borrow(target: _Target) -> Check:
     """Borrow the target's main thread (blocked in read), run a syscall in it,
     and abandon it there as a killed tool would: it must return through its
     restore frame to the read it was in, and answer the next command."""
-    # It printed "ready" (or its last answer) and may still be returning from
-    # that write: wait until it blocks in read, the syscall it must come back to.
-    deadline = time.monotonic() + 5
-    while _syscall_of(target.pid) != (sc.SYS_read, None) and time.monotonic() < deadline:
-        time.sleep(0.001)
     process = Process(target.pid)
     try:
+        # It printed "ready" (or its last answer) and may still be returning from
+        # that write: wait until it blocks in read, the syscall it must come back to.
+        deadline = time.monotonic() + 5
+        while process.thread_syscall(target.pid) != sc.SYS_read and time.monotonic() < deadline:
+            time.sleep(0.001)
         with BorrowedThread(process, target.pid) as thread:
             before = thread.saved_regs
             pid = thread.syscall(sc.SYS_getpid)
             xstate = len(_ptrace.get_xstate(target.pid))
             thread.abandon()
+        deadline = time.monotonic() + 5
+        back = None
+        while time.monotonic() < deadline:
+            number = process.thread_syscall(target.pid)
+            if number is not None and thread_pc(target.pid, target.pid) == before.rip:
+                back = number
+                break
+            time.sleep(0.001)
     finally:
         process.close()
-    deadline = time.monotonic() + 5
-    back = None
-    while time.monotonic() < deadline:
-        number, pc = _syscall_of(target.pid, pc=True)
-        if number is not None and pc == before.rip:
-            back = number
-            break
-        time.sleep(0.001)
     answered = target.ask("peek").get("scratch") is not None
     ok = pid == target.pid and back == before.orig_rax and answered
     return _check("crash-safe borrow", ok,

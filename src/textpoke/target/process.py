@@ -201,15 +201,16 @@ class Process:
             return None
         return int(text[0])
 
-    def thread_blocks_signal(self, tid: int, signum: int) -> bool:
+    def thread_signal_mask(self, tid: int) -> int:
+        """The signals ``tid`` blocks (SigBlk; bit n-1 for signal n), 0 if it is gone."""
         try:
             status = Path(f"/proc/{self.pid}/task/{tid}/status").read_text()
         except OSError:
-            return False
+            return 0
         for line in status.splitlines():
             if line.startswith("SigBlk:"):
-                return bool(int(line.split()[1], 16) & (1 << (signum - 1)))
-        return False
+                return int(line.split()[1], 16)
+        return 0
 
     def maps(self) -> list[Mapping]:
         return read_maps(self.pid)
