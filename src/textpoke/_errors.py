@@ -122,6 +122,13 @@ class SymbolNotFound(TextpokeError):
     default_hint = "list the functions and sites with `textpoke sites PID`"
 
 
+class RecordingFailed(TextpokeError):
+    """The recording file could not be written (disk full, I/O error): tracing
+    stopped, every site was restored, and what was written is kept."""
+
+    exit_code = 15
+
+
 class OwnCodeRefused(SiteError):
     """The address lies inside textpoke's own code or data in the target."""
 
@@ -148,4 +155,5 @@ __all__ = [
     "UnsafeTarget",
     "SymbolNotFound",
     "OwnCodeRefused",
+    "RecordingFailed",
 ]

@@ -13,7 +13,8 @@ import pytest
 
 from textpoke.cli import _capture, main
 
-from textpoke.ring import CaptureOptions, Recording
+from textpoke.capture import CaptureOptions, Overflow
+from textpoke.ring import Recording
 
 from .conftest import count_recording, tiny_recording
 from .test_report import FTRACE, SUMMARY
@@ -45,22 +46,30 @@ def fake_engine(monkeypatch):
     """Route the CLI to a scripted capture engine (real recordings, no process)."""
     calls: dict[str, object] = {}
 
-    def capture_pid(pid, options, *, stop_event=None, on_progress=None):
+    def capture_pid(pid, options, *, output=None, stop_event=None, on_progress=None):
         calls["pid"] = (pid, options)
         on_progress(SimpleNamespace(seconds=0.5, records=5, lost=0, sites=4))
         behaviour = calls.get("behaviour")
         if behaviour is not None:
             behaviour(stop_event)
-        return tiny_recording(pid=pid)
+        recording = tiny_recording(pid=pid)
+        if output is not None:  # the real engine streams the file while tracing
+            recording.save(output)
+        return recording
 
-    def capture_command(argv, options, *, stop_event=None, on_progress=None, **popen):
+    def capture_command(argv, options, *, output=None, stop_event=None, abandon_event=None, on_start=None,
+                        on_progress=None, on_traced=None, **popen):
         calls["argv"] = (argv, options)
-        return tiny_recording(), calls.get("returncode", 0)
+        recording = tiny_recording()
+        recording.save(output)
+        on_traced(recording)
+        return recording, calls.get("returncode", 0)
 
     engine = SimpleNamespace(
         capture_pid=capture_pid,
         capture_command=capture_command,
-        CaptureOptions=CaptureOptions,  # the real one: the CLI's keywords must fit it
+        CaptureOptions=CaptureOptions,  # the real ones: the CLI's keywords must fit them
+        Overflow=Overflow,
     )
     monkeypatch.setattr(_capture, "capture_module", lambda: engine)
     return calls

@@ -83,8 +83,8 @@ def test_callers_beyond_top_three_and_unknown_sites():
     # work_a called from five distinct functions; one record names a site id
     # that is not in the site table: it is counted, not dropped.
     functions = Symbols.from_ranges((0x500000 + 0x100 * i, 0x500100 + 0x100 * i, f"c{i}") for i in range(5))
-    rows = [(10 + i, 7, 0, 0x500000 + 0x100 * c + 4, 0x401200) for i, c in enumerate([0, 0, 0, 1, 1, 2, 3, 4])]
-    rows.append((30, 7, 99, 0x500004, 0x1234))
+    rows = [(10 + i, 7, 0, 0x500000 + 0x100 * c + 4) for i, c in enumerate([0, 0, 0, 1, 1, 2, 3, 4])]
+    rows.append((30, 7, 99, 0x500004))
     recording = tiny_recording(records=records(rows), symbols=functions, start_ns=0, end_ns=10**9)
     summary = summarize(recording)
     (work_a,) = [row for row in summary.functions if row.name == "work_a"]
@@ -103,10 +103,10 @@ FTRACE = """\
 #
 #           TASK-PID     CPU#   TIMESTAMP  FUNCTION
 #              | |         |       |         |
-     target-4242  [???]     0.000000: work_a <-main
-     target-4242  [???]     0.000100: work_a <-main
-     target-4243  [???]     0.000200: work_b <-helper
-     target-4243  [???]     0.500000: work_a <-helper
+     target-4242  [000]     0.000000: work_a <-main
+     target-4242  [000]     0.000100: work_a <-main
+     target-4243  [001]     0.000200: work_b <-helper
+     target-4243  [001]     0.500000: work_a <-helper
      target-4242  [???]     1.000000: work_c <-main
 """
 
@@ -121,9 +121,10 @@ def test_json_lines(tiny):
     header, calls = lines[0], lines[1:]
     assert header["type"] == "recording" and header["records"] == 5 and header["lost"] == 0
     assert [s["traces"] for s in header["sites"]] == ["work_a", "work_b", "work_c", "never"]
-    assert calls[0] == {"type": "call", "t_ns": 100, "ts_ns": 1_000_000_100, "tid": 4242, "site": 0,
+    assert calls[0] == {"type": "call", "t_ns": 100, "ts_ns": 1_000_000_100, "tid": 4242, "cpu": 0, "site": 0,
                         "function": "work_a", "caller": "main", "caller_address": "0x401020",
                         "callee_address": "0x401200", "arg0": "0x0"}
+    assert calls[4]["cpu"] is None and calls[4]["callee_address"] == "0x401400"
     assert [c["function"] for c in calls] == ["work_a", "work_a", "work_b", "work_a", "work_c"]
     assert [c["t_ns"] for c in calls] == [100, 100_000, 200_500, 500_000_000, 1_000_000_999]
 
@@ -150,7 +151,7 @@ def test_chrome_trace(tiny):
 
 def test_names_are_escaped_in_json():
     sites = (SiteInfo(0, 0x401200, "fentry", 'operator"quoted"\\', None),)
-    recording = tiny_recording(records=records([(1_000_000_000, 1, 0, 0x1, 0x401200)]), sites=sites)
+    recording = tiny_recording(records=records([(1_000_000_000, 1, 0, 0x1)]), sites=sites)
     for reporter in (ChromeReporter(), JsonLinesReporter()):
         text = render(reporter, recording)
         assert 'operator"quoted"\\' in text.replace('\\"', '"').replace("\\\\", "\\")
@@ -182,7 +183,7 @@ def big_recording(n: int) -> Recording:
     rec["site"] = i % 50
     # caller function 50 + (i % 150); distinct return addresses within it
     rec["caller"] = 0x400000 + 0x100 * (50 + i % 150) + (i % 7) * 4
-    rec["callee"] = 0x400000 + 0x100 * (i % 50)
+    rec["cpu"] = i % 2
     sites = tuple(SiteInfo(k, 0x400000 + 0x100 * k, "fentry", f"f{k:02d}", None) for k in range(50))
     symbols = Symbols.from_ranges((0x400000 + 0x100 * k, 0x400100 + 0x100 * k, f"f{k:02d}" if k < 50 else f"g{k:03d}")
                                   for k in range(200))
@@ -218,7 +219,7 @@ def test_million_records_in_bulk():
     print(f"ftrace dump of {n:,} records: {time.perf_counter() - started:.2f} s")
     assert len(lines) == n + 7
     # the last record, i = 999,999: thread 1007, site 49, caller function 50 + 99
-    assert lines[-1] == "        big-1007  [???]     0.099999: f49 <-g149"
+    assert lines[-1] == "        big-1007  [001]     0.099999: f49 <-g149"
     chrome = render(ChromeReporter(), recording)
     assert chrome.count('"ph":"i"') == n
 

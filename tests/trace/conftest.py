@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from textpoke.ring import CaptureOptions, CaptureProgress, Recording, capture_pid
+from textpoke.capture import CaptureOptions, CaptureProgress, capture_pid
+from textpoke.ring import Recording
 
 
 class Target:
@@ -61,13 +62,14 @@ class Capture:
 
 
 @contextlib.contextmanager
-def capturing(pid: int, options: CaptureOptions, *, timeout: float = 30.0) -> Iterator[Capture]:
+def capturing(pid: int, options: CaptureOptions, *, timeout: float = 30.0, output=None) -> Iterator[Capture]:
     """Run capture_pid(pid, options) while the block runs; the recording is set after it."""
     capture = Capture()
 
     def run() -> None:
         try:
-            capture.recording = capture_pid(pid, options, stop_event=capture.stop, on_progress=capture.on_progress)
+            capture.recording = capture_pid(pid, options, output=output, stop_event=capture.stop,
+                                            on_progress=capture.on_progress)
         except BaseException as exc:  # handed to the test thread
             capture.error = exc
         finally:

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from textpoke.poke import attach
-from textpoke.ring import CaptureOptions, RingReader, SiteTable
-from textpoke.ring.format import write_ring_header
+from textpoke.capture import CaptureOptions, Overflow
+from textpoke.ring import RingReader, SiteTable
+from textpoke.ring import decode
+from textpoke.ring.format import RAW_DTYPE, UNKNOWN_CPU, write_ring_header
 from textpoke.sites import SiteKind, sites_in_process
 from textpoke.trampolines.tracer import Mode, StubKind, TracedSite, Tracer, probe_thread_abi
 
@@ -32,7 +34,7 @@ def test_every_call_recorded_once(target):
     records = recording.records
     assert set(np.unique(records["tid"]).tolist()) == tids_of(answer)
     assert (records["site"] == 0).all()
-    assert (records["callee"] == recording.sites[0].address).all()
+    assert (records["kind"] == 0).all()
     # Per thread, in time order, arg0 is 0..N-1: the order the thread made the calls.
     for tid in tids_of(answer):
         mine = records[records["tid"] == tid]
@@ -44,13 +46,27 @@ def test_every_call_recorded_once(target):
     assert recording.start_ns <= int(records["ts_ns"].min()) <= int(records["ts_ns"].max()) <= recording.end_ns
 
 
-def test_tiny_ring_counts_every_loss(target):
-    """A ring of 64 records per buffer, drained only every few ms: records + lost == 4N exactly."""
+def test_tiny_ring_loses_nothing_threads_wait(target):
+    """A ring of 64 records per buffer: the writers wait for the reader over and over,
+    and every record arrives, in each thread's order."""
     with capturing(target.pid, CaptureOptions(functions=("f",), ring_records=64 * 3)) as capture:
+        answer = target.ask(f"calls {N}")
+    recording = capture.recording
+    assert recording.lost == 0 and len(recording.records) == THREADS * N
+    assert recording.metadata["overflow"] == "wait" and recording.metadata["writer_wakes"] > 0
+    for tid in tids_of(answer):
+        assert (recording.records["arg0"][recording.records["tid"] == tid] == np.arange(N)).all()
+
+
+def test_drop_mode_counts_every_loss(target):
+    """--drop with a tiny ring: threads never wait; records + lost == 4N exactly."""
+    options = CaptureOptions(functions=("f",), ring_records=64 * 3, overflow=Overflow.DROP)
+    with capturing(target.pid, options) as capture:
         target.ask(f"calls {N}")
     recording = capture.recording
     assert recording.lost > 0
     assert len(recording.records) + recording.lost == THREADS * N
+    assert recording.metadata["lost_full"] == recording.lost and recording.metadata["writer_wakes"] == 0
 
 
 def test_count_mode_exact(target):
@@ -80,6 +96,10 @@ def test_without_rseq_every_call_takes_the_fallback(exact_calls, mode):
             assert set(np.unique(recording.records["tid"]).tolist()) == tids_of(answer)
         with capturing(target.pid, CaptureOptions(functions=("f",), ring_records=64)) as capture:
             target.ask(f"calls {N}")
+        assert len(capture.recording.records) == THREADS * N and capture.recording.lost == 0
+        options = CaptureOptions(functions=("f",), ring_records=64, overflow=Overflow.DROP)
+        with capturing(target.pid, options) as capture:
+            target.ask(f"calls {N}")
         assert len(capture.recording.records) + capture.recording.lost == THREADS * N
     finally:
         target.close()
@@ -99,8 +119,8 @@ def test_rseq_and_fallback_paths_side_by_side(target):
         tracer = Tracer(session.resident, [TracedSite(site.address, StubKind.ENTRY, site.insn)],
                         mode=Mode.TRACE, abi=one_cpu, ring_records=1 << 19)
         write_ring_header(tracer.data, tracer.ring)
-        table = SiteTable.build(is_call=[False], address=[site.address], callee=[site.address])
-        reader = RingReader(tracer.data, table)
+        reader = RingReader(tracer.data)
+        table = SiteTable.build(is_call=[False], address=[site.address])
         session.apply(tracer.patches)
         taken = {}
         try:
@@ -108,8 +128,11 @@ def test_rseq_and_fallback_paths_side_by_side(target):
                 os.sched_setaffinity(target.pid, cpus)
                 before = reader.committed().copy()
                 target.ask(f"calls {N}")
-                records = reader.drain()
+                staging = np.empty(reader.geometry.buffers * reader.geometry.capacity, dtype=RAW_DTYPE)
+                drained = reader.drain(staging)
+                records = decode(staging, drained, table, cpus=1)
                 assert len(records) == THREADS * N and reader.lost() == 0
+                assert set(records["cpu"].tolist()) <= {0, UNKNOWN_CPU}
                 for tid in np.unique(records["tid"]).tolist():
                     assert sorted(records["arg0"][records["tid"] == tid].tolist()) == list(range(N))
                 taken[frozenset(cpus)] = (reader.committed() - before).tolist()

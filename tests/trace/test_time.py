@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from textpoke.ring import CaptureOptions
+from textpoke.capture import CaptureOptions
 
 from .conftest import capturing
 

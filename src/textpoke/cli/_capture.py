@@ -1,6 +1,7 @@
-"""What ``record``, ``trace``, ``report``, ``dump`` and ``demo`` share: reading and
-writing recordings (OS errors become one-line TextpokeErrors here, at the CLI
-boundary), stopping on signals, and the live counter on stderr."""
+"""What ``record``, ``trace``, ``report``, ``dump`` and ``demo`` share: reading
+recordings and writing outputs (OS errors become one-line TextpokeErrors here, at
+the CLI boundary), stopping on signals, the live counter on stderr, and the
+options that choose what is traced and how."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from rich.text import Text
 from .._errors import NoSuchProcess, PermissionDenied, TargetError, TextpokeError, UsageError
 
 if TYPE_CHECKING:
-    from ..ring.capture import CaptureOptions, CaptureProgress
+    from ..capture import CaptureOptions, CaptureProgress
     from ..ring.recording import Recording
 
 DEFAULT_OUTPUT = "textpoke.tpk"
@@ -31,23 +32,23 @@ _RECORD_HINT = "make one with `textpoke record -o FILE -- CMD` or `textpoke trac
 
 
 # The capture engine is imported when a command runs, not when the CLI starts:
-# `textpoke sites` must work even if the ring package is broken or missing.
+# `textpoke sites` must work even if the capture or ring package is broken or missing.
 def _engine(name: str) -> ModuleType:
     try:
-        return importlib.import_module(f"textpoke.ring.{name}")
+        return importlib.import_module(name)
     except ModuleNotFoundError as exc:
-        if exc.name != f"textpoke.ring.{name}":
+        if exc.name != name:
             raise  # a real bug inside the engine: let it show
-        raise TextpokeError(f"this textpoke has no capture engine (textpoke.ring.{name} is missing)",
+        raise TextpokeError(f"this textpoke has no capture engine ({name} is missing)",
                             hint="reinstall textpoke") from exc
 
 
 def recording_module() -> ModuleType:
-    return _engine("recording")
+    return _engine("textpoke.ring.recording")
 
 
 def capture_module() -> ModuleType:
-    return _engine("capture")
+    return _engine("textpoke.capture")
 
 
 def _os_message(exc: OSError) -> str:
@@ -59,6 +60,10 @@ def load_recording(path: str) -> Recording:
     if os.path.isdir(path):
         raise UsageError(f"{path} is a directory, not a recording", hint=_RECORD_HINT)
     if not os.path.exists(path):
+        partial = path + ".partial"
+        if os.path.exists(partial):
+            raise UsageError(f"no such recording: {path}, but {partial} is there (a recording cut short)",
+                             hint=f"read what it holds with `textpoke report {partial}`")
         raise UsageError(f"no such recording: {path}", hint=_RECORD_HINT)
     try:
         return recording_module().Recording.load(path)
@@ -78,34 +83,88 @@ def check_writable(path: str) -> None:
         raise UsageError(f"cannot write {path}: permission denied", hint="pick another -o")
 
 
-def save_recording(recording: Recording, path: str) -> None:
-    try:
-        recording.save(path)
-    except OSError as exc:
-        raise TextpokeError(f"cannot write {path}: {_os_message(exc)}",
-                            hint="pick another -o (the trace itself is complete)") from exc
-
-
 @contextlib.contextmanager
 def output_stream(path: str | None) -> Iterator[TextIO]:
-    """``-o OUT`` opened for text, or stdout; a closed pipe (``| head``) ends quietly."""
+    """``-o OUT`` opened for text, or stdout; a closed pipe (``| head``) ends quietly.
+
+    A file is written as ``OUT.partial`` and renamed to ``OUT`` when whole: a
+    failure (disk full, an error in the middle) removes it and leaves an existing
+    ``OUT`` as it was. A write error on stdout (``> /dev/full``) is one line."""
     try:
         if path is None or path == "-":
-            yield sys.stdout
-            sys.stdout.flush()
+            try:
+                yield sys.stdout
+                sys.stdout.flush()
+            except OSError as exc:
+                if isinstance(exc, BrokenPipeError):
+                    raise
+                _quiet_stdout()
+                raise TextpokeError(f"cannot write the output: {_os_message(exc)}",
+                                    hint="write it to a file with -o, on a disk with room") from exc
             return
+        partial = path + ".partial"
         try:
-            out = open(path, "w", encoding="utf-8")
+            out = open(partial, "w", encoding="utf-8")
         except OSError as exc:
             raise TextpokeError(f"cannot write {path}: {_os_message(exc)}", hint="pick another -o") from exc
-        with out:
-            yield out
+        try:
+            with out:
+                yield out
+            os.replace(partial, path)
+        except OSError as exc:
+            _remove(partial)
+            raise TextpokeError(f"cannot write {path}: {_os_message(exc)}; nothing was written",
+                                hint="free some space or pick another -o") from exc
+        except BaseException:
+            _remove(partial)
+            raise
     except BrokenPipeError:
-        # The reader went away (e.g. `| head`): not an error.  Point stdout at
-        # /dev/null so the interpreter's final flush does not complain again.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        # The reader went away (e.g. `| head`): not an error.
+        _quiet_stdout()
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not complain again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+#: Recordings with more records than this show a progress bar while read (on a terminal).
+PROGRESS_RECORDS = 5_000_000
+
+
+class ProgressReading:
+    """A recording whose walk over its chunks shows a progress bar on stderr (a terminal
+    only, and only for big recordings); every other attribute is the recording's."""
+
+    def __init__(self, recording: Recording, what: str) -> None:
+        self._recording = recording
+        self._what = what
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._recording, name)
+
+    def chunks(self) -> Iterator[Any]:
+        total = self._recording.record_count
+        console = Console(stderr=True)
+        if total < PROGRESS_RECORDS or not console.is_terminal:
+            yield from self._recording.chunks()
+            return
+        from rich.progress import Progress  # only big recordings on a terminal get here
+
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task(f"{self._what} {total:,} records", total=total)
+            for chunk in self._recording.chunks():
+                yield chunk
+                progress.advance(task, len(chunk))
 
 
 def require_process(pid: int) -> None:
@@ -128,16 +187,19 @@ def os_errors(what: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """While the block runs, SIGINT and SIGTERM set ``stop`` instead of killing us.
+def stop_on_signals(stop: threading.Event, *, on_signal: Callable[[int], None] | None = None) -> Iterator[None]:
+    """While the block runs, SIGINT, SIGTERM and SIGHUP set ``stop`` instead of killing us.
 
     The capture engine sees the event and ends cleanly (every byte restored,
-    detached), so one Ctrl-C is enough; the old handlers come back afterwards."""
+    detached, the recording saved), so one Ctrl-C is enough; ``on_signal(signum)``
+    is called too (from the signal handler); the old handlers come back afterwards."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
+        if on_signal is not None:
+            on_signal(signum)
         stop.set()
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
@@ -169,29 +231,36 @@ class LiveCounter:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Take the live line away (for good): what follows is printed as plain lines."""
         if self.live is not None:
-            self.live.__exit__(None, None, None)
+            live, self.live = self.live, None
+            live.__exit__(None, None, None)
 
     def __call__(self, progress: CaptureProgress) -> None:
         if self.live is None:
             return
         # Short enough for an 80-column terminal: a wrapped Live line redraws badly.
+        live = self.live
         text = Text(f"{self.what}: {progress.seconds:.1f} s, {progress.records:,} records, ")
         text.append(f"{progress.lost:,} lost", style="bold red" if progress.lost else "")
         text.append(f", {_plural(progress.sites, 'site')} (Ctrl-C stops)")
-        self.live.update(text)
+        live.update(text)
 
 
 def recording_totals(recording: Recording) -> tuple[str, int]:
     """("N records" or "N calls counted", lost) for one-line summaries."""
     if recording.counts is not None:
         return f"{_plural(int(recording.counts.sum()), 'call')} counted", int(recording.lost)
-    return _plural(len(recording.records), "record"), int(recording.lost)
+    return _plural(recording.record_count, "record"), int(recording.lost)
 
 
 def final_line(recording: Recording, *, verb: str, output: str | None, note_exit: bool = False) -> str:
+    """One line: what was traced, for how long (the traced interval), what was kept and lost."""
     what, lost = recording_totals(recording)
-    seconds = max(0, int(recording.end_ns) - int(recording.start_ns)) / 1e9
+    seconds = recording.duration_ns / 1e9
     line = (f"textpoke: {verb} pid {recording.pid} for {seconds:.1f} s: {what}, {lost:,} lost, "
             f"{_plural(len(recording.sites), 'site')}")
     if output is not None:
@@ -204,7 +273,10 @@ def final_line(recording: Recording, *, verb: str, output: str | None, note_exit
     elif note_exit and stopped == "exited":
         line += " (the process exited)"
     if lost:
-        line += " (LOST records: use a larger --ring)"
+        if recording.metadata.get("overflow") == "drop":
+            line += " (LOST records: --drop was given; record without it to lose none)"
+        else:
+            line += " (LOST records: see `textpoke report` for why)"
     return line
 
 
@@ -231,18 +303,22 @@ class RingSize(click.ParamType):
 
 def capture_options(
     *, functions: tuple[str, ...], calls_to: tuple[str, ...], count: bool, ring: int | None,
-    duration: float | None = None, library: str | None = None,
+    drop: bool = False, wait_limit: float | None = None, duration: float | None = None,
+    library: str | None = None,
 ) -> CaptureOptions:
+    capture = capture_module()
     options: dict[str, Any] = {"functions": functions, "calls_to": calls_to, "mode": "count" if count else "trace",
-                               "duration": duration, "library": library}
+                               "duration": duration, "library": library,
+                               "overflow": capture.Overflow.DROP if drop else capture.Overflow.WAIT}
     if ring is not None:
         options["ring_records"] = ring
-    return capture_module().CaptureOptions(**options)
-
+    if wait_limit is not None:
+        options["wait_s"] = wait_limit
+    return capture.CaptureOptions(**options)
 
 
 def selection_options(command: Callable[..., object]) -> Callable[..., object]:
-    """The options that choose what is traced, shared by ``record`` and ``trace``."""
+    """The options that choose what is traced and how, shared by ``record`` and ``trace``."""
     for option in reversed((
         click.option("-f", "--function", "functions", multiple=True, metavar="GLOB",
                      help="Trace functions matching GLOB at their fentry sites (repeatable; default: every "
@@ -251,6 +327,16 @@ def selection_options(command: Callable[..., object]) -> Callable[..., object]:
                      help="Trace the call sites whose callee matches SYM, e.g. malloc (a glob; repeatable). "
                           "Works on any binary, no -pg build needed."),
         click.option("--count", is_flag=True, help="Only count calls per function (cheapest; no callers or times)."),
+        click.option("--ring", type=RingSize(), metavar="N",
+                     help="Records the ring holds, at least (e.g. 4M; default 768k, split per CPU and rounded up "
+                          "to powers of two). A bigger ring makes traced threads wait less often."),
+        click.option("--drop", is_flag=True,
+                     help="Never make a traced thread wait: a record that finds the ring full is dropped and "
+                          "counted (for latency-critical processes). Default: threads wait for textpoke, so no "
+                          "record is lost."),
+        click.option("--wait-limit", type=click.FloatRange(min=0, min_open=True), metavar="S",
+                     help="The longest a traced thread waits for textpoke before it drops a record (default 2 s); "
+                          "if textpoke dies, waits end at once."),
     )):
         command = option(command)
     return command

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..report import DUMP_FORMATS, make_reporter
-from ._capture import load_recording, output_stream
+from ._capture import ProgressReading, load_recording, output_stream
 
 
 @click.command("dump")
@@ -13,16 +13,15 @@ from ._capture import load_recording, output_stream
 @click.option("--format", "fmt", type=click.Choice(list(DUMP_FORMATS)), default="text", show_default=True,
               help="text: ftrace function-tracer lines; json: JSON Lines (a header object, then one "
                    "object per call); chrome: Chrome Trace Event JSON for ui.perfetto.dev.")
-@click.option("-o", "--output", metavar="OUT", help="Write to OUT instead of stdout.")
+@click.option("-o", "--output", metavar="OUT", help="Write to OUT instead of stdout (as OUT.partial until whole).")
 def command(file: str, fmt: str, output: str | None) -> None:
-    """Print every call of a recording, in time order.
+    """Print every call of a recording, in time order (streamed: any size).
 
     \b
     Example:
       textpoke dump run.tpk | grep '<-main'
       textpoke dump run.tpk --format chrome -o run.json   # open in ui.perfetto.dev
     """
-    recording = load_recording(file)
     reporter = make_reporter(fmt)
-    with output_stream(output) as out:
-        reporter.render(recording, out)
+    with load_recording(file) as recording, output_stream(output) as out:
+        reporter.render(ProgressReading(recording, "dumping"), out)

@@ -1,8 +1,10 @@
-"""``textpoke record``: start a program, trace it until it exits, save the recording."""
+"""``textpoke record``: start a program, trace it until it exits, stream the recording to a file."""
 
 from __future__ import annotations
 
 import os
+import shlex
+import signal
 import sys
 import threading
 
@@ -10,18 +12,21 @@ import click
 
 from . import _capture
 from ._capture import (
-    selection_options,
     DEFAULT_OUTPUT,
     LiveCounter,
-    RingSize,
     capture_options,
     check_writable,
     echo_err,
     final_line,
-    save_recording,
     os_errors,
+    selection_options,
     stop_on_signals,
 )
+
+#: Signals textpoke passes on to the program it started: they were meant for it
+#: (a supervisor stopping the job, a hangup). SIGINT is not passed on: the terminal's
+#: Ctrl-C reaches the program itself, as every process of the foreground job.
+FORWARDED = (signal.SIGTERM, signal.SIGHUP)
 
 
 def exit_status(returncode: int) -> int:
@@ -32,18 +37,25 @@ def exit_status(returncode: int) -> int:
 @click.command("record", context_settings={"allow_interspersed_args": False})
 @selection_options
 @click.option("-o", "--output", default=DEFAULT_OUTPUT, show_default=True, metavar="FILE",
-              help="Where to save the recording.")
-@click.option("--ring", type=RingSize(), metavar="N",
-              help="Ring buffer size in records (e.g. 1M); calls beyond what the reader keeps up with are counted as lost.")
+              help="Where to save the recording (written while tracing, as FILE.partial until it is whole).")
 @click.option("--lib", "library", metavar="NAME", help="Trace in a shared library of the program (path or name, e.g. libc.so).")
 @click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD [ARGS]...")
-def command(functions: tuple[str, ...], calls_to: tuple[str, ...], count: bool, output: str,
-            ring: int | None, library: str | None, argv: tuple[str, ...]) -> None:
+def command(functions: tuple[str, ...], calls_to: tuple[str, ...], count: bool, ring: int | None, drop: bool,
+            wait_limit: float | None, output: str, library: str | None, argv: tuple[str, ...]) -> None:
     """Start CMD, trace it until it exits, and save the recording to FILE.
+
+    Every call is recorded: a traced thread whose buffer is full waits for
+    textpoke (see --drop).  The recording streams to FILE.partial while CMD
+    runs and becomes FILE when it is whole, so it may be longer than memory,
+    and a recording cut short stays readable up to its last whole chunk.
 
     Like `time` and `strace`, textpoke exits with CMD's own exit status (128+N if
     signal N killed it), and its own messages go to stderr, so CMD's output stays
-    as it was.  Ctrl-C stops tracing; CMD receives it too, as without textpoke.
+    as it was.  Ctrl-C (or SIGTERM, SIGHUP) stops tracing: every site is restored
+    and the recording saved; CMD gets the signal as it would without textpoke
+    (SIGTERM and SIGHUP are passed on to it) and textpoke waits for it to exit;
+    a second Ctrl-C leaves it running.  A selection that matches nothing is
+    refused before CMD runs an instruction of its own.
 
     \b
     Example:
@@ -51,17 +63,38 @@ def command(functions: tuple[str, ...], calls_to: tuple[str, ...], count: bool, 
       textpoke report run.tpk
     """
     check_writable(output)
-    options = capture_options(functions=functions, calls_to=calls_to, count=count, ring=ring, library=library)
-    stop = threading.Event()
+    options = capture_options(functions=functions, calls_to=calls_to, count=count, ring=ring, drop=drop,
+                              wait_limit=wait_limit, library=library)
+    stop, abandon = threading.Event(), threading.Event()
+    program: list[int] = []
+    name = os.path.basename(argv[0])
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            abandon.set()  # a second one: stop waiting for the program
+        if program and signum in FORWARDED:
+            try:
+                os.kill(program[0], signum)
+            except OSError:
+                pass
+
+    def on_traced(recording: object) -> None:
+        echo_err(final_line(recording, verb="recorded", output=output))  # type: ignore[arg-type]
+        if stop.is_set():
+            echo_err(f"textpoke: tracing stopped; every site is restored and {name} (pid {program[0]}) runs on "
+                     "untraced; waiting for it to exit (Ctrl-C again to leave it running)")
+
     with (
         os_errors(f"cannot record {argv[0]}"),
-        stop_on_signals(stop),
-        LiveCounter(f"recording {os.path.basename(argv[0])}") as live,
+        stop_on_signals(stop, on_signal=on_signal),
+        LiveCounter(f"recording {name}") as live,
     ):
         recording, returncode = _capture.capture_module().capture_command(
-            list(argv), options, stop_event=stop, on_progress=live)
-    save_recording(recording, output)
-    echo_err(final_line(recording, verb="recorded", output=output))
+            list(argv), options, output=output, stop_event=stop, abandon_event=abandon,
+            on_start=program.append, on_progress=live, on_traced=lambda r: (live.stop(), on_traced(r)))
     sys.stdout.flush()
+    if returncode is None:
+        echo_err(f"textpoke: {name} (pid {recording.pid}) keeps running, untraced: "
+                 f"`kill {recording.pid}` ends it")
+        raise SystemExit(0)
     raise SystemExit(exit_status(returncode))
-

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..report import SortKey, SummaryReporter
-from ._capture import load_recording, output_stream
+from ._capture import ProgressReading, load_recording, output_stream
 
 
 @click.command("report")
@@ -16,9 +16,11 @@ from ._capture import load_recording, output_stream
 def command(file: str, sort: str, limit: int | None) -> None:
     """Summarize a recording: per function its calls, calls/s, share, top callers and threads.
 
-    Works for --count recordings too (calls only).  Lost records, if any, are
-    shown in the header: the counts are then lower bounds.
+    Works for --count recordings too (calls only), and for recordings larger
+    than memory (read chunk by chunk).  Lost records, if any, are shown in the
+    header with their causes: the counts are then lower bounds.  A recording
+    cut short (textpoke killed, disk full) is read up to its last whole chunk,
+    and the header says so.
     """
-    recording = load_recording(file)
-    with output_stream(None) as out:
-        SummaryReporter(sort=SortKey(sort), limit=limit).render(recording, out)
+    with load_recording(file) as recording, output_stream(None) as out:
+        SummaryReporter(sort=SortKey(sort), limit=limit).render(ProgressReading(recording, "reading"), out)

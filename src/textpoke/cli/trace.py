@@ -9,17 +9,15 @@ import click
 from ..report import SortKey, SummaryReporter
 from . import _capture
 from ._capture import (
-    selection_options,
     LiveCounter,
-    RingSize,
     capture_options,
     check_writable,
     echo_err,
     final_line,
+    os_errors,
     output_stream,
     require_process,
-    save_recording,
-    os_errors,
+    selection_options,
     stop_on_signals,
 )
 
@@ -28,19 +26,21 @@ from ._capture import (
 @click.option("-p", "--pid", required=True, type=int, help="The running process to trace.")
 @selection_options
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True), metavar="S",
-              help="Stop after S seconds (default: at Ctrl-C or SIGTERM).")
+              help="Stop after S seconds (default: at Ctrl-C, SIGTERM or SIGHUP).")
 @click.option("-o", "--output", metavar="FILE", help="Save the recording to FILE instead of printing the summary.")
-@click.option("--ring", type=RingSize(), metavar="N", help="Ring buffer size in records (e.g. 1M).")
 @click.option("--lib", "library", metavar="NAME", help="Trace in a library mapped by the process (path or name, e.g. libc.so).")
 @click.option("--sort", type=click.Choice([k.value for k in SortKey]), default=SortKey.CALLS.value,
               show_default=True, help="Order of the summary's rows.")
-def command(pid: int, functions: tuple[str, ...], calls_to: tuple[str, ...], count: bool, duration: float | None,
-            output: str | None, ring: int | None, library: str | None, sort: str) -> None:
+def command(pid: int, functions: tuple[str, ...], calls_to: tuple[str, ...], count: bool, ring: int | None,
+            drop: bool, wait_limit: float | None, duration: float | None, output: str | None,
+            library: str | None, sort: str) -> None:
     """Trace calls in running process PID until Ctrl-C, SIGTERM or --duration.
 
     Stopping restores every patched byte and detaches; the process keeps running
-    as if textpoke had never been there.  Without -o the summary (as `textpoke
-    report` prints it) goes to stdout; with -o the recording is saved instead.
+    as if textpoke had never been there.  Every call is recorded: a traced
+    thread whose buffer is full waits for textpoke (see --drop).  Without -o
+    the summary (as `textpoke report` prints it) goes to stdout; with -o the
+    recording is saved instead (streamed while tracing, any length).
 
     \b
     Example:
@@ -50,18 +50,18 @@ def command(pid: int, functions: tuple[str, ...], calls_to: tuple[str, ...], cou
     require_process(pid)
     if output is not None:
         check_writable(output)
-    options = capture_options(functions=functions, calls_to=calls_to, count=count, ring=ring,
-                              duration=duration, library=library)
+    options = capture_options(functions=functions, calls_to=calls_to, count=count, ring=ring, drop=drop,
+                              wait_limit=wait_limit, duration=duration, library=library)
     stop = threading.Event()
     with (
         os_errors(f"cannot trace pid {pid}"),
         stop_on_signals(stop),
         LiveCounter(f"tracing pid {pid}") as live,
     ):
-        recording = _capture.capture_module().capture_pid(pid, options, stop_event=stop, on_progress=live)
-    if output is not None:
-        save_recording(recording, output)
-    echo_err(final_line(recording, verb="traced", output=output, note_exit=True))
-    if output is None:
-        with output_stream(None) as out:
-            SummaryReporter(sort=SortKey(sort)).render(recording, out)
+        recording = _capture.capture_module().capture_pid(pid, options, output=output, stop_event=stop,
+                                                          on_progress=live)
+    with recording:
+        echo_err(final_line(recording, verb="traced", output=output, note_exit=True))
+        if output is None:
+            with output_stream(None) as out:
+                SummaryReporter(sort=SortKey(sort)).render(recording, out)

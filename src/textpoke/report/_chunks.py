@@ -1,14 +1,15 @@
-"""Streaming a large recording out as text, a slice of records at a time.
+"""Streaming a recording out as text, a slice of records at a time.
 
 Per-record text cannot be produced by numpy alone, but everything *except*
-the final string formatting can: each chunk's columns are computed with numpy
-and turned into Python lists in one call each, and the lines of a chunk are
-written with one ``out.write``.  Memory stays bounded by the chunk size.
+the final string formatting can: each slice's columns are computed with numpy
+and turned into Python lists in one call each, and the lines of a slice are
+written with one ``out.write``.  Memory stays bounded by the slice size,
+whatever the recording's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,35 +21,56 @@ CHUNK = 1 << 16
 
 @dataclass(frozen=True)
 class Chunk:
-    """Python-list columns of records ``[lo, hi)`` (ready for string formatting)."""
+    """Python-list columns of one slice of records (ready for string formatting)."""
 
     rel_ns: list[int]  # since the recording's time base
     tid: list[int]
+    cpu: list[int]
+    kind: list[int]
     function: list[str]  # already through ``function_text``
     caller: list[str]  # already through ``caller_text``
     site: list[int]
     caller_address: list[int]
     callee_address: list[int]
-    arg0: list[int] | None  # None when the recording's records have no arg0 field
+    arg0: list[int]
 
 
-def chunks(view: RecordingView, *, function_text: list[str], caller_text: list[str]) -> Iterator[Chunk]:
-    """Walk ``view``'s records in order; names are looked up by id in the given
-    per-id texts (so a reporter can pre-escape each distinct name once)."""
-    functions = np.array(function_text, dtype=object)
-    callers = np.array(caller_text, dtype=object)
-    records = view.records
-    has_arg0 = "arg0" in (records.dtype.names or ())
-    for lo in range(0, len(records), CHUNK):
-        hi = min(lo + CHUNK, len(records))
-        part = records[lo:hi]
-        yield Chunk(
-            rel_ns=view.relative_ns(lo, hi).tolist(),
-            tid=part["tid"].tolist(),
-            function=functions[view.function[lo:hi]].tolist(),
-            caller=callers[view.caller[lo:hi]].tolist(),
-            site=part["site"].tolist(),
-            caller_address=part["caller"].tolist(),
-            callee_address=part["callee"].tolist(),
-            arg0=part["arg0"].tolist() if has_arg0 else None,
-        )
+class _Texts:
+    """Per-id texts (escaped once per distinct name), growing as new ids appear."""
+
+    def __init__(self, names: list[str], text: Callable[[str], str]) -> None:
+        self.names = names
+        self.text = text
+        self.texts = np.empty(0, dtype=object)
+
+    def take(self, ids: np.ndarray) -> list[str]:
+        if len(self.texts) < len(self.names):
+            self.texts = np.append(self.texts, np.array([self.text(n) for n in self.names[len(self.texts):]],
+                                                       dtype=object))
+        return self.texts.take(ids).tolist()
+
+
+def chunks(view: RecordingView, *, text: Callable[[str], str] = str) -> Iterator[Chunk]:
+    """Walk the recording's records in order, in slices; function and caller names
+    go through ``text`` once per distinct name (a reporter's escaping)."""
+    functions = _Texts(view.function_names, text)
+    callers = _Texts(view.caller_names, text)
+    base = np.int64(view.time_base_ns)
+    for records in view.recording.chunks():
+        for lo in range(0, len(records), CHUNK):
+            part = records[lo : lo + CHUNK]
+            positions = view.site_position(part["site"])
+            caller_ids = view.caller_ids(part["caller"])
+            callers.names = view.caller_names
+            yield Chunk(
+                rel_ns=(part["ts_ns"].astype(np.int64) - base).tolist(),
+                tid=part["tid"].tolist(),
+                cpu=part["cpu"].tolist(),
+                kind=part["kind"].tolist(),
+                function=functions.take(view.function_of_site.take(positions)),
+                caller=callers.take(caller_ids),
+                site=part["site"].tolist(),
+                caller_address=part["caller"].tolist(),
+                callee_address=view.callee_address.take(positions).tolist(),
+                arg0=part["arg0"].tolist(),
+            )

@@ -1,22 +1,26 @@
-"""Bulk decoding shared by every reporter: records -> function / caller / thread ids.
+"""What every reporter needs besides the records: names, ids and labels, in bulk.
 
-A recording can hold tens of millions of records, so nothing here loops over
-records in Python: each per-record column is derived with numpy (a lookup table
-from site id to function; :func:`group` for callers and threads, a dense table or
-``np.unique``), and only the *distinct* values (sites, caller addresses, threads)
-are touched one by one, e.g. to symbolize them.
+A recording can hold hundreds of millions of records, in chunks (see
+``Recording.chunks``), so nothing here holds them all or loops over records in
+Python: per-record columns are derived with numpy, a chunk at a time (a lookup
+table from site id to function; :func:`group` for callers and threads), and
+only *distinct* values (sites, caller addresses, threads) are touched one by
+one, e.g. to symbolize them. Ids handed out for callers and threads are stable
+across chunks, so counts can be added up chunk after chunk.
 """
 
 from __future__ import annotations
 
 import os
 import shlex
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
+
+from ..ring.format import RecordKind
 
 
 class SiteLike(Protocol):
@@ -25,12 +29,17 @@ class SiteLike(Protocol):
     kind: str
     function: str
     target_name: str | None
+    target: int | None
+
+
+class ThreadLike(Protocol):
+    pid: int
+    name: str
 
 
 class RecordingLike(Protocol):
     """What the reporters read from a ``textpoke.ring.recording.Recording``."""
 
-    records: np.ndarray
     sites: tuple[SiteLike, ...]
     lost: int
     pid: int
@@ -38,6 +47,14 @@ class RecordingLike(Protocol):
     start_ns: int
     end_ns: int
     counts: np.ndarray | None
+    metadata: dict[str, Any]
+    threads: dict[int, ThreadLike]
+    cut: str | None
+
+    @property
+    def record_count(self) -> int: ...
+
+    def chunks(self) -> Iterator[np.ndarray]: ...
 
     def symbolize(self, addresses: np.ndarray) -> list[str]: ...
 
@@ -47,6 +64,7 @@ class RecordingLike(Protocol):
 UNKNOWN_SITE = "<unknown site>"
 #: Linux keeps 15 characters of a thread's name (TASK_COMM_LEN - 1); ftrace shows that.
 _COMM_LEN = 15
+CALL = int(RecordKind.CALL)
 
 
 def comm_of(command: str) -> str:
@@ -111,26 +129,87 @@ def group(column: np.ndarray) -> Grouped:
     return Grouped(values=values, inverse=index[offsets])
 
 
+class StableIds:
+    """Stable ids for the distinct values of a column seen chunk after chunk.
+
+    ``ids(column)`` gives each record the id of its value (ids in order of first
+    appearance); only each chunk's distinct values go through Python."""
+
+    def __init__(self) -> None:
+        self._index: dict[int, int] = {}
+        self.values: list[int] = []
+
+    def ids(self, column: np.ndarray) -> np.ndarray:
+        groups = group(column)
+        index = self._index
+        local = np.empty(len(groups.values), dtype=np.int64)
+        for i, value in enumerate(groups.values.tolist()):
+            gid = index.get(value)
+            if gid is None:
+                gid = index[value] = len(self.values)
+                self.values.append(value)
+            local[i] = gid
+        return local[groups.inverse]
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+class Counts:
+    """Counts of (major, minor) id pairs, added up chunk after chunk."""
+
+    def __init__(self) -> None:
+        self._counts: dict[int, int] = {}
+
+    def add(self, major: np.ndarray, minor: np.ndarray) -> None:
+        if not len(major):
+            return
+        width = int(minor.max()) + 1
+        key = major.astype(np.int64) * width + minor
+        top = int(key.max()) + 1
+        if _dense(top, len(key)):  # a counting table beats sorting a million keys
+            dense = np.bincount(key, minlength=top)
+            keys = np.flatnonzero(dense)
+            counts = dense[keys]
+        else:
+            keys, counts = np.unique(key, return_counts=True)
+        majors, minors = np.divmod(keys, width)
+        keys = majors << 32 | minors
+        total = self._counts
+        for k, c in zip(keys.tolist(), counts.tolist()):
+            total[k] = total.get(k, 0) + c
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(majors, minors, counts) over every pair seen."""
+        keys = np.fromiter(self._counts.keys(), dtype=np.int64, count=len(self._counts))
+        counts = np.fromiter(self._counts.values(), dtype=np.int64, count=len(self._counts))
+        return keys >> 32, keys & 0xFFFF_FFFF, counts
+
+
 class RecordingView:
-    """Per-record function / caller / thread ids of one recording, computed lazily."""
+    """Names and ids of one recording's sites, callers and threads (computed lazily)."""
 
     def __init__(self, recording: RecordingLike) -> None:
         self.recording = recording
-        self.records = recording.records
         self.sites = tuple(recording.sites)
+        self.callers = StableIds()
+        self._caller_names: list[str] = []
 
     # -- sites and functions ---------------------------------------------------------
 
     @cached_property
-    def site_position(self) -> np.ndarray:
-        """Per record: the position of its site in ``sites`` (``len(sites)`` if unknown)."""
+    def _site_lookup(self) -> np.ndarray:
+        """Site id -> position in ``sites`` (``len(sites)``: the unknown slot)."""
         n = len(self.sites)
         ids = np.fromiter((int(s.id) for s in self.sites), dtype=np.int64, count=n)
-        site_col = self.records["site"].astype(np.int64, copy=False)
-        top = max(int(ids.max()) if n else -1, int(site_col.max()) if len(site_col) else -1)
-        lookup = np.full(top + 2, n, dtype=np.int64)  # unknown ids map to the extra slot n
+        lookup = np.full((int(ids.max()) + 2) if n else 1, n, dtype=np.int64)
         lookup[ids] = np.arange(n, dtype=np.int64)
-        return lookup[site_col]
+        return lookup
+
+    def site_position(self, site_ids: np.ndarray) -> np.ndarray:
+        """Per record: the position of its site in ``sites`` (``len(sites)`` if unknown)."""
+        lookup = self._site_lookup
+        return lookup.take(np.minimum(site_ids.astype(np.int64), len(lookup) - 1))
 
     @cached_property
     def site_names(self) -> list[str]:
@@ -138,25 +217,16 @@ class RecordingView:
 
         An fentry site traces the function it is in; a call/jmp site traces its
         callee, named by the site table or, failing that, by symbolizing the
-        callee address of the first record that went through it."""
-        names: list[str | None] = []
-        for site in self.sites:
-            if site.kind == "fentry":
-                names.append(site.function)
-            else:
-                names.append(site.target_name)
-        missing = [i for i, name in enumerate(names) if name is None]
-        if missing and len(self.records):
-            positions, first = np.unique(self.site_position, return_index=True)
-            first_of = dict(zip(positions.tolist(), first.tolist()))
-            found = [i for i in missing if i in first_of]
-            callees = self.records["callee"][[first_of[i] for i in found]]
-            for i, name in zip(found, self.recording.symbolize(np.asarray(callees, dtype=np.uint64))):
+        callee's address."""
+        names: list[str | None] = [site.function if site.kind == "fentry" else site.target_name
+                                   for site in self.sites]
+        missing = [i for i, name in enumerate(names) if name is None and self.sites[i].target is not None]
+        if missing:
+            targets = np.array([self.sites[i].target for i in missing], dtype=np.uint64)
+            for i, name in zip(missing, self.recording.symbolize(targets)):
                 names[i] = name
-        resolved = [
-            name if name is not None else f"<{site.kind} site {site.address:#x}>"
-            for name, site in zip(names, self.sites)
-        ]
+        resolved = [name if name is not None else f"<{site.kind} site {site.address:#x}>"
+                    for name, site in zip(names, self.sites)]
         return [*resolved, UNKNOWN_SITE]
 
     @cached_property
@@ -173,37 +243,50 @@ class RecordingView:
         """Per site position (plus the unknown slot): its function id."""
         return self._functions[1]
 
-    @cached_property
-    def function(self) -> np.ndarray:
+    def functions(self, records: np.ndarray) -> np.ndarray:
         """Per record: its function id."""
-        return self.function_of_site[self.site_position]
-
-    # -- callers and threads ---------------------------------------------------------
+        return self.function_of_site.take(self.site_position(records["site"]))
 
     @cached_property
-    def _caller_groups(self) -> Grouped:
-        return group(self.records["caller"])
+    def callee_address(self) -> np.ndarray:
+        """Per site position (plus the unknown slot): the traced function's address
+        (fentry: the function holding the site; call: the callee; 0 if unknown)."""
+        out = np.zeros(len(self.sites) + 1, dtype=np.uint64)
+        for i, site in enumerate(self.sites):
+            if site.kind == "fentry":
+                out[i] = site.address  # the entry of the function it is in
+            elif site.target is not None:
+                out[i] = site.target
+        return out
 
-    @cached_property
-    def _callers(self) -> tuple[list[str], np.ndarray]:
-        groups = self._caller_groups
-        names = self.recording.symbolize(groups.values) if len(groups.values) else []
-        distinct, of_address = _sorted_ids(names)
-        return distinct, of_address[groups.inverse]
+    # -- callers -----------------------------------------------------------------------
+
+    def caller_ids(self, addresses: np.ndarray) -> np.ndarray:
+        """Per record: a stable id of its caller address; new ones symbolized in bulk."""
+        ids = self.callers.ids(addresses)
+        if len(self._caller_names) < len(self.callers):
+            new = np.array(self.callers.values[len(self._caller_names):], dtype=np.uint64)
+            self._caller_names += self.recording.symbolize(new)
+        return ids
 
     @property
     def caller_names(self) -> list[str]:
-        """Distinct symbolized callers, sorted (index = caller id)."""
-        return self._callers[0]
+        """Symbolized caller per caller id (ids from :meth:`caller_ids`)."""
+        return self._caller_names
 
-    @property
-    def caller(self) -> np.ndarray:
-        """Per record: its caller id (different return addresses in one function share it)."""
-        return self._callers[1]
+    # -- threads -------------------------------------------------------------------------
 
-    @cached_property
-    def threads(self) -> Grouped:
-        return group(self.records["tid"])
+    def thread_label(self, tid: int) -> str:
+        """``name-tid`` as ftrace shows a task: the thread's own name if the capture
+        learned it, else the program's."""
+        info = self.recording.threads.get(tid)
+        name = info.name if info is not None and info.name != "?" else comm_of(self.recording.command)
+        return f"{name[:_COMM_LEN]}-{tid}"
+
+    def process_of(self, tid: int) -> int:
+        """The process a thread belongs to (a forked child's records carry its own pid)."""
+        info = self.recording.threads.get(tid)
+        return int(info.pid) if info is not None else int(self.recording.pid)
 
     # -- time --------------------------------------------------------------------------
 
@@ -211,32 +294,56 @@ class RecordingView:
     def time_base_ns(self) -> int:
         """Times are shown since the recording started (or its first record, if earlier)."""
         start = int(self.recording.start_ns)
-        if len(self.records):
-            start = min(start, int(self.records["ts_ns"].min()))
-        return start
-
-    def relative_ns(self, lo: int = 0, hi: int | None = None) -> np.ndarray:
-        ts = self.records["ts_ns"][lo:hi]
-        return ts.astype(np.int64) - np.int64(self.time_base_ns)
+        first = first_timestamp(self.recording)
+        return min(start, first) if first is not None else start
 
 
-def pair_counts(major: np.ndarray, minor: np.ndarray, n_minor: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Distinct (major, minor) pairs and how often each occurs, ordered by major,
-    then by count descending, then by minor (names are sorted, so ties go by name)."""
-    if len(major) == 0:
-        empty = np.zeros(0, dtype=np.int64)
-        return empty, empty, empty
-    key = major.astype(np.int64) * np.int64(max(n_minor, 1)) + minor.astype(np.int64)
-    top = int(key.max()) + 1
-    if _dense(top, len(key)):  # a counting table beats sorting 10 M keys
-        dense = np.bincount(key, minlength=top)
-        keys = np.flatnonzero(dense)
-        counts = dense[keys]
-    else:
-        keys, counts = np.unique(key, return_counts=True)
-    majors, minors = np.divmod(keys, np.int64(max(n_minor, 1)))
-    order = np.lexsort((minors, -counts, majors))
-    return majors[order], minors[order], counts[order]
+def recording_notes(recording: RecordingLike) -> tuple[str, ...]:
+    """What a reader must know to trust the numbers: how the recording treated a full
+    buffer, every loss by cause, and whether the file was cut short."""
+    meta = recording.metadata
+    notes = []
+    if recording.cut:
+        notes.append(f"CUT SHORT: {recording.cut}; what follows covers the records up to there")
+    overflow = meta.get("overflow")
+    if overflow == "wait":
+        wakes = int(meta.get("writer_wakes") or 0)
+        line = (f"lossless: a traced thread whose buffer was full waited for textpoke (at most "
+                f"{float(meta.get('wait_s') or 0):g} s)")
+        line += f"; threads were woken from such waits {wakes:,} times" if wakes else "; none had to"
+        notes.append(line)
+    elif overflow == "drop":
+        notes.append("drop mode (--drop): traced threads never waited; a record that found its buffer "
+                     "full was dropped and counted")
+    causes = [(int(meta.get("lost_full") or 0), "found the buffer full"),
+              (int(meta.get("lost_late") or 0), "were written after the end"),
+              (int(meta.get("lost_unwritten") or 0), "could not be written to the file")]
+    if recording.lost and any(n for n, _ in causes):
+        notes.append("lost: " + ", ".join(f"{n:,} {why}" for n, why in causes if n))
+    return tuple(notes)
+
+
+def first_timestamp(recording: RecordingLike) -> int | None:
+    """The earliest record's time (chunks are in time order: the first chunk's first)."""
+    for chunk in recording.chunks():
+        if len(chunk):
+            return int(chunk["ts_ns"][0])
+    return None
+
+
+def calls_only(records: np.ndarray) -> np.ndarray:
+    """The records that count a call (entries and call sites, not exits)."""
+    kind = records["kind"]
+    if not len(kind) or not kind.any():
+        return records
+    return records[kind == CALL]
+
+
+def pair_counts(major: np.ndarray, minor: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs ordered by major, then by count descending, then by minor (names are
+    sorted ids, so ties go by name)."""
+    order = np.lexsort((minor, -counts, major))
+    return major[order], minor[order], counts[order]
 
 
 def top_per_major(

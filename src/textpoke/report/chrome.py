@@ -3,7 +3,8 @@
 Each call is an instant event (``"ph":"i"``, thread scope ``"s":"t"``) named after
 the traced function, with its caller in ``args``; ``ts`` is in microseconds since
 the recording started, with three decimals so no nanosecond is rounded away.
-Metadata events name the process (its command) and each thread (``comm-tid``,
+Metadata events name each process (the traced one by its command; a forked
+child's records belong to the child's own pid) and each thread (``name-tid``,
 as in the text dump).  One event per line, so the file also diffs and greps.
 """
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from ._chunks import chunks
-from ._view import RecordingLike, RecordingView, comm_of, is_count_mode
+from ._view import CALL, RecordingLike, RecordingView, is_count_mode
 from .ftrace import count_mode_refusal
 
 
@@ -25,23 +26,28 @@ class ChromeReporter:
             raise count_mode_refusal("timed calls")
         view = RecordingView(recording)
         pid = int(recording.pid)
-        comm = comm_of(recording.command)
-        metadata = [{"name": "process_name", "ph": "M", "pid": pid, "tid": pid, "args": {"name": recording.command}}]
-        metadata += [
-            {"name": "thread_name", "ph": "M", "pid": pid, "tid": tid, "args": {"name": f"{comm}-{tid}"}}
-            for tid in view.threads.values.tolist()
-        ]
         out.write('{"traceEvents":[\n')
-        out.write(",\n".join(json.dumps(event, separators=(",", ":")) for event in metadata))
-        functions = [json.dumps(n) for n in view.function_names]
-        callers = [json.dumps(n) for n in view.caller_names]
-        for chunk in chunks(view, function_text=functions, caller_text=callers):
-            out.write("".join(
+        out.write(json.dumps({"name": "process_name", "ph": "M", "pid": pid, "tid": pid,
+                              "args": {"name": recording.command}}, separators=(",", ":")))
+        processes: dict[int, int] = {}  # tid -> pid, once its metadata is written
+        for chunk in chunks(view, text=json.dumps):
+            parts = []
+            for tid in set(chunk.tid) - processes.keys():
+                owner = processes[tid] = view.process_of(tid)
+                if owner != pid:
+                    parts.append(f',\n{{"name":"process_name","ph":"M","pid":{owner},"tid":{owner},'
+                                 f'"args":{{"name":{json.dumps(view.thread_label(tid))}}}}}')
+                parts.append(f',\n{{"name":"thread_name","ph":"M","pid":{owner},"tid":{tid},'
+                             f'"args":{{"name":{json.dumps(view.thread_label(tid))}}}}}')
+            parts += [
                 f',\n{{"name":{function},"cat":"call","ph":"i","s":"t","ts":{rel // 1000}.{rel % 1000:03d},'
-                f'"pid":{pid},"tid":{tid},"args":{{"caller":{caller}}}}}'
-                for rel, tid, function, caller in zip(chunk.rel_ns, chunk.tid, chunk.function, chunk.caller)
-            ))
-        other = {"textpoke": {"pid": pid, "command": recording.command, "records": len(view.records),
+                f'"pid":{processes[tid]},"tid":{tid},"args":{{"caller":{caller}}}}}'
+                for rel, tid, kind, function, caller in zip(chunk.rel_ns, chunk.tid, chunk.kind, chunk.function,
+                                                           chunk.caller)
+                if kind == CALL
+            ]
+            out.write("".join(parts))
+        other = {"textpoke": {"pid": pid, "command": recording.command, "records": recording.record_count,
                               "lost": int(recording.lost), "start_ns": int(recording.start_ns),
-                              "end_ns": int(recording.end_ns)}}
+                              "end_ns": int(recording.end_ns), "cut": recording.cut}}
         out.write(f'\n],\n"displayTimeUnit":"ns",\n"otherData":{json.dumps(other, separators=(",", ":"))}}}\n')

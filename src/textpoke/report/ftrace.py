@@ -4,12 +4,13 @@
     ...
     #           TASK-PID     CPU#   TIMESTAMP  FUNCTION
     #              | |         |       |         |
-              target-4242  [???]     0.000100: work_a <-main
+              target-4242  [001]     0.000100: work_a <-main
 
 TIMESTAMP is seconds since the recording started, to the microsecond (as
-ftrace).  textpoke does not record the CPU, so that column is ``[???]``;
-it is kept so that the columns line up where ftrace readers expect them.
-TASK is the process's command name (15 characters, as the kernel keeps).
+ftrace).  CPU is the CPU the record was written on (``[???]`` for a record of
+the shared buffer threads without rseq use).  TASK is the thread's name as the
+kernel keeps it (15 characters) when the capture could read it, else the
+program's; PID is the thread id.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from .._errors import UsageError
+from ..ring.format import UNKNOWN_CPU
 from ._chunks import chunks
-from ._view import RecordingLike, RecordingView, comm_of, is_count_mode
+from ._view import CALL, RecordingLike, RecordingView, is_count_mode, recording_notes
 
 
 def count_mode_refusal(what: str) -> UsageError:
@@ -30,31 +32,39 @@ def count_mode_refusal(what: str) -> UsageError:
     )
 
 
+def cpu_text(cpu: int) -> str:
+    return "???" if cpu == UNKNOWN_CPU else f"{cpu:03d}"
+
+
 @dataclass(frozen=True)
 class FtraceReporter:
     def render(self, recording: RecordingLike, out: TextIO) -> None:
         if is_count_mode(recording):
             raise count_mode_refusal("individual calls")
         view = RecordingView(recording)
-        records = len(view.records)
+        records = recording.record_count
         # ftrace reports overwritten events the same way: written = kept + lost.
         out.write(
             "# tracer: function (textpoke)\n"
             f"# pid {recording.pid}, command {recording.command}\n"
-            "#\n"
+            + "".join(f"# {note}\n" for note in recording_notes(recording))
+            + "#\n"
             f"# entries-in-buffer/entries-written: {records}/{records + int(recording.lost)}\n"
             "#\n"
             "#           TASK-PID     CPU#   TIMESTAMP  FUNCTION\n"
             "#              | |         |       |         |\n"
         )
-        comm = comm_of(recording.command)
         tasks: dict[int, str] = {}
-        for chunk in chunks(view, function_text=view.function_names, caller_text=view.caller_names):
+        for chunk in chunks(view):
             lines = []
-            for rel, tid, function, caller in zip(chunk.rel_ns, chunk.tid, chunk.function, chunk.caller):
+            for rel, tid, cpu, kind, function, caller in zip(chunk.rel_ns, chunk.tid, chunk.cpu, chunk.kind,
+                                                             chunk.function, chunk.caller):
+                if kind != CALL:
+                    continue
                 task = tasks.get(tid)
                 if task is None:
-                    task = tasks[tid] = f"{comm}-{tid}".rjust(16)
+                    task = tasks[tid] = view.thread_label(tid).rjust(16)
                 us = rel // 1000
-                lines.append(f"{task}  [???] {us // 1_000_000:5d}.{us % 1_000_000:06d}: {function} <-{caller}\n")
+                lines.append(f"{task}  [{cpu_text(cpu)}] {us // 1_000_000:5d}.{us % 1_000_000:06d}: "
+                             f"{function} <-{caller}\n")
             out.write("".join(lines))

@@ -7,9 +7,9 @@ and ``head``.  Every line has a ``type``:
 - the first line, ``"recording"``: pid, command, start_ns, end_ns, records,
   lost, mode (``"trace"`` or ``"count"``) and the site table;
 - then, in a trace, one ``"call"`` per record: ``t_ns`` (since start_ns),
-  ``ts_ns`` (CLOCK_MONOTONIC), tid, site (id), function, caller (symbolized),
-  caller_address and callee_address (``"0x..."`` strings: exact in every JSON reader),
-  and arg0 when the recording has it (call sites: the first integer argument; entries: 0x0);
+  ``ts_ns`` (CLOCK_MONOTONIC), tid, cpu (null when unknown), site (id), function,
+  caller (symbolized), caller_address and callee_address (``"0x..."`` strings:
+  exact in every JSON reader), and arg0 (rdi at the call: the first integer argument);
 - or, in a count-mode recording, one ``"count"`` per site: site, function, calls.
 """
 
@@ -22,7 +22,8 @@ from typing import TextIO
 import numpy as np
 
 from ._chunks import chunks
-from ._view import RecordingLike, RecordingView, is_count_mode
+from ..ring.format import UNKNOWN_CPU
+from ._view import CALL, RecordingLike, RecordingView, is_count_mode
 
 
 def header_object(recording: RecordingLike, view: RecordingView) -> dict[str, object]:
@@ -33,8 +34,10 @@ def header_object(recording: RecordingLike, view: RecordingView) -> dict[str, ob
         "command": recording.command,
         "start_ns": int(recording.start_ns),
         "end_ns": int(recording.end_ns),
-        "records": len(view.records),
+        "records": recording.record_count,
         "lost": int(recording.lost),
+        "cut": recording.cut,
+        "metadata": recording.metadata,
         "mode": "count" if is_count_mode(recording) else "trace",
         "sites": [
             {"id": int(s.id), "address": f"{s.address:#x}", "kind": s.kind, "function": s.function,
@@ -60,20 +63,16 @@ class JsonLinesReporter:
                                     "calls": int(calls)}) + "\n")
             return
         # Each distinct name is escaped once, not once per record.
-        functions = [json.dumps(n) for n in view.function_names]
-        callers = [json.dumps(n) for n in view.caller_names]
         base = view.time_base_ns
-        for chunk in chunks(view, function_text=functions, caller_text=callers):
-            lines = [
-                f'{{"type":"call","t_ns":{rel},"ts_ns":{rel + base},"tid":{tid},"site":{site},'
+        for chunk in chunks(view, text=json.dumps):
+            out.write("".join(
+                f'{{"type":"call","t_ns":{rel},"ts_ns":{rel + base},"tid":{tid},'
+                f'"cpu":{"null" if cpu == UNKNOWN_CPU else cpu},"site":{site},'
                 f'"function":{function},"caller":{caller},'
-                f'"caller_address":"{caller_address:#x}","callee_address":"{callee_address:#x}"'
-                for rel, tid, site, function, caller, caller_address, callee_address in zip(
-                    chunk.rel_ns, chunk.tid, chunk.site, chunk.function, chunk.caller,
-                    chunk.caller_address, chunk.callee_address)
-            ]
-            if chunk.arg0 is not None:
-                lines = [f'{line},"arg0":"{arg0:#x}"}}\n' for line, arg0 in zip(lines, chunk.arg0)]
-            else:
-                lines = [line + "}\n" for line in lines]
-            out.write("".join(lines))
+                f'"caller_address":"{caller_address:#x}","callee_address":"{callee_address:#x}",'
+                f'"arg0":"{arg0:#x}"}}\n'
+                for rel, tid, cpu, kind, site, function, caller, caller_address, callee_address, arg0 in zip(
+                    chunk.rel_ns, chunk.tid, chunk.cpu, chunk.kind, chunk.site, chunk.function, chunk.caller,
+                    chunk.caller_address, chunk.callee_address, chunk.arg0)
+                if kind == CALL
+            ))

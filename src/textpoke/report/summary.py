@@ -15,7 +15,18 @@ from typing import TextIO
 
 import numpy as np
 
-from ._view import RecordingLike, RecordingView, is_count_mode, pair_counts, top_per_major
+from ._view import (
+    Counts,
+    RecordingLike,
+    RecordingView,
+    StableIds,
+    _sorted_ids,
+    calls_only,
+    is_count_mode,
+    recording_notes,
+    pair_counts,
+    top_per_major,
+)
 
 _KIND_ORDER = {"fentry": 0, "call": 1, "jmp": 2}
 #: How many callers / threads a function row names before "+N more".
@@ -56,6 +67,7 @@ class Summary:
     functions: tuple[FunctionRow, ...]  # only functions called at least once, sorted
     not_called: int  # traced functions never called
     threads: tuple[ThreadRow, ...]  # most calls first
+    notes: tuple[str, ...] = ()  # the recording mode, losses by cause, a cut file
 
     @property
     def sites(self) -> int:
@@ -66,30 +78,46 @@ class Summary:
 
 
 def summarize(recording: RecordingLike, *, sort: SortKey | str = SortKey.CALLS, top: int = TOP) -> Summary:
-    """Count calls per function, per caller and per thread, all with numpy."""
+    """Count calls per function, per caller and per thread, chunk after chunk, with numpy."""
     view = RecordingView(recording)
     names = view.function_names
     n_functions = len(names)
+    per_function = np.zeros(n_functions, dtype=np.int64)
     callers: list[tuple[list[tuple[int, int]], int]]
     threads: list[tuple[list[tuple[int, int]], int]]
+    thread_rows: tuple[ThreadRow, ...] = ()
+    records = 0
+    caller_names: list[str] = []
+    sorted_tids = np.zeros(0, dtype=np.int64)
     if is_count_mode(recording):
         counts = np.asarray(recording.counts, dtype=np.int64)[: len(view.sites)]
-        per_function = np.zeros(n_functions, dtype=np.int64)
         np.add.at(per_function, view.function_of_site[: len(counts)], counts)
         callers = threads = [([], 0)] * n_functions
-        thread_rows: tuple[ThreadRow, ...] = ()
     else:
-        per_function = np.bincount(view.function, minlength=n_functions).astype(np.int64)
-        callers = top_per_major(*pair_counts(view.function, view.caller, len(view.caller_names)),
+        by_caller, by_thread, tids = Counts(), Counts(), StableIds()
+        for chunk in recording.chunks():
+            records += len(chunk)
+            calls = calls_only(chunk)
+            function = view.functions(calls)
+            per_function += np.bincount(function, minlength=n_functions)
+            by_caller.add(function, view.caller_ids(calls["caller"]))
+            by_thread.add(function, tids.ids(calls["tid"]))
+        # Caller and thread ids in name/number order, so ties go by name (see pair_counts).
+        caller_names, caller_rank = _sorted_ids(view.caller_names)
+        majors, minors, counts_ = by_caller.arrays()
+        # Return addresses in one function are one caller: add them up by name.
+        callers = top_per_major(*pair_counts(*_regroup(majors, caller_rank[minors], counts_)),
                                 n_major=n_functions, k=top)
-        groups = view.threads
-        threads = top_per_major(*pair_counts(view.function, groups.inverse, len(groups.values)),
+        tid_values = np.array(tids.values, dtype=np.int64)
+        tid_rank = np.argsort(np.argsort(tid_values, kind="stable"), kind="stable")
+        majors, minors, counts_ = by_thread.arrays()
+        threads = top_per_major(*pair_counts(majors, tid_rank[minors] if len(minors) else minors, counts_),
                                 n_major=n_functions, k=top)
-        per_thread = np.bincount(groups.inverse, minlength=len(groups.values))
-        order = np.lexsort((groups.values, -per_thread))
-        thread_rows = tuple(ThreadRow(tid=int(groups.values[i]), calls=int(per_thread[i])) for i in order)
-    caller_names = [] if is_count_mode(recording) else view.caller_names
-    tids = view.threads.values.tolist()
+        per_thread = np.zeros(len(tid_values), dtype=np.int64)
+        np.add.at(per_thread, minors, counts_)
+        sorted_tids = np.sort(tid_values)
+        order = np.lexsort((tid_values, -per_thread))
+        thread_rows = tuple(ThreadRow(tid=int(tid_values[i]), calls=int(per_thread[i])) for i in order)
     rows = []
     for f in np.flatnonzero(per_function).tolist():
         top_callers, n_callers = callers[f]
@@ -99,7 +127,7 @@ def summarize(recording: RecordingLike, *, sort: SortKey | str = SortKey.CALLS, 
             calls=int(per_function[f]),
             callers=tuple((caller_names[c], n) for c, n in top_callers),
             caller_count=n_callers,
-            threads=tuple((int(tids[t]), n) for t, n in top_threads),
+            threads=tuple((int(sorted_tids[t]), n) for t, n in top_threads),
             thread_count=n_threads,
         ))
     if SortKey(sort) is SortKey.CALLS:
@@ -113,7 +141,7 @@ def summarize(recording: RecordingLike, *, sort: SortKey | str = SortKey.CALLS, 
         pid=int(recording.pid),
         command=recording.command,
         seconds=max(0, int(recording.end_ns) - int(recording.start_ns)) / 1e9,
-        records=len(view.records),
+        records=records,
         lost=int(recording.lost),
         site_kinds=tuple(sorted(kinds.items(), key=lambda kv: (_KIND_ORDER.get(kv[0], len(_KIND_ORDER)), kv[0]))),
         count_mode=is_count_mode(recording),
@@ -121,7 +149,14 @@ def summarize(recording: RecordingLike, *, sort: SortKey | str = SortKey.CALLS, 
         functions=tuple(rows),
         not_called=sum(1 for f in traced if per_function[f] == 0),
         threads=thread_rows,
+        notes=recording_notes(recording),
     )
+
+
+def _regroup(majors: np.ndarray, minors: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The same pairs with equal (major, minor) added together."""
+    keys, inverse = np.unique(majors << 32 | minors, return_inverse=True)
+    return keys >> 32, keys & 0xFFFF_FFFF, np.bincount(inverse.reshape(-1), weights=counts).astype(np.int64)
 
 
 def _plural(n: int, noun: str) -> str:
@@ -170,8 +205,9 @@ def header_lines(summary: Summary) -> list[str]:
         seen = (summary.total_calls if summary.count_mode else summary.records) + summary.lost
         lines.append(
             f"LOST {_plural(summary.lost, 'record')} ({_share(summary.lost, seen)} of all calls): "
-            "the ring was full, so every count below is a lower bound; record again with a larger --ring"
+            "every count below is a lower bound"
         )
+    lines += list(summary.notes)
     if summary.count_mode:
         lines.append("count mode: exact calls per function; no callers, threads or times were recorded")
     return lines
@@ -201,7 +237,9 @@ def render_summary(summary: Summary, out: TextIO, *, limit: int | None = None) -
     if len(shown) < len(summary.functions):
         notes.append(f"{_plural(len(summary.functions) - len(shown), 'more function')} not shown (--limit)")
     if summary.not_called:
-        notes.append(f"{_plural(summary.not_called, 'traced function')} never called")
+        # With records lost, a function without records may still have been called.
+        notes.append(f"{_plural(summary.not_called, 'traced function')} "
+                     + ("with no record kept" if summary.lost else "never called"))
     if notes:
         lines += ["", "  " + "; ".join(notes)]
     if summary.threads:

@@ -8,10 +8,13 @@ layout: magic, version, record size, kind (records or counters) and geometry.
 Two record layouts:
 
 - :data:`RAW_DTYPE`, one 32-byte slot as the trampolines write it
-  (``ts`` in TSC ticks, ``tid``, ``site`` id, ``caller`` word, ``arg0``);
-- :data:`RECORD_DTYPE`, a decoded record as a :class:`~textpoke.ring.recording.Recording`
-  holds it (``ts_ns`` CLOCK_MONOTONIC, ``tid``, ``site``, ``caller``, ``arg0``,
-  ``callee``): its first 32 bytes are a slot's layout.
+  (``ts`` in TSC ticks, ``tid``, ``site`` word: the site id and the record's
+  kind in its top bits, ``caller`` word, ``arg0``);
+- :data:`RECORD_DTYPE`, a decoded record as a recording file holds it and a
+  :class:`~textpoke.ring.recording.Recording` hands it out (``ts_ns``
+  CLOCK_MONOTONIC, ``tid``, ``site`` id, ``caller``, ``arg0``, ``cpu``,
+  ``kind``): its first 32 bytes are a slot's layout, so decoding starts with one
+  block copy per record.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from ..trampolines.tracer import (
 
 # -- shared-memory header ---------------------------------------------------------------
 RING_MAGIC = int.from_bytes(b"TPKRING\x01", "little")
-RING_VERSION = 1
+#: 2: writers wait for the reader (deadline, bell and waiter words; trampolines.tracer).
+RING_VERSION = 2
 #: magic u64, version u32, record size u32, kind u32, cpus u32, capacity u64
 #: (records per buffer, or sites for counters).
 _RING_HEADER = struct.Struct("<QIIIIQ")
@@ -57,6 +61,20 @@ RAW_DTYPE = np.dtype(
     }
 )
 
+class RecordKind(enum.IntEnum):
+    """What a record says happened (the top bits of a slot's site word)."""
+
+    CALL = 0  # a traced function was entered (fentry site) or a call site was passed
+    EXIT = 1  # a traced function returned
+    UNWOUND = 2  # a traced function's frame was left without a return (longjmp, exception)
+
+
+#: A slot's site word: the site id in the low bits, the RecordKind above them.
+KIND_SHIFT = 30
+SITE_MASK = (1 << KIND_SHIFT) - 1
+#: ``cpu`` of a record whose CPU is not known (written to the shared fallback buffer).
+UNKNOWN_CPU = 0xFFFF
+
 RECORD_DTYPE = np.dtype(
     [
         ("ts_ns", "<u8"),  # CLOCK_MONOTONIC nanoseconds
@@ -64,13 +82,17 @@ RECORD_DTYPE = np.dtype(
         ("site", "<u4"),  # index into Recording.sites
         ("caller", "<u8"),  # entry: return address into the caller; call site: the site
         ("arg0", "<u8"),  # rdi at the call: the first integer argument
-        ("callee", "<u8"),  # entry: the traced function; call site: the callee
+        ("cpu", "<u2"),  # the CPU whose buffer took the record (UNKNOWN_CPU: the fallback buffer)
+        ("kind", "u1"),  # RecordKind
+        ("_pad", "V5"),
     ]
 )
 #: A record's first 32 bytes are laid out as a slot's (ts, tid, site, caller word,
 #: arg0), so decoding starts with one block copy per record.
-assert all(RECORD_DTYPE.fields[name][1] == RAW_DTYPE.fields[n][1]
-           for name, n in (("ts_ns", "ts"), ("tid", "tid"), ("site", "site"), ("caller", "caller"), ("arg0", "arg0")))
+RECORD_SIZE = RECORD_DTYPE.itemsize
+assert RECORD_SIZE == 40 and all(
+    RECORD_DTYPE.fields[name][1] == RAW_DTYPE.fields[n][1]
+    for name, n in (("ts_ns", "ts"), ("tid", "tid"), ("site", "site"), ("caller", "caller"), ("arg0", "arg0")))
 
 
 def write_ring_header(data: memoryview, geometry: RingGeometry | CounterGeometry) -> None:
@@ -100,19 +122,14 @@ def read_ring_header(data: memoryview) -> RingGeometry | CounterGeometry:
     raise UsageError(f"textpoke ring of unknown kind {kind}")
 
 
-# -- recording file ---------------------------------------------------------------------
-FILE_MAGIC = b"TPKREC\0\0"
-FILE_VERSION = 1
-#: magic, version u32, record size u32, JSON length u32; then JSON, then records.
-FILE_HEADER = struct.Struct("<8sIII")
-
-
 __all__ = [
-    "FILE_HEADER",
-    "FILE_MAGIC",
-    "FILE_VERSION",
+    "KIND_SHIFT",
     "RAW_DTYPE",
     "RECORD_DTYPE",
+    "RECORD_SIZE",
+    "RecordKind",
+    "SITE_MASK",
+    "UNKNOWN_CPU",
     "RING_MAGIC",
     "RING_VERSION",
     "RingKind",

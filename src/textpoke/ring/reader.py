@@ -1,28 +1,43 @@
 """Reading a tracer's ring while the target runs: bulk numpy, never per record.
 
-Per-CPU buffers (the rseq path of the trampolines) are complete up to their
-``head``: the producer's last write for a record is the head increment, and
-x86 makes stores visible in program order. So the reader, per buffer:
+Two halves, run by two threads of the tool (see :mod:`textpoke.capture.drain`):
 
-1. reads ``head`` (one aligned 8-byte load), then decodes slots ``[tail,
-   head)`` straight out of the shared memory (two slices when they wrap),
-   then stores ``limit = head + capacity`` (x86 does not move a store before
-   earlier loads, so the producer reuses a slot only after it was read).
+**Draining** (:meth:`RingReader.drain`) frees the ring as fast as memory allows:
+it copies every complete slot out of the shared memory into a staging array,
+as raw slots, and gives the space back. Per-CPU buffers (the rseq path of the
+trampolines) are complete up to their ``head``: the producer's last write for a
+record is the head increment, and x86 makes stores visible in program order.
+So, per buffer:
+
+1. read ``head`` (one aligned 8-byte load), then copy slots ``[tail, head)``
+   (two slices when they wrap), then store ``limit = head + capacity`` (x86 does
+   not move a store before earlier loads, so a producer reuses a slot only after
+   it was copied), then wake the writers sleeping on that limit, if any.
 
 The shared fallback buffer hands out slots with ``cmpxchg`` before they are
 written, so ``head`` may be ahead of complete records; each slot's commit word
 (its timestamp, written last and never 0) says it is complete:
 
-2. decode the committed prefix of ``[tail, head)``, zero those slots (so a
-   reused slot reads uncommitted until rewritten), then store ``limit``.
+2. copy the committed prefix of ``[tail, head)``, zero those slots (so a reused
+   slot reads uncommitted until rewritten), then store ``limit``.
 
-Records are decoded into :data:`~textpoke.ring.format.RECORD_DTYPE` chunk by
-chunk, timestamps converted to CLOCK_MONOTONIC ns in the same pass (see
-:class:`RingReader` for the clock).
+Writers whose buffer is full wait for the reader (trampolines.tracer,
+``wait_for_reader``) while ``rdtsc`` is below the header's deadline:
+:meth:`RingReader.keep_waiting` pushes it ahead (lossless mode) or stores 0
+(drop mode, and at the end). Between drains the reader sleeps on the header's
+bell (:meth:`RingReader.sleep`), which writers ring when a buffer crosses a half
+or is full: it is woken when there is work, not polled.
+
+**Decoding** (:func:`decode`) turns one drain's raw slots into
+:data:`~textpoke.ring.format.RECORD_DTYPE` records sorted by time: the per-CPU
+runs merged (a stable sort finds the runs), TSC converted to CLOCK_MONOTONIC ns
+with the drain's clock segment (see :class:`RingReader`), the site word split
+into id and kind, the CPU of each record from the buffer it came from.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -30,14 +45,27 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..target import _ptrace
-from ..trampolines.tracer import CTL_HEAD, CTL_LIMIT, CTL_LOST, SLOT_SIZE, SLOTS_OFFSET, RingGeometry
+from ..trampolines.tracer import (
+    CTL_HEAD,
+    CTL_LIMIT,
+    CTL_LOST,
+    CTL_WAITERS,
+    HDR_BELL,
+    HDR_DEADLINE,
+    HDR_READER_PID,
+    HDR_SLEEPING,
+    SLOT_SIZE,
+    SLOTS_OFFSET,
+    RingGeometry,
+)
 from .._errors import UsageError
-from .format import RAW_DTYPE, RECORD_DTYPE, read_ring_header
+from .format import KIND_SHIFT, RAW_DTYPE, RECORD_DTYPE, SITE_MASK, UNKNOWN_CPU, read_ring_header
 
-_CTL_WORDS = CTL_LIMIT // 8 + 1
-_HEAD, _LOST, _LIMIT = CTL_HEAD // 8, CTL_LOST // 8, CTL_LIMIT // 8
+_CTL_WORDS = CTL_WAITERS // 8 + 1
+_HEAD, _LOST, _LIMIT, _WAITERS = CTL_HEAD // 8, CTL_LOST // 8, CTL_LIMIT // 8, CTL_WAITERS // 8
 #: Records decoded per step: the step's records and temporaries stay in L2.
-_CHUNK = 1 << 13
+_CHUNK = 1 << 14
+_INT_MAX = 0x7FFF_FFFF
 
 
 @dataclass(frozen=True, eq=False)
@@ -46,12 +74,10 @@ class SiteTable:
 
     is_call: np.ndarray  # bool: a call site (else an fentry site)
     address: np.ndarray  # u64: the site
-    callee: np.ndarray  # u64: the traced function (fentry site) or the callee (call site)
 
     @classmethod
-    def build(cls, *, is_call: Sequence[bool], address: Sequence[int], callee: Sequence[int]) -> SiteTable:
-        return cls(is_call=np.asarray(is_call, dtype=bool), address=np.asarray(address, dtype=np.uint64),
-                   callee=np.asarray(callee, dtype=np.uint64))
+    def build(cls, *, is_call: Sequence[bool], address: Sequence[int]) -> SiteTable:
+        return cls(is_call=np.asarray(is_call, dtype=bool), address=np.asarray(address, dtype=np.uint64))
 
     @property
     def any_call(self) -> bool:
@@ -63,30 +89,47 @@ _SLOT_PART = np.dtype({"names": ["slot"], "formats": [f"V{SLOT_SIZE}"], "offsets
                        "itemsize": RECORD_DTYPE.itemsize})
 
 
-def decode_into(out: np.ndarray, raw: np.ndarray, sites: SiteTable, clock: TscClock | None = None) -> None:
-    """RAW_DTYPE slots -> RECORD_DTYPE records, in bulk; ``ts_ns`` converted with
-    ``clock`` (left in TSC ticks without one).
+@dataclass(frozen=True)
+class Drained:
+    """One drain: ``count`` raw slots at the start of the staging array, buffer after
+    buffer (``per_buffer[b]`` of buffer b, each run in commit order), and the clock
+    segment that converts their timestamps."""
 
-    A record starts as a copy of its slot (same layout); then the callee comes
-    from the site table, and a call site's caller is the site itself (its slot
-    has no caller word). An fentry record's caller word is the traced
-    function's return address into its caller. Chunks small enough for the
-    second pass to find the first one's lines in L2."""
-    head = out.view(_SLOT_PART)["slot"]
-    whole = raw.view(f"V{SLOT_SIZE}")
+    count: int
+    per_buffer: np.ndarray  # int64, one per buffer (per-CPU buffers, then the fallback)
+    clock: TscClock
+
+
+def decode(raw: np.ndarray, drained: Drained, sites: SiteTable, *, cpus: int) -> np.ndarray:
+    """One drain's raw slots -> RECORD_DTYPE records in time order.
+
+    1. order: a stable sort of the timestamps (the per-buffer runs are each in
+       order already, so the sort merges runs);
+    2. a record starts as a copy of its slot (same layout), in that order;
+    3. the timestamp becomes CLOCK_MONOTONIC ns (``drained.clock``), the site word
+       its id and kind, the CPU the buffer's (UNKNOWN_CPU for the fallback), and a
+       call site's caller the site itself (its slot has no caller word)."""
+    n = drained.count
+    raw = raw[:n]
+    order = np.argsort(np.ascontiguousarray(raw["ts"]), kind="stable")
+    out = np.empty(n, dtype=RECORD_DTYPE)
+    out.view(_SLOT_PART)["slot"] = raw.view(f"V{SLOT_SIZE}").take(order)
+    buffer_cpu = np.arange(len(drained.per_buffer), dtype=np.uint16)
+    if len(buffer_cpu) > cpus:
+        buffer_cpu[cpus:] = UNKNOWN_CPU
+    out["cpu"] = np.repeat(buffer_cpu, drained.per_buffer).take(order)
     any_call = sites.any_call
-    index = np.empty(min(len(raw), _CHUNK), dtype=np.intp)
-    for lo in range(0, len(raw), _CHUNK):
-        hi = min(lo + _CHUNK, len(raw))
-        head[lo:hi] = whole[lo:hi]
-        site = index[: hi - lo]
-        np.copyto(site, raw["site"][lo:hi], casting="unsafe")
-        out["callee"][lo:hi] = sites.callee.take(site, mode="clip")
+    for lo in range(0, n, _CHUNK):
+        part = out[lo : lo + _CHUNK]
+        word = part["site"]
+        part["kind"] = word >> KIND_SHIFT
+        np.bitwise_and(word, SITE_MASK, out=word)
         if any_call:
-            np.copyto(out["caller"][lo:hi], sites.address.take(site, mode="clip"),
+            site = word.astype(np.intp)
+            np.copyto(part["caller"], sites.address.take(site, mode="clip"),
                       where=sites.is_call.take(site, mode="clip"))
-        if clock is not None:
-            clock.stamp(out[lo:hi])
+        drained.clock.stamp(part)
+    return out
 
 
 #: A clock segment is at least this long (shorter ones would make a noisy slope),
@@ -150,6 +193,10 @@ class TscClock:
         signed = np.asarray(ticks, dtype=np.uint64).view(np.int64)
         return (signed * self.ns_per_tick + self._offset).astype(np.int64).view(np.uint64)
 
+    def ticks_at(self, ns: int) -> int:
+        """The TSC value at CLOCK_MONOTONIC ``ns`` on this line."""
+        return self.tsc0 + round((ns - self.ns0) / self.ns_per_tick)
+
     def stamp(self, records: np.ndarray) -> None:
         """Convert ``records["ts_ns"]`` from ticks to ns, in place (same arithmetic as
         :meth:`to_ns`), chunk by chunk through a buffer that stays in cache."""
@@ -168,23 +215,22 @@ class RingReader:
     """The reader's side of one ring (``data``: the tracer's data region, whose
     header (ring.format) gives the layout).
 
-    Timestamps are converted while each drain's records are in cache, by a
-    piecewise-linear clock: each drain takes a clock sample and converts its
-    records with the segment from the previous point (first: the ``start``
-    sample, taken before any site was patched) to that sample. The TSC is
-    constant and nonstop while CLOCK_MONOTONIC may be slewed by NTP; following
-    it segment by segment keeps records within a microsecond or so of the clock
-    the program reads. Segments meet at their ends and every slope is
-    positive, so time never runs backwards. A segment shorter than
-    ``_MIN_SEGMENT_NS``, or whose slope strays from the last one (a sample
-    disturbed by preemption), extends the last slope instead."""
+    Timestamps are converted by a piecewise-linear clock: each drain takes a
+    clock sample, and its records are converted with the segment from the
+    previous point (first: the ``start`` sample, taken before any site was
+    patched) to that sample. The TSC is constant and nonstop while
+    CLOCK_MONOTONIC may be slewed by NTP; following it segment by segment keeps
+    records within a microsecond or so of the clock the program reads. Segments
+    meet at their ends and every slope is positive, so time never runs
+    backwards. A segment shorter than ``_MIN_SEGMENT_NS``, or whose slope strays
+    from the last one (a sample disturbed by preemption), extends the last slope
+    instead."""
 
-    def __init__(self, data: memoryview, sites: SiteTable, *, start: ClockSample | None = None) -> None:
+    def __init__(self, data: memoryview, *, start: ClockSample | None = None) -> None:
         geometry = read_ring_header(data)  # the layout as the region itself declares it
         if not isinstance(geometry, RingGeometry):
             raise UsageError("this textpoke ring holds counters, not records", hint="read it with Tracer.counts")
         g = self.geometry = geometry
-        self.sites = sites
         self._anchor = start if start is not None else clock_sample()
         self._slope = TscClock.calibrate(seconds=_MIN_SEGMENT_NS / 1e9).ns_per_tick
         # Strided views: one row per buffer block (control words, then slots a page later).
@@ -192,10 +238,44 @@ class RingReader:
                                strides=(g.stride, 8))
         self._slots = np.ndarray((g.buffers, g.capacity), dtype=RAW_DTYPE, buffer=data,
                                  offset=g.blocks_offset + SLOTS_OFFSET, strides=(g.stride, SLOT_SIZE))
+        self._header = np.ndarray((HDR_READER_PID // 8 + 1,), dtype="<u8", buffer=data)
+        self._words = np.ndarray((HDR_READER_PID // 4 + 1,), dtype="<u4", buffer=data)
+        # Futex addresses in this process: the bell, and each buffer's limit (low half).
+        self._bell_address = _ptrace.buffer_address(data, HDR_BELL)
+        self._limit_address = [_ptrace.buffer_address(data, g.blocks_offset + b * g.stride + CTL_LIMIT)
+                               for b in range(g.buffers)]
+        self._words[HDR_READER_PID // 4] = os.getpid()
         self.records = 0  # records drained so far
+        self.wakes = 0  # times a drain woke writers sleeping on a full buffer
 
+    # -- the writers' side of the contract -----------------------------------------------
+    def keep_waiting(self, seconds: float) -> None:
+        """Let writers that find their buffer full wait for us for up to ``seconds``
+        from now (0: never wait; they drop and count instead)."""
+        if seconds <= 0:
+            self._header[HDR_DEADLINE // 8] = 0
+            return
+        ticks = int(seconds * 1e9 / self._slope)
+        self._header[HDR_DEADLINE // 8] = _ptrace.rdtsc() + ticks
+
+    def sleep(self, timeout_s: float, *, enough: int) -> None:
+        """Sleep on the bell until a writer rings it or ``timeout_s`` passes, unless
+        ``enough`` records are pending already.
+
+        The bell's value is read before the check: a writer that rings it after
+        that makes the futex wait return at once (its value changed), so no bell
+        is missed between the check and the sleep."""
+        bell = int(self._words[HDR_BELL // 4])
+        self._words[HDR_SLEEPING // 4] = 1
+        try:
+            if self.pending() < enough:
+                _ptrace.futex_wait(self._bell_address, bell, timeout_s)
+        finally:
+            self._words[HDR_SLEEPING // 4] = 0
+
+    # -- counting ------------------------------------------------------------------------
     def lost(self) -> int:
-        """Records that found their buffer full (every buffer, so far)."""
+        """Records that found their buffer full and were dropped (every buffer, so far)."""
         return int(self._ctl[:, _LOST].sum())
 
     def committed(self) -> np.ndarray:
@@ -205,33 +285,45 @@ class RingReader:
     def _tails(self) -> np.ndarray:
         return (self._ctl[:, _LIMIT] - np.uint64(self.geometry.bytes)) // np.uint64(SLOT_SIZE)
 
+    def pending(self) -> int:
+        """Records taken (or, in the fallback buffer, reserved) and not drained yet."""
+        return int((self.committed() - self._tails()).sum())
+
     def reserved_uncommitted(self) -> int:
         """Fallback slots handed out but not (yet) committed: a thread is writing them."""
         b = self.geometry.fallback
         return int(self._ctl[b, _HEAD] // SLOT_SIZE - self._tails()[b])
 
-    def drain(self, *, into: np.ndarray | None = None) -> np.ndarray:
-        """Every complete record not read yet, decoded (RECORD_DTYPE).
-
-        ``into``: decode into this array (its first records) when it is large
-        enough, instead of a new one."""
+    # -- draining --------------------------------------------------------------------------
+    def drain(self, into: np.ndarray) -> Drained:
+        """Copy every complete record not read yet into ``into`` (RAW_DTYPE, at least
+        ``geometry.buffers * geometry.capacity`` long), give the space back, and wake
+        the writers waiting for it. Steps 1 and 2 of the module docstring."""
         g = self.geometry
         clock = self._next_segment()
         heads = self._ctl[:, _HEAD] // np.uint64(SLOT_SIZE)  # step 1: heads before any slot
         tails = self._tails()  # only we write limits
         pending = (heads - tails).astype(np.int64)
-        total = int(pending.sum())
-        out = into[:total] if into is not None and len(into) >= total else np.empty(total, dtype=RECORD_DTYPE)
+        per_buffer = np.zeros(g.buffers, dtype=np.int64)
         done = 0
         for b in np.flatnonzero(pending[: g.cpus]).tolist():
             for view in self._views(b, int(tails[b]), int(heads[b])):
-                decode_into(out[done : done + len(view)], view, self.sites, clock)
+                into[done : done + len(view)] = view
                 done += len(view)
+            per_buffer[b] = pending[b]
             self._ctl[b, _LIMIT] = int(heads[b]) * SLOT_SIZE + g.bytes
+            self._wake(b)
         if pending[g.fallback]:
-            done += self._drain_fallback(out[done:], int(tails[g.fallback]), int(heads[g.fallback]), clock)
+            taken = self._drain_fallback(into[done:], int(tails[g.fallback]), int(heads[g.fallback]))
+            per_buffer[g.fallback] = taken
+            done += taken
         self.records += done
-        return out if done == len(out) else out[:done]
+        return Drained(count=done, per_buffer=per_buffer, clock=clock)
+
+    def _wake(self, b: int) -> None:
+        if self._ctl[b, _WAITERS] & 0xFFFF_FFFF:
+            _ptrace.futex_wake(self._limit_address[b], _INT_MAX)
+            self.wakes += 1
 
     def _next_segment(self) -> TscClock:
         """The clock for this drain's records (see the class docstring); advances the anchor."""
@@ -254,20 +346,21 @@ class RingReader:
         if n > first:
             yield self._slots[b, : n - first]
 
-    def _drain_fallback(self, out: np.ndarray, tail: int, head: int, clock: TscClock) -> int:
+    def _drain_fallback(self, out: np.ndarray, tail: int, head: int) -> int:
         """Step 2: the committed prefix of the fallback buffer; zero it; advance."""
         b = self.geometry.fallback
         done = 0
         for view in self._views(b, tail, head):
             uncommitted = np.flatnonzero(view["ts"] == 0)
             ready = int(uncommitted[0]) if len(uncommitted) else len(view)
-            decode_into(out[done : done + ready], view[:ready], self.sites, clock)
+            out[done : done + ready] = view[:ready]
             view[:ready] = 0
             done += ready
             if ready < len(view):
                 break
         self._ctl[b, _LIMIT] = (tail + done) * SLOT_SIZE + self.geometry.bytes
+        self._wake(b)
         return done
 
 
-__all__ = ["ClockSample", "RingReader", "SiteTable", "TscClock", "clock_sample", "decode_into"]
+__all__ = ["ClockSample", "Drained", "RingReader", "SiteTable", "TscClock", "clock_sample", "decode"]

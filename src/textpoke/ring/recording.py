@@ -1,29 +1,30 @@
-"""A finished capture: decoded records, the sites they refer to, and a symbolizer.
+"""A capture's result: what was traced, and its records, one time-ordered chunk at a time.
 
-File format (one file, little-endian)::
+A :class:`Recording` is either backed by a recording file (``Recording.load``;
+what ``textpoke record`` writes while it traces, see :mod:`.file`) or holds
+its records in memory (``Recording(records=...)``, for small synthetic ones
+and tests). Either way readers walk :meth:`Recording.chunks`, which never
+holds more than one chunk; :attr:`Recording.records` concatenates them all,
+for recordings known to be small.
 
-    b"TPKREC\\0\\0"   magic
-    u32              version (FILE_VERSION)
-    u32              record size (RECORD_DTYPE.itemsize)
-    u32              length of the JSON header in bytes
-    JSON             {"metadata": {...}, "sites": [...], "symbols": {...}, "counts": [...] | null}
-    records          raw RECORD_DTYPE array (np.tofile / np.fromfile)
+Chunks are each in time order and follow each other in time, so a reader that
+walks them sees every thread's records in the order the thread made them (the
+capture merges each drain with the tail of the previous one: see
+``capture.drain``).
 """
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .._errors import UsageError
-from .format import FILE_HEADER, FILE_MAGIC, FILE_VERSION, RECORD_DTYPE
-
-_NOT_A_RECORDING_HINT = "give a file written by `textpoke record` or `textpoke trace -o`"
+from .file import NOT_A_RECORDING_HINT, ChunkKind, Codec, RecordingFile, RecordingWriter
+from .format import RECORD_DTYPE
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,15 @@ class SiteInfo:
     kind: str  # "fentry" | "call"
     function: str  # the function holding the site
     target_name: str | None  # call sites: the callee's name
+    target: int | None = None  # call sites: the callee's address
+
+
+@dataclass(frozen=True)
+class ThreadInfo:
+    """A thread seen in the records: the process it belongs to and its name (comm)."""
+
+    pid: int
+    name: str
 
 
 @dataclass(frozen=True, eq=False)
@@ -95,23 +105,85 @@ class Symbols:
         return cls(np.array(obj["starts"], dtype=np.uint64), np.array(obj["ends"], dtype=np.uint64), names)
 
 
-@dataclass(frozen=True, eq=False)
+def sites_to_json(sites: Sequence[SiteInfo]) -> list[list[Any]]:
+    return [[s.id, s.address, s.kind, s.function, s.target_name, s.target] for s in sites]
+
+
+def sites_from_json(rows: Sequence[Sequence[Any]]) -> tuple[SiteInfo, ...]:
+    return tuple(SiteInfo(int(r[0]), int(r[1]), str(r[2]), str(r[3]), r[4], None if r[5] is None else int(r[5]))
+                 for r in rows)
+
+
+def threads_to_json(threads: dict[int, ThreadInfo]) -> dict[str, list[Any]]:
+    return {str(tid): [t.pid, t.name] for tid, t in threads.items()}
+
+
+def threads_from_json(obj: dict[str, Sequence[Any]]) -> dict[int, ThreadInfo]:
+    return {int(tid): ThreadInfo(int(v[0]), str(v[1])) for tid, v in obj.items()}
+
+
 class Recording:
-    """What one capture saw. ``records`` is sorted by ``ts_ns`` (RECORD_DTYPE).
+    """What one capture saw. In count mode there are no records and ``counts[site id]``
+    holds the calls. ``start_ns``/``end_ns`` bound the traced interval (CLOCK_MONOTONIC):
+    every record lies inside it. ``cut`` says why a file ends early (None: whole)."""
 
-    In count mode ``records`` is empty and ``counts[site id]`` holds the calls."""
+    def __init__(
+        self,
+        *,
+        sites: Sequence[SiteInfo],
+        lost: int,
+        pid: int,
+        command: str,
+        start_ns: int,
+        end_ns: int,
+        records: np.ndarray | None = None,
+        symbols: Symbols | None = None,
+        counts: np.ndarray | None = None,
+        mode: str = "trace",
+        metadata: dict[str, Any] | None = None,
+        threads: dict[int, ThreadInfo] | None = None,
+        cut: str | None = None,
+        file: RecordingFile | None = None,
+    ) -> None:
+        self.sites = tuple(sites)
+        self.lost = int(lost)
+        self.pid = int(pid)
+        self.command = command
+        self.start_ns = int(start_ns)
+        self.end_ns = int(end_ns)
+        self.symbols = symbols if symbols is not None else Symbols.empty()
+        self.counts = counts
+        self.mode = mode
+        self.metadata = dict(metadata or {})
+        self.threads = dict(threads or {})
+        self.cut = cut
+        self._file = file
+        self._records = None if records is None else np.asarray(records, dtype=RECORD_DTYPE)
 
-    records: np.ndarray
-    sites: tuple[SiteInfo, ...]
-    lost: int
-    pid: int
-    command: str
-    start_ns: int
-    end_ns: int
-    symbols: Symbols = field(default_factory=Symbols.empty)
-    counts: np.ndarray | None = None
-    mode: str = "trace"
-    metadata: dict[str, Any] = field(default_factory=dict)  # anything else worth keeping (JSON)
+    # -- records ------------------------------------------------------------------------
+    @property
+    def record_count(self) -> int:
+        if self._file is not None:
+            return self._file.records
+        return 0 if self._records is None else len(self._records)
+
+    def __len__(self) -> int:
+        return self.record_count
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        """The records, chunk after chunk (RECORD_DTYPE, each in time order)."""
+        if self._file is not None:
+            yield from self._file.record_chunks()
+        elif self._records is not None and len(self._records):
+            yield self._records
+
+    @property
+    def records(self) -> np.ndarray:
+        """Every record in one array: for recordings known to fit in memory."""
+        if self._records is None:
+            parts = list(self.chunks())
+            self._records = np.concatenate(parts) if parts else np.empty(0, dtype=RECORD_DTYPE)
+        return self._records
 
     def symbolize(self, addresses: np.ndarray | Sequence[int]) -> list[str]:
         return self.symbols.symbolize(addresses)
@@ -121,68 +193,99 @@ class Recording:
         return max(0, self.end_ns - self.start_ns)
 
     def per_site(self) -> np.ndarray:
-        """Calls per site id: the counts, or the records tallied."""
+        """Calls per site id: the counts, or the records tallied (entries only)."""
         if self.counts is not None:
             return self.counts
-        return np.bincount(self.records["site"], minlength=len(self.sites)).astype(np.uint64)
+        total = np.zeros(len(self.sites), dtype=np.uint64)
+        for chunk in self.chunks():
+            calls = chunk["site"][chunk["kind"] == 0]
+            total += np.bincount(calls, minlength=len(self.sites))[: len(self.sites)].astype(np.uint64)
+        return total
 
-    # -- file -----------------------------------------------------------------------
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the recording to ``path`` (see the module docstring for the layout)."""
-        header = {
-            "metadata": {
-                "pid": self.pid, "command": self.command, "start_ns": self.start_ns,
-                "end_ns": self.end_ns, "lost": self.lost, "mode": self.mode, "extra": self.metadata,
-            },
-            "sites": [[s.id, s.address, s.kind, s.function, s.target_name] for s in self.sites],
-            "symbols": self.symbols.to_json(),
-            "counts": None if self.counts is None else [int(c) for c in self.counts],
-        }
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        records = np.ascontiguousarray(self.records, dtype=RECORD_DTYPE)
-        with open(path, "wb") as f:
-            f.write(FILE_HEADER.pack(FILE_MAGIC, FILE_VERSION, RECORD_DTYPE.itemsize, len(blob)))
-            f.write(blob)
-            records.tofile(f)
+    # -- file ---------------------------------------------------------------------------
+    def head_json(self) -> dict[str, Any]:
+        """What a recording file's META chunk holds (known when tracing starts)."""
+        return {"pid": self.pid, "command": self.command, "start_ns": self.start_ns, "mode": self.mode,
+                "sites": sites_to_json(self.sites), "symbols": self.symbols.to_json(), "extra": self.metadata}
+
+    def tail_json(self) -> dict[str, Any]:
+        """What its END chunk holds (known when tracing ends)."""
+        return {"end_ns": self.end_ns, "lost": self.lost, "records": self.record_count,
+                "threads": threads_to_json(self.threads), "extra": self.metadata}
+
+    def save(self, path: str | os.PathLike[str], *, codec: Codec = Codec.ZSTD) -> None:
+        """Write the recording to ``path`` (see :mod:`.file`; via ``path.partial``)."""
+        with RecordingWriter(path, codec=codec) as writer:
+            writer.write_json(ChunkKind.META, self.head_json())
+            for chunk in self.chunks():
+                writer.write_records(chunk)
+            if self.counts is not None:
+                writer.write_counts(self.counts)
+            writer.finish(self.tail_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Recording:
-        """Read a file :meth:`save` wrote; anything else is refused with a UsageError."""
-        name = os.fspath(path)
-        with open(path, "rb") as f:
-            head = f.read(FILE_HEADER.size)
-            if len(head) < FILE_HEADER.size or head[: len(FILE_MAGIC)] != FILE_MAGIC:
-                raise UsageError(f"{name} is not a textpoke recording", hint=_NOT_A_RECORDING_HINT)
-            _, version, record_size, json_length = FILE_HEADER.unpack(head)
-            if version != FILE_VERSION or record_size != RECORD_DTYPE.itemsize:
-                raise UsageError(
-                    f"{name} is a textpoke recording of version {version} ({record_size}-byte records); "
-                    f"this textpoke reads version {FILE_VERSION} ({RECORD_DTYPE.itemsize}-byte records)",
-                    hint="read it with the textpoke version that wrote it",
-                )
-            blob = f.read(json_length)
-            if len(blob) != json_length:
-                raise UsageError(f"{name} is a truncated textpoke recording", hint=_NOT_A_RECORDING_HINT)
-            try:
-                header = json.loads(blob)
-                meta = header["metadata"]
-                sites = tuple(SiteInfo(int(i), int(a), str(k), str(fn), t) for i, a, k, fn, t in header["sites"])
-                symbols = Symbols.from_json(header["symbols"])
-            except (ValueError, KeyError, TypeError) as exc:
-                raise UsageError(f"{name} is a damaged textpoke recording (bad header)",
-                                 hint=_NOT_A_RECORDING_HINT) from exc
-            remaining = os.fstat(f.fileno()).st_size - f.tell()
-            if remaining % RECORD_DTYPE.itemsize:
-                raise UsageError(f"{name} is a truncated or damaged textpoke recording",
-                                 hint=_NOT_A_RECORDING_HINT)
-            records = np.fromfile(f, dtype=RECORD_DTYPE, count=remaining // RECORD_DTYPE.itemsize)
-        counts = header.get("counts")
-        return cls(
-            records=records, sites=sites, lost=int(meta["lost"]), pid=int(meta["pid"]),
-            command=str(meta["command"]), start_ns=int(meta["start_ns"]), end_ns=int(meta["end_ns"]),
-            symbols=symbols, counts=None if counts is None else np.array(counts, dtype=np.uint64),
-            mode=str(meta.get("mode", "trace")), metadata=dict(meta.get("extra") or {}),
-        )
+        """Open a recording file; its records are read chunk by chunk when walked.
+        Anything that is not one is refused with a UsageError."""
+        file = RecordingFile.open(path)
+        try:
+            return cls._from_file(file)
+        except BaseException:
+            file.close()
+            raise
+
+    @classmethod
+    def _from_file(cls, file: RecordingFile) -> Recording:
+        name = file.path
+        head: dict[str, Any] | None = None
+        tail: dict[str, Any] | None = None
+        threads: dict[int, ThreadInfo] = {}
+        counts = None
+        for chunk in file.chunks:
+            if chunk.kind is ChunkKind.META and head is None:
+                head = file.json(chunk)
+            elif chunk.kind is ChunkKind.THREADS:
+                threads.update(threads_from_json(file.json(chunk)))
+            elif chunk.kind is ChunkKind.COUNTS:
+                counts = np.frombuffer(bytes(file.payload(chunk)), dtype="<u8").copy()
+            elif chunk.kind is ChunkKind.END:
+                tail = file.json(chunk)
+        if head is None:
+            raise UsageError(f"{name} has no readable header chunk ({file.cut or 'none was written'})",
+                             hint=NOT_A_RECORDING_HINT)
+        cut = file.cut
+        if tail is None and cut is None:
+            cut = "it has no end marker (the textpoke that wrote it was stopped before it finished)"
+        try:
+            last = max((c.last_ns for c in file.chunks if c.kind is ChunkKind.RECORDS and c.records), default=0)
+            extra = dict(head.get("extra") or {})
+            if tail is not None:
+                extra.update(tail.get("extra") or {})
+                threads.update(threads_from_json(tail.get("threads") or {}))
+            start_ns = int(head["start_ns"])
+            return cls(
+                sites=sites_from_json(head["sites"]), symbols=Symbols.from_json(head["symbols"]),
+                pid=int(head["pid"]), command=str(head["command"]), mode=str(head.get("mode", "trace")),
+                start_ns=start_ns, end_ns=int(tail["end_ns"]) if tail is not None else max(start_ns, last),
+                lost=int(tail["lost"]) if tail is not None else 0, counts=counts, metadata=extra,
+                threads=threads, cut=cut, file=file,
+            )
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            raise UsageError(f"{name} is a damaged textpoke recording (bad header)",
+                             hint=NOT_A_RECORDING_HINT) from exc
+
+    def close(self) -> None:
+        """Release a file-backed recording's mapping (records handed out stay valid
+        only until then, unless copied)."""
+        if self._file is not None:
+            self._records = None
+            self._file.close()
+
+    def __enter__(self) -> Recording:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-__all__ = ["RECORD_DTYPE", "Recording", "SiteInfo", "Symbols"]
+__all__ = ["RECORD_DTYPE", "Recording", "SiteInfo", "Symbols", "ThreadInfo"]

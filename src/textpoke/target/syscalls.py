@@ -14,6 +14,7 @@ SYS_rt_sigaction = 13
 SYS_rt_sigprocmask = 14
 SYS_rt_sigreturn = 15
 SYS_getpid = 39
+SYS_kill = 62
 SYS_clone = 56
 SYS_exit = 60
 SYS_prctl = 157

@@ -58,6 +58,7 @@ for threads made by pthread_create); the routines read and write it.
 from __future__ import annotations
 
 import contextlib
+from errno import ESRCH
 
 import enum
 import mmap
@@ -76,8 +77,10 @@ from ..poke.protocol import Patch
 from ..poke.resident import PAGE, Resident, SharedRegion
 from ..sites.process import mapped_object
 from ..target import _ptrace
+from ..target._ptrace import FUTEX_WAIT, FUTEX_WAKE  # shared futexes: the tool maps the same memfd
 from ..target.inject import BorrowedThread, choose_thread
 from ..target.process import Process
+from ..target.syscalls import SYS_futex, SYS_kill
 from ..x86.asm import Asm, Imm64, R, mem
 from ..x86.insn import CALL_SIZE, INT3, encode_call, encode_jmp, rel32_target
 
@@ -119,9 +122,29 @@ SLOT_SIZE = 32
 CTL_HEAD = 0
 CTL_LOST = 8
 CTL_LIMIT = 64
+#: Writers sleeping on this buffer's limit (u32, ``lock inc``/``dec`` by them; the
+#: reader wakes the futex on the limit's low half when it is not 0). A line of its own.
+CTL_WAITERS = 128
 SLOTS_OFFSET = PAGE
+#: The header page's words the routines use (ring.format writes the rest of it), each on
+#: a cache line of its own:
+#: - ``HDR_DEADLINE`` (u64, TSC): a writer that finds its buffer full waits for the reader
+#:   while ``rdtsc`` is below it. The reader pushes it ahead while it is alive and
+#:   draining (lossless mode) and stores 0 for "never wait" (drop mode, or the end);
+#: - ``HDR_BELL`` (u32 futex word): a writer bumps it when its buffer crosses a half or is
+#:   full, and wakes the reader if ``HDR_SLEEPING`` says it sleeps on it;
+#: - ``HDR_READER_PID`` (u32): a waiting writer checks it still exists (``kill(pid, 0)``),
+#:   so the death of textpoke ends every wait at once rather than at the deadline.
+HDR_DEADLINE = 64
+HDR_BELL = 128
+HDR_SLEEPING = 192
+HDR_READER_PID = 256
+#: How long one wait of a writer sleeps at most before it looks again (futex timeout).
+WAIT_SLICE_NS = 1_000_000
 #: Largest buffer: the whole region must stay within rel32 reach of the sites.
 MAX_CAPACITY = 1 << 24
+#: Records a ring holds by default: 24 MiB of slots (on 2 CPUs, three buffers of 256k).
+DEFAULT_RING_RECORDS = 768 << 10
 #: How far ahead of the slot being written the routine prefetches (with intent to
 #: write); within the guard page after the slots when it runs past their end.
 PREFETCH_AHEAD = 4 * 64
@@ -132,8 +155,10 @@ STUB_SHIFT = 4
 _DESCRIPTORS = 0  # rseq_cs descriptors, 32 bytes each (aligned): entry routine, call routine
 _CONST_BLOCKS = 64  # u64: address of buffer block 0 (trace) / counter row 0 (count)
 _CONST_STUB_RETURN = 72  # u64: stub 0 + 5, the return address of stub 0's call
+_CONST_WAIT_SLICE = 80  # struct timespec (16 bytes): one wait slice of a writer
+_CONST_HEADER = 96  # u64: address of the ring header (trace)
 _ROUTINES = 128
-_STUBS = 1024
+_STUBS = PAGE
 #: Registers the routines borrow (record: rdtsc's rax/rdx, a block and a slot pointer).
 _RECORD_REGS = (R.RAX, R.RCX, R.RDX, R.RSI)
 _COUNT_REGS = (R.RAX, R.RCX)
@@ -185,9 +210,11 @@ class RingGeometry:
 
     @classmethod
     def for_records(cls, records: int, *, cpus: int) -> RingGeometry:
+        """At least ``records`` slots in all (up to MAX_CAPACITY per buffer): split over
+        the buffers, each rounded up to a power of two (the routines mask the head)."""
         buffers = cpus + 1
-        per = max(records // buffers, 16)
-        capacity = 1 << (per.bit_length() - 1)  # rounded down to a power of two
+        per = max(-(-records // buffers), 16)
+        capacity = 1 << (per - 1).bit_length()
         return cls(cpus=cpus, capacity=min(capacity, MAX_CAPACITY))
 
     @property
@@ -419,13 +446,14 @@ def _emit_record(a: Asm, *, name: str, entry: bool, abi: ThreadAbi, ring: RingGe
 
     rseq path, steps (restartable from ``<name>_start`` up to the commit):
     1. ts = rdtsc; cpu = rseq->cpu_id; out of range (no rseq): fallback;
-    2. full (head >= limit): leave the sequence, count a loss (``lock inc``,
-       exact even if we migrated meanwhile);
+    2. full (head >= limit): leave the sequence for :func:`_emit_wait` (wait
+       for the reader and start over, or count a loss);
     3. write the slot at head; 4. commit: store head + 32, the last
-       instruction of the sequence.
+       instruction of the sequence; 5. after it, if the buffer just crossed a
+       half, ring the reader's bell (:func:`_emit_bell`).
     Fallback: reserve a slot with ``lock cmpxchg`` after checking space (a
     full buffer never hands out a slot the reader would wait on), fill it,
-    store the timestamp last as its commit word.
+    store the timestamp last as its commit word; full: as step 2.
     """
     pushed = 8 * len(_RECORD_REGS)
     mask = ring.bytes - 1
@@ -447,6 +475,7 @@ def _emit_record(a: Asm, *, name: str, entry: bool, abi: ThreadAbi, ring: RingGe
 
     a.label(name)
     _save(a, _RECORD_REGS)
+    a.label(f"{name}_enter")  # a writer that waited for the reader starts over here
     if abi.rseq_offset is not None:
         _emit_rseq_enter(a, abi, descriptor, R.RAX, name)
     a.label(f"{name}_start")
@@ -476,13 +505,26 @@ def _emit_record(a: Asm, *, name: str, entry: bool, abi: ThreadAbi, ring: RingGe
         a.op("ADD_RM64_IMM8", R.RDX, SLOT_SIZE)
         a.label(f"{name}_commit")
         a.op("MOV_RM64_R64", mem(R.RCX, CTL_HEAD), R.RDX)
+        # Step 5, after the sequence: the buffer crossed a half of its slots (the new
+        # head is a multiple of half of them): ring the reader's bell, out of line.
+        a.op("TEST_RM32_IMM32", R.EDX, ring.bytes // 2 - 1)
+        a.jump("JE_REL32_64", f"{name}_bell")
     else:
         a.jump("JMP_REL32_64", f"{name}_fallback")
     a.label(f"{name}_post")
     _restore(a, _RECORD_REGS)
     a.op("RETNQ")
 
+    a.label(f"{name}_bell")
+    a.jump("CALL_REL32_64", "ring_bell")
+    a.jump("JMP_REL32_64", f"{name}_post")
+    # Full (rcx = the buffer's block): wait for the reader and start over, or, when
+    # wait_for_reader gives up (drop mode, reader gone or stalled), count the loss
+    # (``lock inc``: exact even if we migrated meanwhile).
     a.label(f"{name}_full")
+    a.jump("CALL_REL32_64", "wait_for_reader")
+    a.op("TEST_RM32_R32", R.EAX, R.EAX)
+    a.jump("JE_REL32_64", f"{name}_enter")
     a.op("INC_RM64", mem(R.RCX, CTL_LOST), lock=True)
     a.jump("JMP_REL32_64", f"{name}_post")
     if abi.rseq_offset is not None:
@@ -508,6 +550,99 @@ def _emit_record(a: Asm, *, name: str, entry: bool, abi: ThreadAbi, ring: RingGe
     a.label(f"{name}_fallback_full")
     a.op("POP_R64", R.RDX)
     a.jump("JMP_REL32_64", f"{name}_full")
+
+
+def _emit_bell(a: Asm, *, header_constant: int) -> None:
+    """``ring_bell``: wake the reader if it sleeps (called by the record routines).
+
+    Bump ``HDR_BELL`` (``lock inc``: the reader compares it with what it saw before
+    it went to sleep, so a bell rung while it was falling asleep is never missed,
+    see RingReader.sleep), then, only if ``HDR_SLEEPING`` is set, clear it with
+    ``lock btr`` and, if this thread was the one that cleared it, ``futex_wake``
+    the bell: one syscall per sleep of the reader, whatever the number of writers.
+    Clobbers rax, rcx, rdx, rsi (saved by the routines); keeps every other register."""
+    a.label("ring_bell")
+    a.op("MOV_R64_RM64", R.RSI, mem(R.RIP, header_constant))
+    a.op("INC_RM32", mem(R.RSI, HDR_BELL), lock=True)
+    a.op("CMP_RM32_IMM8", mem(R.RSI, HDR_SLEEPING), 0)
+    a.jump("JE_REL32_64", "ring_bell_done")
+    a.op("BTR_RM32_IMM8", mem(R.RSI, HDR_SLEEPING), 0, lock=True)
+    a.jump("JAE_REL32_64", "ring_bell_done")  # CF clear: another writer woke it
+    a.op("PUSH_R64", R.RDI)
+    a.op("PUSH_R64", R.R11)  # syscall clobbers rcx and r11
+    a.op("LEA_R64_M", R.RDI, mem(R.RSI, HDR_BELL))
+    a.op("MOV_R32_IMM32", R.ESI, FUTEX_WAKE)
+    a.op("MOV_R32_IMM32", R.EDX, 1)
+    a.op("MOV_R32_IMM32", R.EAX, SYS_futex)
+    a.op("SYSCALL")
+    a.op("POP_R64", R.R11)
+    a.op("POP_R64", R.RDI)
+    a.label("ring_bell_done")
+    a.op("RETNQ")
+
+
+def _emit_wait(a: Asm, *, header_constant: int, slice_constant: int) -> None:
+    """``wait_for_reader``: a writer found its buffer full (rcx = its block).
+
+    Returns eax = 0 when it waited (the routine starts over: the buffer, the CPU,
+    everything is looked at again), 1 when it must not wait (the routine counts a
+    loss). Steps:
+
+    1. ring the bell (the reader may sleep; a full buffer is news);
+    2. ``rdtsc`` >= ``HDR_DEADLINE``: give up (drop mode stores 0 there; a reader that
+       stopped pushing the deadline ahead is stalled or gone);
+    3. ``kill(HDR_READER_PID, 0)`` is -ESRCH: the reader is dead; store deadline 0 so
+       every other writer gives up at once, and give up;
+    4. ``lock inc`` the block's waiter count, then look at the limit again (the
+       reader may have moved it before it could see us) and, if still full, sleep on
+       the limit word's low half (a shared futex: the reader's view is another
+       mapping of the same memfd) for one WAIT_SLICE_NS at most; ``lock dec``.
+    Every wait ends by a wake, the slice's end or a signal, and the caller looks
+    again, so no writer waits past the deadline by more than a slice, and none at
+    all once the reader is gone. Keeps every register but rax, rdx, rsi (saved by the
+    routines) and flags."""
+    a.label("wait_for_reader")
+    for reg in (R.RCX, R.RDI, R.R8, R.R10, R.R11):
+        a.op("PUSH_R64", reg)
+    a.op("MOV_R64_RM64", R.R8, R.RCX)  # the kernel keeps r8 across a syscall
+    a.jump("CALL_REL32_64", "ring_bell")
+    a.op("MOV_R64_RM64", R.RSI, mem(R.RIP, header_constant))
+    a.op("RDTSC")
+    a.op("SHL_RM64_IMM8", R.RDX, 32)
+    a.op("OR_RM64_R64", R.RAX, R.RDX)
+    a.op("CMP_R64_RM64", R.RAX, mem(R.RSI, HDR_DEADLINE))
+    a.jump("JAE_REL32_64", "wait_give_up")
+    a.op("MOV_R32_RM32", R.EDI, mem(R.RSI, HDR_READER_PID))
+    a.op("TEST_RM32_R32", R.EDI, R.EDI)
+    a.jump("JE_REL32_64", "wait_sleep")
+    a.op("XOR_R32_RM32", R.ESI, R.ESI)  # signal 0: only "does it exist"
+    a.op("MOV_R32_IMM32", R.EAX, SYS_kill)
+    a.op("SYSCALL")
+    a.op("CMP_RM64_IMM8", R.RAX, -ESRCH)
+    a.jump("JNE_REL32_64", "wait_sleep")
+    a.op("MOV_R64_RM64", R.RSI, mem(R.RIP, header_constant))
+    a.op("MOV_RM64_IMM32", mem(R.RSI, HDR_DEADLINE), 0)
+    a.jump("JMP_REL32_64", "wait_give_up")
+    a.label("wait_sleep")
+    a.op("INC_RM32", mem(R.R8, CTL_WAITERS), lock=True)
+    a.op("MOV_R64_RM64", R.RDX, mem(R.R8, CTL_LIMIT))  # edx: the futex's expected value
+    a.op("CMP_RM64_R64", mem(R.R8, CTL_HEAD), R.RDX)
+    a.jump("JB_REL32_64", "wait_woken")  # room already: the reader was quicker
+    a.op("LEA_R64_M", R.RDI, mem(R.R8, CTL_LIMIT))
+    a.op("MOV_R32_IMM32", R.ESI, FUTEX_WAIT)
+    a.op("LEA_R64_M", R.R10, mem(R.RIP, slice_constant))
+    a.op("MOV_R32_IMM32", R.EAX, SYS_futex)
+    a.op("SYSCALL")
+    a.label("wait_woken")
+    a.op("DEC_RM32", mem(R.R8, CTL_WAITERS), lock=True)
+    a.op("XOR_R32_RM32", R.EAX, R.EAX)
+    a.jump("JMP_REL32_64", "wait_done")
+    a.label("wait_give_up")
+    a.op("MOV_R32_IMM32", R.EAX, 1)
+    a.label("wait_done")
+    for reg in (R.R11, R.R10, R.R8, R.RDI, R.RCX):
+        a.op("POP_R64", reg)
+    a.op("RETNQ")
 
 
 def _emit_count(a: Asm, *, name: str, entry: bool, abi: ThreadAbi, counters: CounterGeometry, rows: int,
@@ -598,6 +733,9 @@ def generate(
     code = bytearray(INT3 * (_STUBS + len(sites) * STUB_SIZE))
     entry_name, call_name = _ROUTINE_NAMES[mode]
     stub_return = base + _CONST_STUB_RETURN
+    if mode is Mode.TRACE:
+        _emit_bell(a, header_constant=base + _CONST_HEADER)
+        _emit_wait(a, header_constant=base + _CONST_HEADER, slice_constant=base + _CONST_WAIT_SLICE)
     for name, entry, slot in ((entry_name, True, 0), (call_name, False, 1)):
         descriptor = base + _DESCRIPTORS + RSEQ_CS_SIZE * slot
         if mode is Mode.TRACE:
@@ -611,6 +749,7 @@ def generate(
             _emit_count(a, name=name, entry=entry, abi=abi, counters=counters, rows=zero,
                         stub_return=stub_return, descriptor=descriptor)
     struct.pack_into("<QQ", code, _CONST_BLOCKS, zero, base + _STUBS + CALL_SIZE)
+    struct.pack_into("<qqQ", code, _CONST_WAIT_SLICE, 0, WAIT_SLICE_NS, data)
     routine_code, labels = a.assemble(base + _ROUTINES)
     if _ROUTINES + len(routine_code) > _STUBS:
         raise InjectionError(f"tracer routines are {len(routine_code)} bytes, more than {_STUBS - _ROUTINES}")
@@ -661,7 +800,7 @@ class Tracer:
     """
 
     def __init__(self, resident: Resident, sites: Sequence[TracedSite], *, mode: Mode, abi: ThreadAbi,
-                 ring_records: int = 1 << 20, name: str = "textpoke-trace") -> None:
+                 ring_records: int = DEFAULT_RING_RECORDS, name: str = "textpoke-trace") -> None:
         if not sites:
             raise UsageError("no sites to trace")
         self.mode = mode
