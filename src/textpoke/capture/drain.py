@@ -39,7 +39,7 @@ import numpy as np
 
 from ..ring.file import ChunkKind, RecordingWriter
 from ..ring.format import RAW_DTYPE, RECORD_DTYPE
-from ..ring.reader import Drained, RingReader, SiteTable, decode
+from ..ring.reader import Decoder, Drained, RingReader, SiteTable
 from ..ring.recording import ThreadInfo, threads_to_json
 
 #: The drain thread sleeps on the bell at most this long (then pushes the deadline on).
@@ -60,6 +60,7 @@ class PipelineStats:
     unwritten: int = 0  # records drained but not written (the file failed)
     chunks: int = 0
     drains: int = 0
+    merges: int = 0  # drains merged with records of the one before (see _merge)
 
 
 class Pipeline:
@@ -88,10 +89,16 @@ class Pipeline:
         for _ in range(STAGING):
             self._free.put(np.empty(size, dtype=RAW_DTYPE))
         self._full: queue.Queue[tuple[np.ndarray, Drained] | None] = queue.Queue()
+        # The write thread's record buffers, used over and over (fresh ones would cost a
+        # page fault per 100 records): a drain decodes into a free one, which then holds
+        # the carry until the next drain (see _merge).
+        self._decoded = [np.empty(size, dtype=RECORD_DTYPE) for _ in range(2)]
+        self._decoder = Decoder(size, sites, cpus=cpus)
         self._closing = threading.Event()
         self._settled: Callable[[], bool] = lambda: True
         self._settle_limit_s = 0.0
         self._carry = np.empty(0, dtype=RECORD_DTYPE)
+        self._carry_buffer = 0
         self._drain_thread = threading.Thread(target=self._drain_loop, name="textpoke-drain", daemon=True)
         self._write_thread = threading.Thread(target=self._write_loop, name="textpoke-write", daemon=True)
         self._busy = max(16, g.capacity // 4)  # a drain this big: drain again at once
@@ -176,11 +183,12 @@ class Pipeline:
                 if item is _STOP:
                     break
                 staging, drained = item
+                free = 1 - self._carry_buffer
                 try:
-                    records = decode(staging, drained, self.sites, cpus=self.cpus)
+                    records = self._decoder.decode(staging, drained, self._decoded[free])
                 finally:
                     self._free.put(staging)
-                self._merge(records)
+                self._merge(records, free)
             self._emit(self._carry)
             self._carry = self._carry[:0]
         except BaseException as exc:
@@ -188,18 +196,21 @@ class Pipeline:
             while self._full.get() is not _STOP:  # keep the drain thread going; count what is lost
                 pass
 
-    def _merge(self, records: np.ndarray) -> None:
-        """Write what is older than every record of this drain; keep the rest with it."""
+    def _merge(self, records: np.ndarray, buffer: int) -> None:
+        """Write what is older than every record of this drain (``records``, decoded in
+        buffer ``buffer``); keep the rest with it, as the new carry."""
         carry = self._carry
         if len(carry):
             first = records["ts_ns"][0]
             final = int(np.searchsorted(carry["ts_ns"], first, side="left"))
             self._emit(carry[:final])
             rest = carry[final:]
-            if len(rest):
+            if len(rest):  # rare: records that missed the previous drain; a copy of its own
                 both = np.concatenate((rest, records))
-                records = both[np.argsort(both["ts_ns"], kind="stable")]
+                records = both.take(np.argsort(both["ts_ns"], kind="stable"))
+                self.stats.merges += 1
         self._carry = records
+        self._carry_buffer = buffer
 
     def _emit(self, records: np.ndarray) -> None:
         if not len(records):

@@ -164,7 +164,8 @@ def _capture(
             stats = pipeline.stats
             lost = reader.lost() + late + stats.unwritten
             metadata.update(lost_full=reader.lost(), lost_late=late, lost_unwritten=stats.unwritten,
-                            writer_wakes=reader.wakes, drains=stats.drains, threads_unsettled=quiet.waiting)
+                            writer_wakes=reader.wakes, drains=stats.drains, merged_drains=stats.merges,
+                            threads_unsettled=quiet.waiting)
             pipeline.reader = None  # type: ignore[assignment]  # drop its views before the tracer closes
             del reader
             if pipeline.error is not None:
@@ -311,6 +312,7 @@ def capture_command(
     on_start: Callable[[int], None] | None = None,
     on_progress: Callable[[CaptureProgress], None] | None = None,
     on_traced: Callable[[Recording], None] | None = None,
+    on_failure: Callable[[TextpokeError], None] | None = None,
     **popen: object,
 ) -> tuple[Recording, int | None]:
     """Start ``argv`` (resident part installed before its ``main``), trace it until it exits.
@@ -325,7 +327,10 @@ def capture_command(
     for it to exit, unless ``abandon_event`` is set, which returns at once with
     the status None (the program keeps running). ``on_start(pid)`` is called
     once the program exists, ``on_traced(recording)`` once the recording is
-    whole (before the wait). ``popen`` goes to ``subprocess.Popen``.
+    whole (before the wait). If tracing fails once the program runs (the file
+    cannot be written, say), ``on_failure(error)`` is called, the program is
+    waited for all the same, and then the error is raised. ``popen`` goes to
+    ``subprocess.Popen``.
     """
     mode = check_options(options)
     argv = list(argv)
@@ -345,24 +350,46 @@ def capture_command(
                     proc.kill()  # refused before it ran: it never executes an instruction of its own
                     killed = True
                 raise
-    except TargetError:  # TargetExited, NoSuchProcess: the program ended first
+    except TargetError as error:  # TargetExited, NoSuchProcess: the program ended first
         if killed or not exited():
             if killed:
                 proc.wait()
+            else:
+                _wait_then_raise(proc, error, abandon_event, on_failure)
             raise
         recording = _empty(proc.pid, argv, mode, output)
+    except TextpokeError as error:
+        if killed:
+            proc.wait()
+            raise
+        _wait_then_raise(proc, error, abandon_event, on_failure)
     except BaseException:
         if killed:
             proc.wait()
         raise
     if on_traced is not None:
         on_traced(recording)
+    return recording, _wait_program(proc, abandon_event)
+
+
+def _wait_program(proc: subprocess.Popen, abandon_event: threading.Event | None) -> int | None:
+    """The program's exit status, or None once ``abandon_event`` is set (it runs on)."""
     while proc.poll() is None:
-        if abandon_event is not None and abandon_event.wait(0.05):
-            return recording, None
         if abandon_event is None:
             proc.wait()
-    return recording, proc.returncode
+        elif abandon_event.wait(0.05):
+            return None
+    return proc.returncode
+
+
+def _wait_then_raise(proc: subprocess.Popen, error: TextpokeError, abandon_event: threading.Event | None,
+                     on_failure: Callable[[TextpokeError], None] | None) -> None:
+    """Tracing failed after the program started: it runs on (never killed by us); say
+    so at once, wait for it like a finished trace would, then raise."""
+    if on_failure is not None:
+        on_failure(error)
+    _wait_program(proc, abandon_event)
+    raise error
 
 
 def _empty(pid: int, argv: Sequence[str], mode: Mode, output: str | os.PathLike[str] | None) -> Recording:

@@ -102,6 +102,9 @@ def output_stream(path: str | None) -> Iterator[TextIO]:
                 raise TextpokeError(f"cannot write the output: {_os_message(exc)}",
                                     hint="write it to a file with -o, on a disk with room") from exc
             return
+        if os.path.exists(path) and not os.path.isfile(path):
+            yield from _special_stream(path)  # /dev/full, a fifo, /dev/stdout: no rename there
+            return
         partial = path + ".partial"
         try:
             out = open(partial, "w", encoding="utf-8")
@@ -121,6 +124,18 @@ def output_stream(path: str | None) -> Iterator[TextIO]:
     except BrokenPipeError:
         # The reader went away (e.g. `| head`): not an error.
         _quiet_stdout()
+
+
+def _special_stream(path: str) -> Iterator[TextIO]:
+    try:
+        out = open(path, "w", encoding="utf-8")
+    except OSError as exc:
+        raise TextpokeError(f"cannot write {path}: {_os_message(exc)}", hint="pick another -o") from exc
+    try:
+        with out:
+            yield out
+    except OSError as exc:
+        raise TextpokeError(f"cannot write {path}: {_os_message(exc)}", hint="pick another -o") from exc
 
 
 def _remove(path: str) -> None:
@@ -303,13 +318,14 @@ class RingSize(click.ParamType):
 
 def capture_options(
     *, functions: tuple[str, ...], calls_to: tuple[str, ...], count: bool, ring: int | None,
-    drop: bool = False, wait_limit: float | None = None, duration: float | None = None,
-    library: str | None = None,
+    drop: bool = False, wait_limit: float | None = None, no_compress: bool = False,
+    duration: float | None = None, library: str | None = None,
 ) -> CaptureOptions:
     capture = capture_module()
     options: dict[str, Any] = {"functions": functions, "calls_to": calls_to, "mode": "count" if count else "trace",
                                "duration": duration, "library": library,
-                               "overflow": capture.Overflow.DROP if drop else capture.Overflow.WAIT}
+                               "overflow": capture.Overflow.DROP if drop else capture.Overflow.WAIT,
+                               "compress": not no_compress}
     if ring is not None:
         options["ring_records"] = ring
     if wait_limit is not None:
@@ -337,6 +353,9 @@ def selection_options(command: Callable[..., object]) -> Callable[..., object]:
         click.option("--wait-limit", type=click.FloatRange(min=0, min_open=True), metavar="S",
                      help="The longest a traced thread waits for textpoke before it drops a record (default 2 s); "
                           "if textpoke dies, waits end at once."),
+        click.option("--no-compress", is_flag=True,
+                     help="Write records uncompressed (zstd by default): faster while the page cache absorbs "
+                          "them, 3-10x bigger files."),
     )):
         command = option(command)
     return command

@@ -10,6 +10,7 @@ import threading
 
 import click
 
+from .._errors import TextpokeError
 from . import _capture
 from ._capture import (
     DEFAULT_OUTPUT,
@@ -41,7 +42,8 @@ def exit_status(returncode: int) -> int:
 @click.option("--lib", "library", metavar="NAME", help="Trace in a shared library of the program (path or name, e.g. libc.so).")
 @click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD [ARGS]...")
 def command(functions: tuple[str, ...], calls_to: tuple[str, ...], count: bool, ring: int | None, drop: bool,
-            wait_limit: float | None, output: str, library: str | None, argv: tuple[str, ...]) -> None:
+            wait_limit: float | None, no_compress: bool, output: str, library: str | None,
+            argv: tuple[str, ...]) -> None:
     """Start CMD, trace it until it exits, and save the recording to FILE.
 
     Every call is recorded: a traced thread whose buffer is full waits for
@@ -64,7 +66,7 @@ def command(functions: tuple[str, ...], calls_to: tuple[str, ...], count: bool, 
     """
     check_writable(output)
     options = capture_options(functions=functions, calls_to=calls_to, count=count, ring=ring, drop=drop,
-                              wait_limit=wait_limit, library=library)
+                              wait_limit=wait_limit, no_compress=no_compress, library=library)
     stop, abandon = threading.Event(), threading.Event()
     program: list[int] = []
     name = os.path.basename(argv[0])
@@ -84,14 +86,32 @@ def command(functions: tuple[str, ...], calls_to: tuple[str, ...], count: bool, 
             echo_err(f"textpoke: tracing stopped; every site is restored and {name} (pid {program[0]}) runs on "
                      "untraced; waiting for it to exit (Ctrl-C again to leave it running)")
 
-    with (
-        os_errors(f"cannot record {argv[0]}"),
-        stop_on_signals(stop, on_signal=on_signal),
-        LiveCounter(f"recording {name}") as live,
-    ):
-        recording, returncode = _capture.capture_module().capture_command(
-            list(argv), options, output=output, stop_event=stop, abandon_event=abandon,
-            on_start=program.append, on_progress=live, on_traced=lambda r: (live.stop(), on_traced(r)))
+    failed: list[TextpokeError] = []
+
+    def on_failure(error: TextpokeError) -> None:
+        failed.append(error)
+        stop.set()  # so that one Ctrl-C leaves the program running
+        live.stop()
+        echo_err(f"textpoke: error: {error.message}")
+        if error.hint:
+            echo_err(f"textpoke: hint: {error.hint}")
+        echo_err(f"textpoke: {name} (pid {program[0]}) runs on; waiting for it to exit "
+                 "(Ctrl-C to leave it running)")
+
+    try:
+        with (
+            os_errors(f"cannot record {argv[0]}"),
+            stop_on_signals(stop, on_signal=on_signal),
+            LiveCounter(f"recording {name}") as live,
+        ):
+            recording, returncode = _capture.capture_module().capture_command(
+                list(argv), options, output=output, stop_event=stop, abandon_event=abandon,
+                on_start=program.append, on_progress=live, on_traced=lambda r: (live.stop(), on_traced(r)),
+                on_failure=on_failure)
+    except TextpokeError as error:
+        if failed and failed[0] is error:
+            raise SystemExit(error.exit_code) from None  # said already, when it happened
+        raise
     sys.stdout.flush()
     if returncode is None:
         echo_err(f"textpoke: {name} (pid {recording.pid}) keeps running, untraced: "

@@ -32,8 +32,8 @@ from ._capture import (
 @click.option("--sort", type=click.Choice([k.value for k in SortKey]), default=SortKey.CALLS.value,
               show_default=True, help="Order of the summary's rows.")
 def command(pid: int, functions: tuple[str, ...], calls_to: tuple[str, ...], count: bool, ring: int | None,
-            drop: bool, wait_limit: float | None, duration: float | None, output: str | None,
-            library: str | None, sort: str) -> None:
+            drop: bool, wait_limit: float | None, no_compress: bool, duration: float | None,
+            output: str | None, library: str | None, sort: str) -> None:
     """Trace calls in running process PID until Ctrl-C, SIGTERM or --duration.
 
     Stopping restores every patched byte and detaches; the process keeps running
@@ -51,7 +51,7 @@ def command(pid: int, functions: tuple[str, ...], calls_to: tuple[str, ...], cou
     if output is not None:
         check_writable(output)
     options = capture_options(functions=functions, calls_to=calls_to, count=count, ring=ring, drop=drop,
-                              wait_limit=wait_limit, duration=duration, library=library)
+                              wait_limit=wait_limit, no_compress=no_compress, duration=duration, library=library)
     stop = threading.Event()
     with (
         os_errors(f"cannot trace pid {pid}"),

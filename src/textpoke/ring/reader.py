@@ -100,36 +100,66 @@ class Drained:
     clock: TscClock
 
 
-def decode(raw: np.ndarray, drained: Drained, sites: SiteTable, *, cpus: int) -> np.ndarray:
-    """One drain's raw slots -> RECORD_DTYPE records in time order.
+class Decoder:
+    """Decodes drains of up to ``size`` records, with scratch arrays of its own used over
+    and over (fresh ones would cost a page fault per 100 records). :meth:`decode`:
 
     1. order: a stable sort of the timestamps (the per-buffer runs are each in
-       order already, so the sort merges runs);
+       order already, so the sort merges runs; one run needs no sort);
     2. a record starts as a copy of its slot (same layout), in that order;
-    3. the timestamp becomes CLOCK_MONOTONIC ns (``drained.clock``), the site word
-       its id and kind, the CPU the buffer's (UNKNOWN_CPU for the fallback), and a
-       call site's caller the site itself (its slot has no caller word)."""
-    n = drained.count
-    raw = raw[:n]
-    order = np.argsort(np.ascontiguousarray(raw["ts"]), kind="stable")
-    out = np.empty(n, dtype=RECORD_DTYPE)
-    out.view(_SLOT_PART)["slot"] = raw.view(f"V{SLOT_SIZE}").take(order)
-    buffer_cpu = np.arange(len(drained.per_buffer), dtype=np.uint16)
-    if len(buffer_cpu) > cpus:
-        buffer_cpu[cpus:] = UNKNOWN_CPU
-    out["cpu"] = np.repeat(buffer_cpu, drained.per_buffer).take(order)
-    any_call = sites.any_call
-    for lo in range(0, n, _CHUNK):
-        part = out[lo : lo + _CHUNK]
-        word = part["site"]
-        part["kind"] = word >> KIND_SHIFT
-        np.bitwise_and(word, SITE_MASK, out=word)
-        if any_call:
+    3. the timestamp becomes CLOCK_MONOTONIC ns (the drain's clock segment), the
+       site word its id and kind, the CPU the buffer's (UNKNOWN_CPU for the
+       fallback), and a call site's caller the site itself (its slot has no caller
+       word)."""
+
+    def __init__(self, size: int, sites: SiteTable, *, cpus: int) -> None:
+        self.sites = sites
+        self.cpus = cpus
+        self._ts = np.empty(size, dtype=np.uint64)
+        self._rows = np.empty(size, dtype=f"V{SLOT_SIZE}")
+        self._float = np.empty(size, dtype=np.float64)
+        self._cpu = np.empty(size, dtype=np.uint16)
+
+    def decode(self, raw: np.ndarray, drained: Drained, out: np.ndarray) -> np.ndarray:
+        """``drained``'s records from ``raw`` (RAW_DTYPE) into ``out``'s first records."""
+        n = drained.count
+        raw, out = raw[:n], out[:n]
+        slots = raw.view(f"V{SLOT_SIZE}")
+        head = out.view(_SLOT_PART)["slot"]
+        buffer_cpu = np.arange(len(drained.per_buffer), dtype=np.uint16)
+        buffer_cpu[self.cpus:] = UNKNOWN_CPU
+        runs = np.flatnonzero(drained.per_buffer)
+        if len(runs) <= 1:
+            head[:] = slots
+            out["cpu"] = buffer_cpu[runs[0]] if len(runs) else 0
+        else:
+            ts = self._ts[:n]
+            np.copyto(ts, raw["ts"])
+            order = np.argsort(ts, kind="stable")
+            rows = self._rows[:n]
+            np.take(slots, order, out=rows, mode="clip")
+            head[:] = rows
+            cpu = self._cpu[:n]
+            np.take(np.repeat(buffer_cpu, drained.per_buffer), order, out=cpu, mode="clip")
+            out["cpu"] = cpu
+        word = out["site"]
+        if n and int(word.max()) > SITE_MASK:
+            out["kind"] = word >> KIND_SHIFT
+            np.bitwise_and(word, SITE_MASK, out=word)
+        else:
+            out["kind"] = 0
+        if self.sites.any_call:
             site = word.astype(np.intp)
-            np.copyto(part["caller"], sites.address.take(site, mode="clip"),
-                      where=sites.is_call.take(site, mode="clip"))
-        drained.clock.stamp(part)
-    return out
+            np.copyto(out["caller"], self.sites.address.take(site, mode="clip"),
+                      where=self.sites.is_call.take(site, mode="clip"))
+        drained.clock.stamp(out, scratch=self._float[:n])
+        return out
+
+
+def decode(raw: np.ndarray, drained: Drained, sites: SiteTable, *, cpus: int) -> np.ndarray:
+    """One drain's raw slots -> RECORD_DTYPE records in time order (see :class:`Decoder`;
+    this one allocates what it needs: for tests and one-off use)."""
+    return Decoder(drained.count, sites, cpus=cpus).decode(raw, drained, np.empty(drained.count, RECORD_DTYPE))
 
 
 #: A clock segment is at least this long (shorter ones would make a noisy slope),
@@ -197,14 +227,17 @@ class TscClock:
         """The TSC value at CLOCK_MONOTONIC ``ns`` on this line."""
         return self.tsc0 + round((ns - self.ns0) / self.ns_per_tick)
 
-    def stamp(self, records: np.ndarray) -> None:
+    def stamp(self, records: np.ndarray, *, scratch: np.ndarray | None = None) -> None:
         """Convert ``records["ts_ns"]`` from ticks to ns, in place (same arithmetic as
-        :meth:`to_ns`), chunk by chunk through a buffer that stays in cache."""
+        :meth:`to_ns`): through ``scratch`` (float64, as long as ``records``) when
+        given, else chunk by chunk through a small buffer that stays in cache."""
         column = records["ts_ns"].view(np.int64)
-        scratch = np.empty(min(len(column), _CHUNK), dtype=np.float64)  # small: malloc reuses it
         slope, offset = self.ns_per_tick, self._offset
-        for lo in range(0, len(column), _CHUNK):
-            part = column[lo : lo + _CHUNK]
+        step = len(column) if scratch is not None else _CHUNK
+        if scratch is None:
+            scratch = np.empty(min(len(column), _CHUNK), dtype=np.float64)  # small: malloc reuses it
+        for lo in range(0, len(column), step):
+            part = column[lo : lo + step]
             f = scratch[: len(part)]
             np.multiply(part, slope, out=f)
             np.add(f, offset, out=f)
@@ -363,4 +396,4 @@ class RingReader:
         return done
 
 
-__all__ = ["ClockSample", "Drained", "RingReader", "SiteTable", "TscClock", "clock_sample", "decode"]
+__all__ = ["ClockSample", "Decoder", "Drained", "RingReader", "SiteTable", "TscClock", "clock_sample", "decode"]
