@@ -20,7 +20,7 @@ from textpoke.report import (
     summarize,
 )
 
-from textpoke.ring import RECORD_DTYPE, Recording, SiteInfo, Symbols
+from textpoke.ring import RECORD_DTYPE, Recording, SiteInfo, Symbols, ThreadInfo
 
 from .conftest import count_recording, records, tiny_recording
 
@@ -60,9 +60,38 @@ def test_summary_sort_by_name_and_limit(tiny):
 
 
 def test_summary_lost_is_prominent():
-    text = render(SummaryReporter(), tiny_recording(lost=15))
-    assert text.splitlines()[1] == "duration 2.000 s, 5 records, 15 lost, 4 sites (3 fentry, 1 call)"
-    assert text.splitlines()[2].startswith("LOST 15 records (75.0% of all calls): ")
+    text = render(SummaryReporter(), tiny_recording(lost=15, metadata={
+        "overflow": "drop", "lost_full": 12, "lost_late": 3}))
+    lines = text.splitlines()
+    assert lines[1] == "duration 2.000 s, 5 records, 15 lost, 4 sites (3 fentry, 1 call)"
+    assert lines[2].startswith("LOST 15 records (75.0% of all calls): ")
+    assert lines[3].startswith("drop mode (--drop): traced threads never waited")
+    assert lines[4] == "lost: 12 found the buffer full, 3 were written after the end"
+    # With records lost, a function without records may have been called all the same.
+    assert "1 traced function with no record kept" in text and "never called" not in text
+
+
+def test_lossless_mode_and_cut_file_are_said():
+    text = render(SummaryReporter(), tiny_recording(cut="it ends inside the chunk at byte 900", metadata={
+        "overflow": "wait", "wait_s": 2.0, "writer_wakes": 7}))
+    lines = text.splitlines()
+    assert lines[2].startswith("CUT SHORT: it ends inside the chunk at byte 900")
+    assert lines[3] == ("lossless: a traced thread whose buffer was full waited for textpoke (at most 2 s); "
+                        "threads were woken from such waits 7 times")
+
+
+def test_thread_names_forked_children_and_opaque_ids():
+    """Threads the capture named show by name; a forked child's records belong to its
+    own process in Chrome output; opaque thread ids (no glibc tid) show as t1, t2."""
+    threads = {4242: ThreadInfo(4242, "main-loop"), 4243: ThreadInfo(5151, "kid")}
+    recording = tiny_recording(threads=threads)
+    assert "main-loop-4242  [000]" in render(FtraceReporter(), recording)
+    events = json.loads(render(ChromeReporter(), recording))["traceEvents"]
+    assert {e["pid"] for e in events if e["ph"] == "i" and e["tid"] == 4243} == {5151}
+    assert {"name": "process_name", "ph": "M", "pid": 5151, "tid": 5151, "args": {"name": "kid-4243"}} in events
+    opaque = render(FtraceReporter(), tiny_recording(metadata={"thread_ids": "thread pointer (opaque)"}))
+    assert [line.split()[0] for line in opaque.splitlines() if "[" in line and ":" in line] == [
+        "target-t1", "target-t1", "target-t2", "target-t2", "target-t1"]
 
 
 def test_summary_count_mode():

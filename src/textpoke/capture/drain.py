@@ -46,6 +46,8 @@ from ..ring.recording import ThreadInfo, threads_to_json
 SLEEP_S = 0.02
 #: Staging arrays in circulation (each holds one whole ring).
 STAGING = 2
+#: Drains after the end, at most (see _drain_loop).
+FINAL_DRAINS = 4
 #: Wait for a free staging array in slices this long (to push the deadline on meanwhile).
 _SLICE_S = 0.05
 _STOP = None
@@ -141,8 +143,11 @@ class Pipeline:
                     break
                 time.sleep(0.001)
             self.reader.keep_waiting(0)  # from now on nobody waits for us
-            while self._drain_once(final=True):
-                pass
+            # What is left, a few drains at most: a forked child still runs the patched
+            # code it inherited and may write on for good (counted as late, not waited for).
+            for _ in range(FINAL_DRAINS):
+                if not self._drain_once(final=True):
+                    break
         except BaseException as exc:  # handed to finish(); the target never waits on a dead reader
             self.reader.keep_waiting(0)
             self._fail(exc)

@@ -176,7 +176,7 @@ def _capture(
         metadata.update(stopped=run.stopped.value if run.applied else "exited before tracing started",
                         ns_per_tick=clock.ns_per_tick)
         tail = Recording(sites=(), lost=lost, pid=pid, command=command, start_ns=run.start_ns,
-                         end_ns=run.end_ns, metadata={**metadata, "start_ns": run.start_ns},
+                         end_ns=run.end_ns, metadata={**metadata, "finished_ns": time.monotonic_ns()},
                          threads=pipeline.threads if pipeline is not None else {})
         trailer = tail.tail_json()
         trailer["records"] = writer.records

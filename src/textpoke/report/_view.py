@@ -194,6 +194,7 @@ class RecordingView:
         self.sites = tuple(recording.sites)
         self.callers = StableIds()
         self._caller_names: list[str] = []
+        self._opaque_numbers: dict[int, int] = {}
 
     # -- sites and functions ---------------------------------------------------------
 
@@ -276,11 +277,21 @@ class RecordingView:
 
     # -- threads -------------------------------------------------------------------------
 
+    @cached_property
+    def _opaque_threads(self) -> bool:
+        """Thread ids are the low half of each thread's pointer (no glibc tid to read:
+        a static or non-glibc program): numbers that mean nothing to a reader."""
+        return str(self.recording.metadata.get("thread_ids", "")).startswith("thread pointer")
+
     def thread_label(self, tid: int) -> str:
         """``name-tid`` as ftrace shows a task: the thread's own name if the capture
-        learned it, else the program's."""
+        learned it, else the program's. Opaque thread ids are shown as ``name-tN``,
+        N counting the threads in the order they first appear."""
         info = self.recording.threads.get(tid)
         name = info.name if info is not None and info.name != "?" else comm_of(self.recording.command)
+        if self._opaque_threads:
+            number = self._opaque_numbers.setdefault(tid, len(self._opaque_numbers) + 1)
+            return f"{name[:_COMM_LEN]}-t{number}"
         return f"{name[:_COMM_LEN]}-{tid}"
 
     def process_of(self, tid: int) -> int:

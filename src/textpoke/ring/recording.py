@@ -210,7 +210,7 @@ class Recording:
 
     def tail_json(self) -> dict[str, Any]:
         """What its END chunk holds (known when tracing ends)."""
-        return {"end_ns": self.end_ns, "lost": self.lost, "records": self.record_count,
+        return {"start_ns": self.start_ns, "end_ns": self.end_ns, "lost": self.lost, "records": self.record_count,
                 "threads": threads_to_json(self.threads), "extra": self.metadata}
 
     def save(self, path: str | os.PathLike[str], *, codec: Codec = Codec.ZSTD) -> None:
@@ -262,7 +262,8 @@ class Recording:
             if tail is not None:
                 extra.update(tail.get("extra") or {})
                 threads.update(threads_from_json(tail.get("threads") or {}))
-            start_ns = int(head["start_ns"])
+            # The head's start is when the file was begun; the traced interval's, in the tail.
+            start_ns = int((tail or head)["start_ns"])
             return cls(
                 sites=sites_from_json(head["sites"]), symbols=Symbols.from_json(head["symbols"]),
                 pid=int(head["pid"]), command=str(head["command"]), mode=str(head.get("mode", "trace")),
