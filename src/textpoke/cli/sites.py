@@ -177,22 +177,25 @@ def _name_more(pid: int, addresses: list[int]) -> dict[int, str | None]:
 
 
 def _print_table(rows: _Rows) -> None:
-    lines = [rows.text(i) for i in range(len(rows.addresses))]
-    if sys.stdout.isatty() and len(lines) <= _RICH_MAX_ROWS:
+    addresses = [f"{a:#x}" for a in rows.addresses]
+    targets = list(rows.targets)
+    for i in rows.now:
+        targets[i] = rows.text(i)[-1]
+    columns = (addresses, rows.kinds, rows.functions, rows.bytes, targets)
+    if sys.stdout.isatty() and len(addresses) <= _RICH_MAX_ROWS:
         from rich.console import Console
         from rich.table import Table
 
         table = Table(*_HEADER, box=None, pad_edge=False)
-        for line in lines:
+        for line in zip(*columns):
             table.add_row(*line)
         Console().print(table)
         return
-    widths = [max([len(h), *(len(r[i]) for r in lines)]) for i, h in enumerate(_HEADER[:-1])]
-    out = []
-    for line in (_HEADER, *lines):
-        cells = [cell.ljust(width) for cell, width in zip(line[:-1], widths)]
-        out.append("  ".join([*cells, line[-1]]).rstrip())
-    click.echo("\n".join(out))
+    widths = [max(len(h), max(map(len, column), default=0)) for h, column in zip(_HEADER, columns)]
+    template = "  ".join(f"{{:<{w}}}" for w in widths[:-1]) + "  {}"
+    lines = [template.format(*_HEADER).rstrip()]
+    lines += [template.format(*line).rstrip() for line in zip(*columns)]
+    click.echo("\n".join(lines))
 
 
 def _plural(count: int, noun: str) -> str:

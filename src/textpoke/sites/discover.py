@@ -39,7 +39,7 @@ import numpy as np
 from iced_x86 import Code, Decoder, Instruction
 
 from ..x86.insn import CALL_OPCODE, CALL_SIZE, JMP_OPCODE, NOP5
-from .elf import MCOUNT_SECTION, PATCHABLE_SECTION, ElfImage, FunctionTable, open_elf
+from .elf import MCOUNT_SECTION, PATCHABLE_SECTION, ElfImage, FunctionTable, open_elf, search
 from .names import compile_glob, compile_globs, is_glob
 
 
@@ -357,7 +357,7 @@ def _fentry(image: ElfImage, selected: np.ndarray | None, base: int
     is_nop5 = (insn == np.frombuffer(NOP5, np.uint8)).all(axis=1)
     is_call = insn[:, 0] == CALL_OPCODE
     targets = np.where(is_call, _rel32_targets(recorded, insn), 0).astype(np.uint64)
-    is_fentry_call = is_call & np.isin(targets, fentry_targets(image))
+    is_fentry_call = is_call & np.isin(targets, fentry_targets(image)) if is_call.any() else is_call
     good = readable & (is_nop5 | is_fentry_call)
     unrecorded = reason == _R_ENTRY
     for k in np.flatnonzero(~good & ~unrecorded).tolist():
@@ -414,7 +414,7 @@ def _callee_mask(image: ElfImage, targets: np.ndarray, calls_to: Sequence[str]) 
         return result
     matched = np.zeros(len(table) + 1, dtype=bool)
     matched[table.select(calls_to)] = True
-    first = np.searchsorted(table.starts, targets, side="left")
+    first = search(table.starts, targets)
     is_start = np.zeros(len(targets), dtype=bool)
     in_range = first < len(table)
     is_start[in_range] = table.starts[first[in_range]] == targets[in_range]
@@ -570,8 +570,8 @@ def scan_sites(
     columns = SiteColumns.concat(parts)
     if len(columns):
         # Sorted by address; overlapping functions can yield one address twice:
-        # keep the innermost function's (smallest offset).
-        order = np.lexsort((columns.offset, columns.address))
+        # keep the innermost function's (smallest offset), a fentry site over a call.
+        order = np.lexsort((columns.kind, columns.offset, columns.address))  # fentry before call
         columns = columns.take(order)
         unique = np.ones(len(columns), dtype=bool)
         unique[1:] = columns.address[1:] != columns.address[:-1]

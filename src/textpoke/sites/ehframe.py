@@ -136,10 +136,43 @@ def _cie_encoding(data: bytes, start: int) -> int:
     return encoding
 
 
-def fde_ranges(data: bytes, address: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(starts, ends)`` (uint64, in section order) of every FDE in ``.eh_frame``.
+def _from_header(data: bytes, address: int, header: bytes, header_address: int
+                 ) -> tuple[list[int], list[int]] | None:
+    """FDE offsets and their CIEs from ``.eh_frame_hdr``'s search table, without walking
+    ``.eh_frame``; None unless the table is there in the usual encodings and every
+    FDE it names is a plain 32-bit record."""
+    if len(header) < 12 or header[0] != 1 or header[2] != _PE_UDATA4 or header[3] != _PE_DATAREL | _PE_SDATA4:
+        return None
+    try:
+        _, at = _encoded(header, 4, header[1], header_address + 4)
+    except EhFrameError:
+        return None
+    (count,) = struct.unpack_from("<I", header, at)
+    table_at = at + 4
+    if count == 0 or table_at + 8 * count > len(header):
+        return None
+    pairs = np.frombuffer(header, dtype="<i4", count=2 * count, offset=table_at).reshape(-1, 2)
+    offsets = pairs[:, 1].astype(np.int64) + (header_address - address)
+    if int(offsets.min()) < 0 or int(offsets.max()) + 16 > len(data):
+        return None
+    buf = np.frombuffer(data, dtype=np.uint8)
+    lengths = _gather32(buf, offsets, signed=False)
+    if (lengths == 0xFFFF_FFFF).any() or (offsets + 4 + lengths.astype(np.int64) > len(data)).any():
+        return None
+    fields = offsets + 4
+    pointers = _gather32(buf, fields, signed=False).astype(np.int64)
+    if (pointers == 0).any():
+        return None
+    return fields.tolist(), (fields - pointers).tolist()
 
-    ``data`` is the section's contents and ``address`` its link-time address.
+
+def fde_ranges(data: bytes, address: int, *, header: bytes = b"", header_address: int = 0
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """``(starts, ends)`` (uint64) of every FDE in ``.eh_frame``.
+
+    ``data`` is the section's contents and ``address`` its link-time address;
+    ``header``/``header_address`` those of ``.eh_frame_hdr`` if the file has
+    one: its sorted table names every FDE, so the records need not be walked.
     FDEs with an empty range are left out.  Raises :class:`EhFrameError` on a
     malformed section.
     """
@@ -149,6 +182,10 @@ def fde_ranges(data: bytes, address: int) -> tuple[np.ndarray, np.ndarray]:
     slow: list[tuple[int, int]] = []  # (fields offset, CIE offset) of 64-bit-length records
     at = 0
     unpack = struct.unpack_from
+    indexed = _from_header(data, address, header, header_address) if header else None
+    if indexed is not None:
+        offsets, cie_of = indexed
+        at = size  # nothing to walk
     while at + 4 <= size:
         (length,) = unpack("<I", data, at)
         if length == 0:

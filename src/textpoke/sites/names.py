@@ -30,11 +30,12 @@ def is_mangled(name: str) -> bool:
 
 
 def demangle_all(names: Sequence[str]) -> list[str]:
-    """``names`` with every C++ symbol demangled (others, and failures, as they are)."""
-    out = list(names)
-    todo = [i for i, name in enumerate(out) if name.startswith("_Z")]
+    """``names`` with every C++ symbol demangled (others, and failures, as they are);
+    ``names`` itself when it is a list without C++ symbols."""
+    todo = [i for i, name in enumerate(names) if name.startswith("_Z")]
     if not todo:
-        return out
+        return names if isinstance(names, list) else list(names)
+    out = list(names)
     done = demangle_many([out[i] for i in todo])
     if done is not None:
         for i, name in zip(todo, done):

@@ -17,7 +17,7 @@ import numpy as np
 
 from .._errors import TextpokeError
 from ..target.maps import Mapping, load_base, read_maps
-from .elf import ElfImage, open_elf
+from .elf import ElfImage, open_elf, search
 
 
 class SymbolRanges(NamedTuple):
@@ -30,7 +30,7 @@ class SymbolRanges(NamedTuple):
     def lookup(self, addresses: np.ndarray) -> np.ndarray:
         """Index of the range holding each address, -1 where none does."""
         addresses = np.asarray(addresses, dtype=np.uint64)
-        index = np.searchsorted(self.starts, addresses, side="right").astype(np.int64) - 1
+        index = search(self.starts, addresses, side="right").astype(np.int64) - 1
         clipped = np.maximum(index, 0)
         inside = (index >= 0) & (addresses < self.ends[clipped]) if len(self.ends) else index < -1
         return np.where(inside, index, -1)
