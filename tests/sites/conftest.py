@@ -222,3 +222,16 @@ class Commanded:
         for stream in (self.proc.stdin, self.proc.stdout):
             if stream is not None:
                 stream.close()
+
+
+def debian_binary(path: str, package: str) -> Path:
+    """A binary of a Debian package, installed with apt-get if it is missing (the tests run as root in CI)."""
+    binary = Path(path)
+    if not binary.exists() and shutil.which("apt-get") and os.geteuid() == 0:
+        install = ["apt-get", "install", "-y", "-q", package]
+        if subprocess.run(install, capture_output=True, timeout=600).returncode != 0:
+            subprocess.run(["apt-get", "update", "-q"], capture_output=True, timeout=600)
+            subprocess.run(install, capture_output=True, timeout=600)
+    if not binary.exists():
+        pytest.skip(f"{path} is not installed and `apt-get install {package}` did not install it")
+    return binary

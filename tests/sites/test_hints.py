@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,8 @@ from textpoke import SymbolNotFound
 from textpoke.sites import SiteKind, scan_process, scan_sites
 from textpoke.sites.explain import nothing_found, what
 from textpoke.sites.discover import Query
+
+from .conftest import debian_binary
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +88,7 @@ def test_functions_that_match_without_fentry_sites(pie_demo: Path) -> None:
 
 
 def test_a_process_gets_a_lib_hint_that_works() -> None:
-    jq = Path("/usr/bin/jq")
-    if not jq.exists() or shutil.which("jq") is None:
-        pytest.skip("jq is not installed (apt-get install jq)")
+    jq = debian_binary("/usr/bin/jq", "jq")
     proc = subprocess.Popen([str(jq), "."], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
     try:
         import time

@@ -7,7 +7,6 @@ objdump -d for call sites), and objdump -d of Debian's own stripped binaries.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from textpoke.sites import SiteKind, find_sites, open_elf, scan_sites
 from textpoke.sites.elf import Origin, clear_cache
 from textpoke.x86.insn import CALL_OPCODE, CALL_SIZE
 
-from .conftest import many_functions, nm_functions, objdump, stripped_copy
+from .conftest import debian_binary, many_functions, nm_functions, objdump, stripped_copy
 
 
 @pytest.fixture(scope="module")
@@ -180,19 +179,6 @@ def test_cli_on_a_stripped_binary_says_so_and_what_works(programs, tmp_path) -> 
     assert "glob" not in listed.stderr
 
 
-def _debian_binary(path: str, package: str) -> Path:
-    """A binary of a Debian package, installed with apt-get if it is missing (the tests run as root in CI)."""
-    binary = Path(path)
-    if not binary.exists() and shutil.which("apt-get") and os.geteuid() == 0:
-        install = ["apt-get", "install", "-y", "-q", package]
-        if subprocess.run(install, capture_output=True, timeout=600).returncode != 0:
-            subprocess.run(["apt-get", "update", "-q"], capture_output=True, timeout=600)
-            subprocess.run(install, capture_output=True, timeout=600)
-    if not binary.exists():
-        pytest.skip(f"{path} is not installed and `apt-get install {package}` did not install it")
-    return binary
-
-
 def _objdump_calls(binary: Path, callee: str) -> set[int]:
     """Oracle: every 5-byte `call <callee>` objdump -d decodes in the file."""
     return {
@@ -212,7 +198,7 @@ def _objdump_calls(binary: Path, callee: str) -> set[int]:
     ],
 )
 def test_calls_to_malloc_in_debian_stripped_binaries_match_objdump(path: str, package: str) -> None:
-    binary = _debian_binary(path, package)
+    binary = debian_binary(path, package)
     image = open_elf(binary)
     if not image.stripped:
         pytest.skip(f"{path} is not stripped here")
@@ -229,7 +215,7 @@ def test_calls_to_malloc_in_debian_stripped_binaries_match_objdump(path: str, pa
 
 
 def test_jq_calls_to_malloc_point_to_its_library() -> None:
-    binary = _debian_binary("/usr/bin/jq", "jq")
+    binary = debian_binary("/usr/bin/jq", "jq")
     done = _run(str(binary), "--kind", "call", "--calls-to", "malloc")
     assert done.returncode == 0
     assert done.stdout.splitlines()[-1] == f"{len(_objdump_calls(binary, 'malloc@plt'))} sites: 0 fentry, 0 call in 0 functions"
