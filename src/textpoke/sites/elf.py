@@ -66,7 +66,7 @@ RELA_DTYPE = np.dtype([("offset", "<u8"), ("info", "<u8"), ("addend", "<i8")])
 MCOUNT_SECTION = "__mcount_loc"
 PATCHABLE_SECTION = "__patchable_function_entries"
 PLT_SECTIONS = (".plt", ".plt.sec", ".plt.got")
-_CACHE_SIZE = 32
+_CACHE_SIZE = 128
 
 
 def search(haystack: np.ndarray, needles: np.ndarray, side: str = "left") -> np.ndarray:
@@ -244,6 +244,8 @@ class _Core:
                  imports: frozenset[str]) -> None:
         self.identity = identity
         self.file_path = file_path
+        #: Every path this file was opened by (for reading its code later).
+        self.paths = [file_path]
         self.e_type = e_type
         self.stripped = stripped
         self.symbol_source = symbol_source
@@ -276,19 +278,27 @@ class _Core:
 
     @cached_property
     def code(self) -> tuple[CodeSection, ...]:
-        """Executable sections' bytes, read on first use from the same file (checked)."""
-        try:
-            with open(self.file_path, "rb") as f:
-                st = os.fstat(f.fileno())
-                if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != self.identity:
-                    raise ElfError(f"{self.file_path} changed while textpoke was reading it",
-                                   hint="run the command again")
-                return tuple(
-                    CodeSection(s.name, s.addr, os.pread(f.fileno(), s.size, s.offset))
-                    for s in self.exec_sections
-                )
-        except OSError as exc:
-            raise ElfError(f"cannot read {self.file_path}: {exc.strerror or exc}") from exc
+        """Executable sections' bytes, read on first use through any path this file was
+        opened by (a map_files link of a process that has exited since is skipped)."""
+        failure: OSError | None = None
+        for path in reversed(self.paths):
+            try:
+                with open(path, "rb") as f:
+                    st = os.fstat(f.fileno())
+                    if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != self.identity:
+                        continue  # replaced since: not the file that was read
+                    code = tuple(
+                        CodeSection(s.name, s.addr, os.pread(f.fileno(), s.size, s.offset))
+                        for s in self.exec_sections
+                    )
+            except OSError as exc:
+                failure = exc
+                continue
+            if any(len(c.data) != s.size for c, s in zip(code, self.exec_sections)):
+                raise ElfError(f"{path} is a truncated ELF file")
+            return code
+        reason = f": {failure.strerror or failure}" if failure is not None else " (it changed since it was read)"
+        raise ElfError(f"cannot read the code of {self.file_path}{reason}", hint="run the command again")
 
 
 class ElfImage:
@@ -509,6 +519,9 @@ def open_elf(path: str | os.PathLike[str], *, real_path: str | None = None) -> E
             _cache.popitem(last=False)
     else:
         _cache.move_to_end(key)
+        if display not in core.paths:
+            core.paths.append(display)
+            del core.paths[:-4]
     return ElfImage(display, core)
 
 
@@ -739,6 +752,16 @@ def _plt_names(elf: ElfFile, slots: dict[int, str]) -> tuple[dict[int, str], dic
     return names, sizes
 
 
+def _debug_symbols(elf: ElfFile, real_path: str) -> tuple[_Named | None, str | None]:
+    """Function symbols of the separate debug file of ``elf``, and its path."""
+    debug = find_debug_file(elf, real_path)
+    if debug is None:
+        return None, None
+    with debug:
+        found = _function_symbols(debug, next(s for s in debug.sections if s.type == SHT_SYMTAB), Origin.DEBUG)
+    return (found, debug.path) if found is not None and found.names else (None, None)
+
+
 def _read(elf: ElfFile, key: tuple[int, int, int, int], real_path: str) -> _Core:
     if elf.e_type not in (ET_EXEC, ET_DYN):
         raise ElfError(
@@ -746,6 +769,8 @@ def _read(elf: ElfFile, key: tuple[int, int, int, int], real_path: str) -> _Core
             hint="link the object first; sites are found in linked binaries",
         )
     exec_sections = tuple(s for s in elf.sections if s.executable and s.size > 0 and s.type != SHT_NOBITS)
+    for section in exec_sections:
+        elf.check_inside(section)
     symtab = next((s for s in elf.sections if s.type == SHT_SYMTAB), None)
     dynsym = next((s for s in elf.sections if s.type == SHT_DYNSYM), None)
     dyn = np.zeros(0, dtype=SYM_DTYPE)
@@ -762,23 +787,24 @@ def _read(elf: ElfFile, key: tuple[int, int, int, int], real_path: str) -> _Core
         sources.append(own)
         parts.append(".symtab")
     else:
-        debug = find_debug_file(elf, real_path)
-        if debug is not None:
-            with debug:
-                found = _function_symbols(debug, next(s for s in debug.sections if s.type == SHT_SYMTAB),
-                                          Origin.DEBUG)
+        try:
+            found, debug_path = _debug_symbols(elf, real_path)
+        except (ElfError, OSError, ValueError, IndexError, struct.error):
+            found, debug_path = None, None  # a broken debug file is no debug file
+        if found is not None and debug_path is not None:
+            sources.append(found)
+            debug_file = debug_path
+            parts.append(f".symtab of {debug_path}")
+        if debug_file is None:
+            try:
+                mini = mini_debuginfo(elf)
+                found = None if mini is None else _function_symbols(
+                    mini, next(s for s in mini.sections if s.type == SHT_SYMTAB), Origin.DEBUG)
+            except (ElfError, ValueError, IndexError, struct.error):
+                found = None
             if found is not None and found.names:
                 sources.append(found)
-                debug_file = debug.path
-                parts.append(f".symtab of {debug.path}")
-        if debug_file is None:
-            mini = mini_debuginfo(elf)
-            if mini is not None:
-                found = _function_symbols(mini, next(s for s in mini.sections if s.type == SHT_SYMTAB),
-                                          Origin.DEBUG)
-                if found is not None and found.names:
-                    sources.append(found)
-                    parts.append(".gnu_debugdata")
+                parts.append(".gnu_debugdata")
             exported = _function_symbols(elf, dynsym, Origin.DYNSYM)
             if exported is not None and exported.names:
                 sources.append(exported)

@@ -198,6 +198,16 @@ class ElfFile:
                                f"{len(data)} bytes, not {ch_size}")
         return data
 
+    def check_inside(self, section: Section) -> None:
+        """Refuse a section whose contents would lie past the end of the file."""
+        if section.type != SHT_NOBITS and (section.offset + section.size > self._size
+                                           or section.addr + section.size >= 1 << 64):
+            raise ElfError(
+                f"{self.path} is a corrupt or truncated ELF file: section {section.name or section.index} "
+                f"({section.size} bytes at offset {section.offset:#x}) lies past its end",
+                hint="textpoke reads x86-64 ELF executables and shared objects",
+            )
+
     def section(self, name: str) -> Section | None:
         return self.by_name.get(name)
 
