@@ -21,10 +21,10 @@ import numpy as np
 
 from .._errors import TextpokeError, UsageError
 from ..sites import SiteKind, SiteScan, scan_process, scan_sites
-from ..sites.discover import KINDS, REASONS
+from ..sites.site import KINDS, REASONS, branch_target
 from ..sites.elf import ElfImage
 from ..sites.explain import no_function, nothing_found, stripped_note
-from ..x86.insn import CALL_OPCODE, CALL_SIZE, INT3_BYTE, JMP_OPCODE, NOP5
+from ..x86.insn import CALL_OPCODE, INT3_BYTE, NOP5
 
 _KIND_NAMES = [kind.value for kind in SiteKind]
 #: Above this many rows a rich table costs seconds to lay out; plain text is instant.
@@ -40,17 +40,11 @@ class _Original:
     source: str  # "file" | "ledger"
 
 
-def _branch_target(address: int, insn: bytes) -> int | None:
-    if len(insn) == CALL_SIZE and insn[0] in (CALL_OPCODE, JMP_OPCODE):
-        return (address + CALL_SIZE + int.from_bytes(insn[1:], "little", signed=True)) & (2**64 - 1)
-    return None
-
-
 def _describe(address: int, insn: bytes, name_of: dict[int, str | None]) -> str:
     """``call malloc@plt``, ``nop5``, ``int3`` or the bytes, for an instruction at ``address``."""
     if insn == NOP5:
         return "nop5"
-    target = _branch_target(address, insn)
+    target = branch_target(address, insn)
     if target is not None:
         mnemonic = "call" if insn[0] == CALL_OPCODE else "jmp"
         return f"{mnemonic} {name_of.get(target) or f'{target:#x}'}"
@@ -117,11 +111,11 @@ class _Rows:
             for i in changed_rows:
                 address = self.addresses[i]
                 runs = in_flight.get(address, self.insns[i])
-                target = _branch_target(address, runs)
+                target = branch_target(address, runs)
                 if target is not None and target not in labels:
                     labels.update(_name_more(pid, [target]))
                 for source_insn in (originals.get(address), self.file_insns[i]):
-                    t = _branch_target(address, source_insn) if source_insn else None
+                    t = branch_target(address, source_insn) if source_insn else None
                     if t is not None and t not in labels:
                         labels[t] = image.name_of(t - base)
                 now = _describe(address, runs, labels)

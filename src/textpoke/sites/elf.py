@@ -24,12 +24,10 @@ from __future__ import annotations
 import os
 import struct
 from collections import OrderedDict
-from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
-from iced_x86 import Code, Decoder, Instruction
 
 from .._errors import ElfError
 from .debuginfo import find_debug_file, mini_debuginfo
@@ -39,74 +37,26 @@ from .elffile import (
     ET_EXEC,
     SHT_DYNSYM,
     SHT_NOBITS,
-    SHT_RELA,
     SHT_SYMTAB,
-    SHF_ALLOC,
     ElfFile,
     Section,
     open_file,
 )
-from .names import compile_glob, demangle_all, is_glob, short_names
+from .functions import Function, FunctionTable, Named, Origin, merge, preference, search
+from .names import demangle_all, short_names
+from .tables import PLT_SECTIONS, address_table, got_names, plt_names, relocations
 
 _STT_FUNC = 2
 _STT_GNU_IFUNC = 10
-_STB_GLOBAL, _STB_WEAK = 1, 2
 _SHN_LORESERVE = 0xFF00
-_R_X86_64_64 = 1
-_R_X86_64_GLOB_DAT = 6
-_R_X86_64_JUMP_SLOT = 7
-_R_X86_64_RELATIVE = 8
-_R_X86_64_IRELATIVE = 37
 
 SYM_DTYPE = np.dtype([("name", "<u4"), ("info", "u1"), ("other", "u1"), ("shndx", "<u2"),
                       ("value", "<u8"), ("size", "<u8")])
-RELA_DTYPE = np.dtype([("offset", "<u8"), ("info", "<u8"), ("addend", "<i8")])
 
 #: Sections whose entries record fentry locations (one absolute address each).
 MCOUNT_SECTION = "__mcount_loc"
 PATCHABLE_SECTION = "__patchable_function_entries"
-PLT_SECTIONS = (".plt", ".plt.sec", ".plt.got")
 _CACHE_SIZE = 128
-
-
-def search(haystack: np.ndarray, needles: np.ndarray, side: str = "left") -> np.ndarray:
-    """``np.searchsorted`` for needles in any order: sorted first, which is
-    ~15x faster on 20,000 needles than searching them as they come."""
-    if len(needles) < 64 or bool((needles[1:] >= needles[:-1]).all()):
-        return np.searchsorted(haystack, needles, side=side)  # type: ignore[call-overload]
-    order = np.argsort(needles, kind="stable")
-    out = np.empty(len(needles), dtype=np.int64)
-    out[order] = np.searchsorted(haystack, needles[order], side=side)  # type: ignore[call-overload]
-    return out
-
-
-class Origin:
-    """Where a function's name and bounds came from (values of ``FunctionTable.origin``)."""
-
-    SYMTAB = 0  # the file's own .symtab
-    DEBUG = 1  # a separate debug file's or .gnu_debugdata's .symtab
-    DYNSYM = 2  # .dynsym (exported)
-    EH_FRAME = 3  # an FDE without a symbol: named sub_<address>
-
-
-@dataclass(frozen=True)
-class Function:
-    """A function: ``[address, address + size)`` at link time."""
-
-    name: str
-    address: int
-    size: int
-    #: Other names of the same code: aliases (``__libc_malloc`` for ``malloc``),
-    #: the mangled symbol of a C++ function, its short name (``ns::Foo::bar``).
-    aliases: tuple[str, ...] = ()
-
-    @property
-    def end(self) -> int:
-        return self.address + self.size
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return (self.name, *self.aliases)
 
 
 @dataclass(frozen=True)
@@ -120,116 +70,6 @@ class CodeSection:
     @property
     def end(self) -> int:
         return self.address + len(self.data)
-
-
-class FunctionTable:
-    """Every function of one binary as arrays, sorted by start (larger first at equal starts).
-
-    ``symbols[i]`` is the primary symbol (mangled for C++) or ``sub_<hex>``;
-    display names (demangled) and the names globs match are derived lazily.
-    """
-
-    def __init__(self, starts: np.ndarray, ends: np.ndarray, symbols: list[str],
-                 aliases: dict[int, tuple[str, ...]], origin: np.ndarray) -> None:
-        self.starts = starts
-        self.ends = ends
-        self.symbols = symbols
-        self.aliases = aliases
-        self.origin = origin
-
-    def __len__(self) -> int:
-        return len(self.symbols)
-
-    @cached_property
-    def display(self) -> list[str]:
-        """The name shown for each function (C++ demangled)."""
-        return demangle_all(self.symbols)
-
-    def name(self, index: int) -> str:
-        return self.display[index]
-
-    def names(self, index: int) -> tuple[str, ...]:
-        """Every name function ``index`` answers to, its display name first."""
-        shown = self.display[index]
-        out = [shown]
-        raw = self.symbols[index]
-        if raw != shown:
-            out += [raw, *short_names(shown)]
-        for alias in self.aliases.get(index, ()):
-            out.append(alias)
-            if alias.startswith("_Z"):
-                other = demangle_all([alias])[0]
-                out += [other, *short_names(other)]
-        return tuple(dict.fromkeys(out))
-
-    @cached_property
-    def _match_index(self) -> tuple[list[str], np.ndarray | None]:
-        """All names globs are matched against, with the function each belongs to
-        (None: name ``i`` is function ``i``'s, the common case of a C program)."""
-        names = self.display
-        if names is self.symbols and not self.aliases:
-            return names, None
-        names = list(names)
-        owners = list(range(len(names)))
-        for i, (raw, shown) in enumerate(zip(self.symbols, self.display)):
-            if raw != shown:
-                extra = [raw, *short_names(shown)]
-                names += extra
-                owners += [i] * len(extra)
-        for i in self.aliases:
-            extra = self.names(i)[1:]
-            names += extra
-            owners += [i] * len(extra)
-        return names, np.asarray(owners, dtype=np.int64)
-
-    def select(self, globs: Sequence[str]) -> np.ndarray:
-        """Sorted indices of the functions any glob matches (all of them for no globs)."""
-        if not globs:
-            return np.arange(len(self.symbols), dtype=np.int64)
-        names, owners = self._match_index
-        if not any(is_glob(g) for g in globs):
-            wanted = set(globs)
-            hits = [j for j, name in enumerate(names) if name in wanted]
-        else:
-            match = compile_glob(globs)
-            assert match is not None
-            hits = [j for j, name in enumerate(names) if match(name)]
-        if not hits:
-            return np.zeros(0, dtype=np.int64)
-        return np.unique(np.asarray(hits, dtype=np.int64) if owners is None else owners[hits])
-
-    def index_at(self, address: int) -> int:
-        """Index of the innermost function containing ``address``, or -1."""
-        index = int(np.searchsorted(self.starts, address, side="right")) - 1
-        # Overlapping ranges are rare (a nested label-function); look back a little.
-        for candidate in range(index, max(index - 8, -1), -1):
-            if int(self.starts[candidate]) <= address < int(self.ends[candidate]):
-                return candidate
-        return -1
-
-    def indices_at(self, addresses: np.ndarray) -> np.ndarray:
-        """:meth:`index_at` for an array of addresses (-1 where none)."""
-        addresses = np.asarray(addresses, dtype=np.uint64)
-        if not len(self.starts):
-            return np.full(len(addresses), -1, dtype=np.int64)
-        index = search(self.starts, addresses, side="right").astype(np.int64) - 1
-        clipped = np.maximum(index, 0)
-        inside = (index >= 0) & (addresses < self.ends[clipped])
-        result = np.where(inside, index, -1)
-        for k in np.flatnonzero(~inside & (index >= 0)).tolist():
-            result[k] = self.index_at(int(addresses[k]))
-        return result
-
-    def index_starting_at(self, address: int) -> int:
-        index = int(np.searchsorted(self.starts, address, side="left"))
-        if index < len(self.starts) and int(self.starts[index]) == address:
-            return index
-        return -1
-
-    def function(self, index: int) -> Function:
-        start = int(self.starts[index])
-        names = self.names(index)
-        return Function(names[0], start, int(self.ends[index]) - start, names[1:])
 
 
 class _Core:
@@ -561,18 +401,7 @@ def _strings(strtab: bytes, offsets: np.ndarray) -> list[str]:
     return [decode(strtab[a:b], "utf-8", "replace") for a, b in zip(offsets.tolist(), ends.tolist())]
 
 
-@dataclass
-class _Named:
-    """Function symbols of one table: parallel arrays and their names."""
-
-    values: np.ndarray
-    sizes: np.ndarray
-    binding: np.ndarray
-    names: list[str]
-    origin: int
-
-
-def _function_symbols(elf: ElfFile, section: Section | None, origin: int) -> _Named | None:
+def _function_symbols(elf: ElfFile, section: Section | None, origin: int) -> Named | None:
     if section is None:
         return None
     symbols, strtab = _symbols(elf, section)
@@ -583,176 +412,11 @@ def _function_symbols(elf: ElfFile, section: Section | None, origin: int) -> _Na
     keep &= np.isin(shndx, exec_indices)
     chosen = symbols[keep]
     names = _strings(strtab, chosen["name"])
-    return _Named(chosen["value"].astype(np.uint64), chosen["size"].astype(np.uint64),
+    return Named(chosen["value"].astype(np.uint64), chosen["size"].astype(np.uint64),
                   (chosen["info"] >> 4).astype(np.uint8), names, origin)
 
 
-def _preference(name: str, binding: int) -> tuple[int, int, int, str]:
-    """Sort key choosing the primary name among aliases: global, then fewest leading
-    underscores (``malloc`` over ``__libc_malloc``), then shortest, then alphabetical."""
-    rank = {_STB_GLOBAL: 0, _STB_WEAK: 1}.get(binding, 2)
-    return (rank, len(name) - len(name.lstrip("_")), len(name), name)
-
-
-def _merge(sources: list[_Named], fde_starts: np.ndarray, fde_ends: np.ndarray) -> FunctionTable:
-    """One table from symbol sources (best first) and FDE ranges (``sub_`` for unnamed ones)."""
-    values = np.concatenate([s.values for s in sources]) if sources else np.zeros(0, np.uint64)
-    sizes = np.concatenate([s.sizes for s in sources]) if sources else np.zeros(0, np.uint64)
-    binding = np.concatenate([s.binding for s in sources]) if sources else np.zeros(0, np.uint8)
-    origin = np.concatenate([np.full(len(s.names), s.origin, np.uint8) for s in sources]) if sources \
-        else np.zeros(0, np.uint8)
-    names = [n for s in sources for n in s.names]
-    order_fde = np.argsort(fde_starts, kind="stable")
-    fde_s, fde_e = fde_starts[order_fde], fde_ends[order_fde]
-    # A symbol without a size (hand-written code) takes its FDE's range, else it is unusable.
-    unsized = np.flatnonzero(sizes == 0)
-    if len(unsized):
-        at = search(fde_s, values[unsized])
-        at_ok = at < len(fde_s)
-        match = np.zeros(len(unsized), dtype=bool)
-        match[at_ok] = fde_s[at[at_ok]] == values[unsized][at_ok]
-        sizes = sizes.copy()
-        sizes[unsized[match]] = fde_e[at[match]] - fde_s[at[match]]
-    usable = np.flatnonzero(sizes > 0)
-    order = usable[np.lexsort((-sizes[usable].astype(np.int64), values[usable]))]
-    v, z = values[order], sizes[order]
-    first = np.ones(len(order), dtype=bool)
-    first[1:] = (v[1:] != v[:-1]) | (z[1:] != z[:-1])
-    heads = np.flatnonzero(first)
-    symbols: list[str] = [names[i] for i in order[heads].tolist()]
-    aliases: dict[int, tuple[str, ...]] = {}
-    group_end = np.append(heads[1:], len(order))
-    for g in np.flatnonzero(group_end - heads > 1).tolist():
-        members = order[heads[g] : group_end[g]].tolist()
-        ranked = sorted(dict.fromkeys((names[i], int(binding[i])) for i in members),
-                        key=lambda nb: _preference(*nb))
-        distinct = list(dict.fromkeys(n for n, _ in ranked))
-        symbols[g] = distinct[0]
-        if len(distinct) > 1:
-            aliases[g] = tuple(distinct[1:])
-    starts = v[heads]
-    ends = starts + z[heads]
-    kinds = origin[order[heads]]
-    # FDEs where no symbol starts and inside no named function: sub_<address>.
-    if len(fde_s):
-        reach = np.maximum.accumulate(ends) if len(ends) else ends
-        at = np.searchsorted(starts, fde_s, side="right") - 1
-        covered = np.zeros(len(fde_s), dtype=bool)
-        has = at >= 0
-        covered[has] = fde_s[has] < reach[at[has]]
-        extra = np.flatnonzero(~covered)
-        if len(extra):
-            _, unique_at = np.unique(fde_s[extra], return_index=True)
-            extra = extra[unique_at]
-            new_starts = fde_s[extra]
-            new_ends = fde_e[extra]
-            symbols += [f"sub_{a:x}" for a in new_starts.tolist()]
-            starts = np.concatenate([starts, new_starts])
-            ends = np.concatenate([ends, new_ends])
-            kinds = np.concatenate([kinds, np.full(len(extra), Origin.EH_FRAME, np.uint8)])
-            resort = np.lexsort((-(ends - starts).astype(np.int64), starts))
-            if not np.array_equal(resort, np.arange(len(resort))):
-                position = np.empty(len(resort), dtype=np.int64)
-                position[resort] = np.arange(len(resort))
-                symbols = [symbols[i] for i in resort.tolist()]
-                aliases = {int(position[i]): names_ for i, names_ in aliases.items()}
-                starts, ends, kinds = starts[resort], ends[resort], kinds[resort]
-    return FunctionTable(starts.astype(np.uint64), ends.astype(np.uint64), symbols, aliases, kinds)
-
-
-def _relocations(elf: ElfFile) -> np.ndarray:
-    tables = [
-        np.frombuffer(elf.data(s)[: s.size // RELA_DTYPE.itemsize * RELA_DTYPE.itemsize], dtype=RELA_DTYPE)
-        for s in elf.sections
-        if s.type == SHT_RELA and s.flags & SHF_ALLOC and s.entsize == RELA_DTYPE.itemsize
-    ]
-    return np.concatenate(tables) if tables else np.zeros(0, dtype=RELA_DTYPE)
-
-
-def _address_table(elf: ElfFile, section: Section | None, relas: np.ndarray, dyn_values: np.ndarray) -> np.ndarray:
-    """Addresses in a table of u64 pointers like ``__mcount_loc``, sorted, no zeros.
-
-    A non-PIE table holds absolute addresses.  In a PIE or shared object the
-    words hold the addresses themselves when relocations are packed (RELR,
-    implicit addends) and zeros with RELA relocations (``R_X86_64_RELATIVE``:
-    the addend; ``R_X86_64_64``: symbol + addend), which are applied here.
-    """
-    if section is None or section.type == SHT_NOBITS:
-        return np.zeros(0, dtype=np.uint64)
-    data = elf.data(section)
-    values = np.frombuffer(data[: len(data) // 8 * 8], dtype="<u8").astype(np.uint64)
-    if len(relas):
-        offset = relas["offset"]
-        inside = (offset >= section.addr) & (offset < section.addr + len(values) * 8) & (offset % 8 == section.addr % 8)
-        chosen = relas[inside]
-        kind = chosen["info"] & 0xFFFF_FFFF
-        slot = ((chosen["offset"] - section.addr) // 8).astype(np.int64)
-        relative = kind == _R_X86_64_RELATIVE
-        values[slot[relative]] = chosen["addend"][relative].astype(np.uint64)
-        absolute = kind == _R_X86_64_64
-        index = (chosen["info"][absolute] >> 32).astype(np.int64)
-        ok = index < len(dyn_values)
-        values[slot[absolute][ok]] = dyn_values[index[ok]] + chosen["addend"][absolute][ok].astype(np.uint64)
-    values = np.unique(values)
-    return values[values != 0]
-
-
-def _got_names(relas: np.ndarray, dyn: np.ndarray, dyn_names: list[str] | None,
-               ifunc_by_resolver: dict[int, str]) -> dict[int, str]:
-    """GOT slot -> function name, from JUMP_SLOT/GLOB_DAT (symbol) and IRELATIVE (resolver)."""
-    slots: dict[int, str] = {}
-    if not len(relas):
-        return slots
-    kind = relas["info"] & 0xFFFF_FFFF
-    index = (relas["info"] >> 32).astype(np.int64)
-    named = ((kind == _R_X86_64_JUMP_SLOT) | (kind == _R_X86_64_GLOB_DAT)) & (index > 0) & (index < len(dyn))
-    if dyn_names is not None:
-        for offset, i in zip(relas["offset"][named].tolist(), index[named].tolist()):
-            name = dyn_names[i]
-            if name:
-                slots[offset] = name
-    irelative = kind == _R_X86_64_IRELATIVE
-    for offset, addend in zip(relas["offset"][irelative].tolist(), relas["addend"][irelative].tolist()):
-        # A local call to an ifunc (e.g. libc calling its own memcpy): the slot
-        # is filled by the resolver, which the IFUNC symbol names.
-        if addend in ifunc_by_resolver:
-            slots[offset] = ifunc_by_resolver[addend]
-    return slots
-
-
-def _plt_names(elf: ElfFile, slots: dict[int, str]) -> tuple[dict[int, str], dict[int, int]]:
-    """Name every PLT stub by the GOT slot its indirect ``jmp`` goes through.
-
-    Decoding the stubs instead of counting entries works for every layout ld
-    emits: lazy ``.plt`` (after the PLT0 header), IBT ``.plt.sec`` (the ``.plt``
-    entries there only push and jump to PLT0 and get no name), and ``.plt.got``
-    (GLOB_DAT slots of functions both called and address-taken).
-    """
-    names: dict[int, str] = {}
-    sizes: dict[int, int] = {}
-    instr = Instruction()
-    for section_name in PLT_SECTIONS:
-        section = elf.section(section_name)
-        if section is None or section.type == SHT_NOBITS:
-            continue
-        data = elf.data(section)
-        entry = section.entsize or 16
-        for offset in range(0, len(data) - entry + 1, entry):
-            decoder = Decoder(64, data[offset : offset + entry], ip=section.addr + offset)
-            while decoder.can_decode:
-                decoder.decode_out(instr)
-                if instr.code == Code.INVALID:
-                    break
-                if instr.code == Code.JMP_RM64 and instr.is_ip_rel_memory_operand:
-                    slot_name = slots.get(instr.ip_rel_memory_address)
-                    if slot_name is not None:
-                        names[section.addr + offset] = f"{slot_name}@plt"
-                        sizes[section.addr + offset] = entry
-                    break
-    return names, sizes
-
-
-def _debug_symbols(elf: ElfFile, real_path: str) -> tuple[_Named | None, str | None]:
+def _debug_symbols(elf: ElfFile, real_path: str) -> tuple[Named | None, str | None]:
     """Function symbols of the separate debug file of ``elf``, and its path."""
     debug = find_debug_file(elf, real_path)
     if debug is None:
@@ -779,7 +443,7 @@ def _read(elf: ElfFile, key: tuple[int, int, int, int], real_path: str) -> _Core
         dyn, dyn_strtab = _symbols(elf, dynsym)
 
     # Names: the best symbol table there is, plus the exported ones without it.
-    sources: list[_Named] = []
+    sources: list[Named] = []
     debug_file = None
     parts: list[str] = []
     own = _function_symbols(elf, symtab, Origin.SYMTAB)
@@ -829,11 +493,11 @@ def _read(elf: ElfFile, key: tuple[int, int, int, int], real_path: str) -> _Core
         for start, end in plt_ranges:
             ok &= ~((fde_starts >= start) & (fde_starts < end))
         fde_starts, fde_ends = fde_starts[ok], fde_ends[ok]
-    table = _merge(sources, fde_starts, fde_ends)
+    table = merge(sources, fde_starts, fde_ends)
     if len(table) and (table.origin == Origin.EH_FRAME).any():
         parts.append(".eh_frame")
 
-    relas = _relocations(elf)
+    relas = relocations(elf)
     kind = dyn["info"] & 0xF
     dyn_names: list[str] | None = None
     ifunc_by_resolver: dict[int, str] = {}
@@ -842,13 +506,13 @@ def _read(elf: ElfFile, key: tuple[int, int, int, int], real_path: str) -> _Core
         dyn_names = _strings(dyn_strtab, dyn["name"])
         ifuncs = sorted(((dyn_names[i], int(dyn["info"][i] >> 4), int(dyn["value"][i]))
                          for i in np.flatnonzero(kind == _STT_GNU_IFUNC).tolist() if dyn_names[i]),
-                        key=lambda t: _preference(t[0], t[1]))
+                        key=lambda t: preference(t[0], t[1]))
         for name, _binding, value in ifuncs:
             ifunc_by_resolver.setdefault(value, name)  # best-ranked alias first
         undefined = np.flatnonzero((dyn["shndx"] == 0) & ((kind == _STT_FUNC) | (kind == 0)))
         imports = frozenset(dyn_names[i] for i in undefined.tolist() if dyn_names[i])
-    got = _got_names(relas, dyn, dyn_names, ifunc_by_resolver)
-    plt_symbols, plt_sizes = _plt_names(elf, got)
+    got = got_names(relas, dyn, dyn_names, ifunc_by_resolver)
+    plt_symbols, plt_sizes = plt_names(elf, got)
     return _Core(
         identity=key,
         file_path=elf.path,
@@ -858,9 +522,9 @@ def _read(elf: ElfFile, key: tuple[int, int, int, int], real_path: str) -> _Core
         debug_file=debug_file,
         table=table,
         fdes=fdes,
-        mcount=_address_table(elf, elf.section(MCOUNT_SECTION), relas, dyn["value"].astype(np.uint64)),
+        mcount=address_table(elf, elf.section(MCOUNT_SECTION), relas, dyn["value"].astype(np.uint64)),
         has_mcount=elf.section(MCOUNT_SECTION) is not None,
-        patchable=_address_table(elf, elf.section(PATCHABLE_SECTION), relas, dyn["value"].astype(np.uint64)),
+        patchable=address_table(elf, elf.section(PATCHABLE_SECTION), relas, dyn["value"].astype(np.uint64)),
         plt_symbols=plt_symbols,
         plt_sizes=plt_sizes,
         plt_ranges=plt_ranges,

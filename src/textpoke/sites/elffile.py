@@ -85,9 +85,7 @@ class Segment:
 class ElfFile:
     """Headers of one ELF file; section data on demand (``os.pread``).
 
-    Use as a context manager, or :meth:`close`; :func:`read_whole` reads a
-    file's headers and hands back the object with its descriptor closed
-    once the caller has read what it needs.
+    Use as a context manager (or :meth:`close`): it owns the file's descriptor.
     """
 
     def __init__(self, path: str, f: BinaryIO, *, image: bytes | None = None) -> None:

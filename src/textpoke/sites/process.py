@@ -19,7 +19,8 @@ import numpy as np
 from .._errors import ElfError, NoSuchProcess, PermissionDenied, TargetError, TargetExited, UsageError
 from ..target.maps import Mapping, load_base, read_maps
 from ..x86.insn import CALL_SIZE
-from .discover import DEFAULT_KINDS, Site, SiteKind, SiteScan, _branch_target, scan_sites
+from .discover import DEFAULT_KINDS, Site, SiteKind, SiteScan, scan_sites
+from .site import branch_target
 from .elf import ElfImage, open_elf
 from .validate import check_site
 
@@ -236,7 +237,7 @@ def scan_process(
     targets = {
         target
         for i in changed.tolist()
-        if (target := _branch_target(int(columns.address[i]), live[i].tobytes())) is not None
+        if (target := branch_target(int(columns.address[i]), live[i].tobytes())) is not None
     }
     names = name_addresses(pid, sorted(targets), own=(obj, image)) if targets else {}
     return ProcessScan(mapped=obj, scan=replace(scan, columns=columns, current_names=names))

@@ -17,7 +17,8 @@ import numpy as np
 
 from .._errors import TextpokeError
 from ..target.maps import Mapping, load_base, read_maps
-from .elf import ElfImage, open_elf, search
+from .elf import ElfImage, open_elf
+from .functions import search
 
 
 class SymbolRanges(NamedTuple):
