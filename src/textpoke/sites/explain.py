@@ -9,6 +9,7 @@ fentry build, a PIE fentry build), and a hint with a command that works.
 from __future__ import annotations
 
 import difflib
+import shlex
 from collections import Counter
 from collections.abc import Sequence
 
@@ -74,8 +75,13 @@ def _close_names(image: ElfImage, globs: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(found))[:3]
 
 
-def no_function(image: ElfImage, globs: Sequence[str], *, sites_command: str) -> SymbolNotFound:
+def _command(image: ElfImage, sites_command: str | None) -> str:
+    return sites_command or f"textpoke sites {shlex.quote(image.path)}"
+
+
+def no_function(image: ElfImage, globs: Sequence[str], *, sites_command: str | None = None) -> SymbolNotFound:
     """The error for ``-f GLOB`` matching no function of ``image``."""
+    sites_command = _command(image, sites_command)
     message = f"no function of {image.path} matches {_quoted(globs)}"
     if not image.local_names:
         table = image.table
@@ -111,15 +117,18 @@ def _libraries_calling(image: ElfImage, calls_to: Sequence[str]) -> list[tuple[s
     return found
 
 
-def nothing_found(scan: SiteScan, *, sites_command: str, library_option: bool) -> TextpokeError:
+def nothing_found(scan: SiteScan, *, sites_command: str | None = None, library_option: bool = False
+                  ) -> TextpokeError:
     """Why ``scan`` found no site, as one error with a hint that works.
 
     ``sites_command`` is how the user lists this object's sites (``textpoke
-    sites ./prog`` or ``textpoke sites PID --lib libc.so``); ``library_option``
-    says whether a library is named with ``--lib NAME`` (a process) or by its path.
+    sites PID --lib libc.so``; default: ``textpoke sites FILE``, which works
+    without a process); ``library_option`` says whether a library is named with
+    ``--lib NAME`` (a process) or by its path.
     """
     image = scan.image
     assert image is not None
+    sites_command = _command(image, sites_command)
     query = scan.query
     looked_for = what(query)
     if query.functions and scan.functions_scanned == 0:
