@@ -111,3 +111,15 @@ def test_a_process_gets_a_lib_hint_that_works() -> None:
         proc.wait()
         if proc.stdin is not None:
             proc.stdin.close()
+
+
+def test_a_command_with_lib_is_told_to_add_it() -> None:
+    """record/trace take --lib: the hint says to add it, and names a listing that works without a pid."""
+    jq = debian_binary("/usr/bin/jq", "jq")
+    scan = scan_sites(jq, kinds={SiteKind.CALL}, calls_to=["malloc"])
+    error = nothing_found(scan, library_option=True)
+    assert error.message == f"no call sites to 'malloc' in {jq}: it neither defines nor imports 'malloc'"
+    assert error.hint is not None and error.hint.startswith("libjq.so.1 calls it: add --lib libjq.so.1 (`")
+    listing = shlex.split(error.hint.split("`")[1])
+    rerun = _run(*listing[2:], "--json")
+    assert rerun.returncode == 0 and len(json.loads(rerun.stdout)) >= 1

@@ -123,11 +123,13 @@ def nothing_found(scan: SiteScan, *, sites_command: str | None = None, library_o
 
     ``sites_command`` is how the user lists this object's sites (``textpoke
     sites PID --lib libc.so``; default: ``textpoke sites FILE``, which works
-    without a process); ``library_option`` says whether a library is named with
-    ``--lib NAME`` (a process) or by its path.
+    without a process); ``library_option``: the user's command takes ``--lib
+    NAME`` (``trace``, ``record``, ``sites PID``), so a library that calls the
+    wanted function is suggested that way, else by its path.
     """
     image = scan.image
     assert image is not None
+    given_command = sites_command is not None
     sites_command = _command(image, sites_command)
     query = scan.query
     looked_for = what(query)
@@ -146,12 +148,16 @@ def nothing_found(scan: SiteScan, *, sites_command: str | None = None, library_o
             libraries = _libraries_calling(image, query.calls_to)
             if libraries:
                 needed, path = libraries[0]
-                where = f"--lib {needed}" if library_option else path
-                shown = f"{sites_command} {where}" if library_option else f"textpoke sites {path}"
-                return SymbolNotFound(
-                    message,
-                    hint=f"{needed} calls it: `{shown} --kind call --calls-to {query.calls_to[0]}`",
-                )
+                wanted = shlex.quote(query.calls_to[0])
+                if not library_option:
+                    return SymbolNotFound(message, hint=f"{needed} calls it: `textpoke sites {shlex.quote(path)} "
+                                                        f"--kind call --calls-to {wanted}`")
+                if given_command:
+                    lister = f"{sites_command.split(' --lib ')[0]} --lib {shlex.quote(needed)}"
+                else:
+                    lister = f"textpoke sites {shlex.quote(path)}"
+                return SymbolNotFound(message, hint=f"{needed} calls it: add --lib {needed} (`{lister} --kind call "
+                                                    f"--calls-to {wanted}` lists those sites)")
             return SymbolNotFound(message, hint=f"list the callees with `{sites_command} --kind call`")
         return SymbolNotFound(message, hint=f"list the call sites with `{sites_command} --kind call`")
     if SiteKind.FENTRY in query.kinds:
