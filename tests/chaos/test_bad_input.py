@@ -108,6 +108,17 @@ def test_non_x86_64_process(tmp_path):
         proc.wait()
 
 
+def _inside_an_instruction(binary, start: int) -> int:
+    """The address of the second byte of the first multi-byte instruction objdump decodes from ``start``."""
+    out = subprocess.run(["objdump", "-d", "-w", f"--start-address={start:#x}", str(binary)],
+                         capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        fields = line.split("\t")
+        if len(fields) >= 3 and fields[0].strip().endswith(":") and len(fields[1].split()) >= 3:
+            return int(fields[0].strip().rstrip(":"), 16) + 1
+    raise AssertionError("objdump decoded no multi-byte instruction")
+
+
 def test_stripped_binary(tmp_path, build_target):
     if shutil.which("strip") is None:
         pytest.skip("needs strip (binutils)")
@@ -119,11 +130,18 @@ def test_stripped_binary(tmp_path, build_target):
         maps = open(f"/proc/{target.pid}/maps").read()
         address, text = text_section(stripped)
         for args, what in ((("--site", "traced"), "no function matches 'traced'"),
-                           (("--site", "traced+0x4"), "function traced not found"),
-                           (("--site", f"{address + 16:#x}"), f"cannot check {address + 16:#x}")):
+                           (("--site", "traced+0x4"), "function traced not found")):
             done = _patch(target.pid, *args, "--nop")
-            assert_one_error(done, 12, f"{what}: {stripped} is stripped (no symbol table), so textpoke cannot "
-                                       "find functions or prove where instructions start")
+            assert_one_error(done, 12, f"{what}: {stripped} is stripped (no symbol table): only its exported "
+                                       "functions have names, the others are sub_<address> (from .eh_frame)")
+        # An address is checked by decoding its function from the start .eh_frame gives:
+        # the second byte of a multi-byte instruction (objdump's) is refused as such.
+        inside = _inside_an_instruction(stripped, address)
+        done = _patch(target.pid, "--site", f"{inside:#x}", "--nop")
+        lines = done.stderr.splitlines()
+        assert done.returncode == 5 and len(lines) == 2 and "Traceback" not in done.stderr, done.stderr
+        assert lines[0].startswith(f"textpoke: error: {inside:#x} (sub_"), done.stderr
+        assert "is not an instruction start" in lines[0], done.stderr
         assert read_mem(target.pid, address, len(text)) == text
         assert open(f"/proc/{target.pid}/maps").read() == maps
     finally:

@@ -127,3 +127,111 @@ def start_waiting() -> Iterator:
         proc.wait(timeout=10)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+# -- builds beyond the tests' C recipe -------------------------------------------
+
+#: The C++ fentry recipe of the README: compile with the fentry flags, link -no-pie without -pg.
+CXX_FENTRY_FLAGS = ("-O2", "-fno-pie", "-pg", "-mfentry", "-mnop-mcount", "-mrecord-mcount")
+
+
+def build(source: Path, *, cflags: tuple[str, ...], ldflags: tuple[str, ...] = (), compiler: str = "gcc",
+          name: str | None = None) -> Path:
+    """Compile and link ``source`` into tests/_build (cached by content, flags and compiler)."""
+    if shutil.which(compiler) is None:
+        pytest.skip(f"{compiler} is needed to build this test target")
+    obj = BUILD / f"{name or source.stem}-{os.getpid()}.o"
+    BUILD.mkdir(exist_ok=True)
+    try:
+        return _cached_build(
+            name or source.stem,
+            source.read_bytes() + repr((compiler, cflags, ldflags)).encode(),
+            [
+                [compiler, *cflags, "-c", str(source), "-o", str(obj)],
+                [compiler, str(obj), "-o", "{out}", *ldflags],
+            ],
+            name or source.stem,
+        )
+    finally:
+        obj.unlink(missing_ok=True)
+
+
+def stripped_copy(binary: Path, out: Path) -> Path:
+    """``strip`` of a copy of ``binary`` (no .symtab, no debug sections)."""
+    if shutil.which("strip") is None:
+        pytest.skip("strip (binutils) is needed")
+    shutil.copyfile(binary, out)
+    subprocess.run(["strip", str(out)], check=True, capture_output=True)
+    out.chmod(0o755)
+    return out
+
+
+def many_functions(n: int, *, cflags: tuple[str, ...], ldflags: tuple[str, ...] = (), tag: str = "") -> Path:
+    """tests/targets/many_functions.py's program with ``n`` functions, built with ``cflags``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("many_functions", TARGETS / "many_functions.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    BUILD.mkdir(exist_ok=True)
+    source = module.write(n, BUILD / f"many_functions_{n}.c")
+    return build(source, cflags=cflags, ldflags=ldflags, name=f"many_functions_{n}{tag}")
+
+
+def nm_functions(binary: Path) -> dict[int, set[str]]:
+    """Oracle: function symbols with a size (nm), address -> names."""
+    if shutil.which("nm") is None:
+        pytest.skip("nm (binutils) is needed as the test oracle")
+    out = subprocess.run(["nm", "-S", "--defined-only", str(binary)], check=True, capture_output=True,
+                         text=True).stdout
+    found: dict[int, set[str]] = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 4 and parts[2] in "tTwW" and int(parts[1], 16) > 0:
+            found.setdefault(int(parts[0], 16), set()).add(parts[3])
+    return found
+
+
+class Commanded:
+    """A target that prints "ready" and answers each stdin command with one "done ..." line
+    (tests/targets/exact_calls.c's protocol)."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line.startswith("ready"), f"target did not start: {line!r}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def ask(self, command: str) -> dict[str, str]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        assert line.startswith("done"), f"unexpected answer to {command!r}: {line!r}"
+        return dict(re.findall(r"(\w+)=(\S+)", line))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                stream.close()
+
+
+def debian_binary(path: str, package: str) -> Path:
+    """A binary of a Debian package, installed with apt-get if it is missing (the tests run as root in CI)."""
+    binary = Path(path)
+    if not binary.exists() and shutil.which("apt-get") and os.geteuid() == 0:
+        install = ["apt-get", "install", "-y", "-q", package]
+        if subprocess.run(install, capture_output=True, timeout=600).returncode != 0:
+            subprocess.run(["apt-get", "update", "-q"], capture_output=True, timeout=600)
+            subprocess.run(install, capture_output=True, timeout=600)
+    if not binary.exists():
+        pytest.skip(f"{path} is not installed and `apt-get install {package}` did not install it")
+    return binary

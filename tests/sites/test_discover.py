@@ -189,7 +189,8 @@ def test_python3_call_sites(tmp_path: Path) -> None:
     # objdump names targets by nearest symbol: compare addresses, and names of
     # targets that are function starts or PLT stubs.
     assert {a for a, _ in ours} == {a for a, _ in oracle}
-    assert {(a, n) for a, n in ours if n and "+" not in n} <= oracle
+    # Unnamed functions of the stripped python3 are sub_<address> here (from .eh_frame).
+    assert {(a, n) for a, n in ours if n and "+" not in n and not n.startswith("sub_")} <= oracle
     # Every site passes the independent single-address check.
     for site in scan.sites[:: max(len(scan.sites) // 50, 1)]:
         assert check_site(PYTHON, site.address, site.insn) == site
@@ -239,4 +240,4 @@ def test_recorded_location_without_nop5_is_refused(fentry_demo: Path, tmp_path: 
     changed = _patched_copy(fentry_demo, tmp_path / "changed", leaf.address, call)
     scan = scan_sites(changed, kinds={SiteKind.FENTRY})
     assert {s.function for s in scan.sites} == DEMO_FUNCTIONS - {"leaf"}
-    assert scan.refused == ((leaf.address, f"recorded address holds {call.hex(' ')}, not nop5"),)
+    assert scan.refused == ((leaf.address, f"recorded address holds {call.hex(' ')}, not nop5 or call __fentry__"),)

@@ -153,3 +153,35 @@ def test_bytes_mismatch(pie_demo: Path) -> None:
     # The live bytes (as read from a process) are what is compared when given.
     with pytest.raises(SiteMismatch):
         check_site(pie_demo, first.address, first.insn, actual=NOP5)
+
+
+def test_corrupted_copies_are_read_or_refused_never_a_traceback(fentry_demo: Path, tmp_path: Path) -> None:
+    """Truncations and flipped bytes (headers, tables, .eh_frame, code): a result or an ElfError."""
+    import random
+
+    from textpoke import TextpokeError
+    from textpoke.sites import scan_sites
+    from textpoke.sites.elf import clear_cache
+
+    rng = random.Random(11)
+    original = fentry_demo.read_bytes()
+    refused = 0
+    for trial in range(80):
+        data = bytearray(original)
+        if trial % 3 == 0:
+            data = data[: rng.randrange(len(data))]
+        else:
+            for _ in range(rng.randrange(1, 12)):
+                at = rng.randrange(4096 if rng.random() < 0.5 else len(data))
+                data[at] = rng.randrange(256)
+        path = tmp_path / f"corrupt{trial}"
+        path.write_bytes(bytes(data))
+        clear_cache()
+        try:
+            scan = scan_sites(path, kinds={SiteKind.FENTRY, SiteKind.CALL, SiteKind.JMP})
+            assert len(scan.sites) == len(scan.columns)
+            scan_sites(path, kinds={SiteKind.CALL}, calls_to=["printf"])
+        except TextpokeError as error:
+            assert error.exit_code in (6, 12)
+            refused += 1
+    assert 0 < refused < 80

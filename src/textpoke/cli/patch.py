@@ -58,9 +58,9 @@ def _functions_by_name(image: ElfImage) -> dict[str, int]:
 
 def _stripped(obj: MappedObject, what: str) -> SymbolNotFound:
     return SymbolNotFound(
-        f"{what}: {obj.path} is stripped (no symbol table), so textpoke cannot find functions "
-        "or prove where instructions start",
-        hint="use an unstripped build (or its debug symbols) of the program",
+        f"{what}: {obj.path} is stripped (no symbol table): only its exported functions have names, "
+        "the others are sub_<address> (from .eh_frame)",
+        hint=f"list them with `textpoke sites {obj.pid} --kind call`, or install the program's debug symbols",
     )
 
 
@@ -68,7 +68,7 @@ def resolve_function(obj: MappedObject, image: ElfImage, name: str) -> int:
     """Runtime address of function ``name`` of the object."""
     address = _functions_by_name(image).get(name)
     if address is None:
-        if image.stripped:
+        if not image.local_names:
             raise _stripped(obj, f"function {name} not found")
         raise SymbolNotFound(f"function {name} not found in {obj.path}")
     return address + obj.base
@@ -78,15 +78,15 @@ def resolve_sites(obj: MappedObject, image: ElfImage, spec: str) -> list[int]:
     """Addresses named by one ``--site``: ADDR, FUNC+OFF, or FUNC/GLOB (fentry sites)."""
     address = _int(spec)
     if address is not None:
-        if image.stripped and image.function_at(address - obj.base) is None:
-            raise _stripped(obj, f"cannot check {address:#x}")
+        if not image.local_names and image.function_at(address - obj.base) is None:
+            raise _stripped(obj, f"cannot check {address:#x}, which is in no function known")
         return [address]
     match = _OFFSET_SPEC.match(spec)
     if match:
         return [resolve_function(obj, image, match["name"]) + int(match["offset"], 0)]
     scan = scan_sites(image, kinds={SiteKind.FENTRY}, functions=[spec], base=obj.base)
     if scan.functions_scanned == 0:
-        if image.stripped:
+        if not image.local_names:
             raise _stripped(obj, f"no function matches {spec!r}")
         if _GLOB_CHARS & set(spec):
             raise SymbolNotFound(f"no function of {obj.path} matches {spec!r}")
@@ -161,7 +161,7 @@ def _retarget_plan(pid: int, spec: str, lib: str | None) -> list[Planned]:
     scan = scan_sites(image, kinds={SiteKind.CALL, SiteKind.JMP}, functions=[function], calls_to=[old_name],
                       base=obj.base)
     if scan.functions_scanned == 0:
-        if image.stripped:
+        if not image.local_names:
             raise _stripped(obj, f"no function matches {function!r}")
         raise SymbolNotFound(f"no function of {obj.path} matches {function!r}")
     live = read_live(pid, [s.address for s in scan.sites])

@@ -14,10 +14,13 @@ import os
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 
+import numpy as np
+
 from .._errors import ElfError, NoSuchProcess, PermissionDenied, TargetError, TargetExited, UsageError
 from ..target.maps import Mapping, load_base, read_maps
 from ..x86.insn import CALL_SIZE
 from .discover import DEFAULT_KINDS, Site, SiteKind, SiteScan, scan_sites
+from .site import branch_target
 from .elf import ElfImage, open_elf
 from .validate import check_site
 
@@ -53,7 +56,9 @@ class ProcessScan:
 
     @property
     def changed(self) -> tuple[Site, ...]:
-        return tuple(site for site in self.scan.sites if site.changed)
+        from .discover import materialize
+
+        return materialize(self.scan, np.flatnonzero(self.scan.columns.changed))
 
 
 def _dev_of(mapping: Mapping) -> tuple[int, int]:
@@ -131,7 +136,7 @@ def mapped_object(pid: int, *, path: str | os.PathLike[str] | None = None) -> tu
     deleted = any(m.deleted for m in own)
     elf_path = f"/proc/{pid}/map_files/{head.start:x}-{head.end:x}"
     try:
-        image = open_elf(elf_path)
+        image = open_elf(elf_path, real_path=name)
     except ElfError as exc:
         # Only an unreadable link falls back (map_files needs CAP_SYS_ADMIN on older
         # kernels); a file that is not a usable ELF is refused as it is.
@@ -149,7 +154,7 @@ def mapped_object(pid: int, *, path: str | os.PathLike[str] | None = None) -> tu
     obj = MappedObject(
         pid=pid, path=name, elf_path=elf_path, base=base, mappings=tuple(own), deleted=deleted
     )
-    return obj, replace(image, path=name)
+    return obj, image.with_path(name)
 
 
 def _translate(pid: int, exc: OSError, what: str) -> TargetError:
@@ -162,43 +167,56 @@ def _translate(pid: int, exc: OSError, what: str) -> TargetError:
 
 def read_live(pid: int, addresses: Sequence[int], size: int = CALL_SIZE) -> dict[int, bytes]:
     """``size`` bytes at each address, read from ``/proc/PID/mem`` in merged chunks."""
+    ordered = np.unique(np.asarray(list(addresses), dtype=np.uint64))
+    data = read_live_array(pid, ordered, size)
+    return {a: data[i].tobytes() for i, a in enumerate(ordered.tolist())}
+
+
+def read_live_array(pid: int, addresses: np.ndarray, size: int = CALL_SIZE) -> np.ndarray:
+    """``size`` bytes at each address (any order) as an ``(n, size)`` uint8 array.
+
+    Addresses closer than ``_READ_MERGE_GAP`` are read with one pread: one
+    syscall for a whole text section."""
+    addresses = np.asarray(addresses, dtype=np.uint64)
+    out = np.zeros((len(addresses), size), dtype=np.uint8)
+    if not len(addresses):
+        return out
     try:
         fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise _translate(pid, exc, "the memory") from exc
-    result: dict[int, bytes] = {}
     try:
-        ordered = sorted(set(addresses))
-        i = 0
-        while i < len(ordered):
-            j = i
-            while j + 1 < len(ordered) and ordered[j + 1] - ordered[j] < _READ_MERGE_GAP:
-                j += 1
-            start, end = ordered[i], ordered[j] + size
+        order = np.argsort(addresses, kind="stable")
+        ordered = addresses[order]
+        breaks = np.flatnonzero(np.diff(ordered) >= _READ_MERGE_GAP) + 1
+        bounds = zip(np.concatenate([[0], breaks]).tolist(), np.concatenate([breaks, [len(ordered)]]).tolist())
+        for i, j in bounds:
+            start, end = int(ordered[i]), int(ordered[j - 1]) + size
             try:
                 chunk = os.pread(fd, end - start, start)
             except OSError as exc:
                 if exc.errno != errno.EIO:
                     raise _translate(pid, exc, f"memory at {start:#x}") from exc
                 chunk = b""  # a hole inside the range: fall back to one read per address
+            rows = order[i:j]
             if len(chunk) == end - start:
-                for a in ordered[i : j + 1]:
-                    result[a] = chunk[a - start : a - start + size]
-            else:
-                for a in ordered[i : j + 1]:
-                    try:
-                        data = os.pread(fd, size, a)
-                    except OSError as exc:
-                        raise _translate(pid, exc, f"memory at {a:#x}") from exc
-                    if len(data) != size:
-                        if not os.path.exists(f"/proc/{pid}"):
-                            raise TargetExited(f"pid {pid} exited while its memory was read")
-                        raise TargetError(f"memory at {a:#x} of pid {pid} is not readable")
-                    result[a] = data
-            i = j + 1
+                buf = np.frombuffer(chunk, dtype=np.uint8)
+                offsets = (ordered[i:j] - np.uint64(start)).astype(np.int64)
+                out[rows] = buf[offsets[:, None] + np.arange(size)]
+                continue
+            for row, a in zip(rows.tolist(), ordered[i:j].tolist()):
+                try:
+                    data = os.pread(fd, size, a)
+                except OSError as exc:
+                    raise _translate(pid, exc, f"memory at {a:#x}") from exc
+                if len(data) != size:
+                    if not os.path.exists(f"/proc/{pid}"):
+                        raise TargetExited(f"pid {pid} exited while its memory was read")
+                    raise TargetError(f"memory at {a:#x} of pid {pid} is not readable")
+                out[row] = np.frombuffer(data, dtype=np.uint8)
     finally:
         os.close(fd)
-    return result
+    return out
 
 
 def scan_process(
@@ -212,9 +230,53 @@ def scan_process(
     """Sites of one object of ``pid`` with live bytes; see :func:`sites_in_process`."""
     obj, image = mapped_object(pid, path=path)
     scan = scan_sites(image, kinds=kinds, functions=functions, calls_to=calls_to, base=obj.base)
-    live = read_live(pid, [s.address for s in scan.sites])
-    sites = tuple(replace(s, insn=live[s.address], file_insn=s.insn) for s in scan.sites)
-    return ProcessScan(mapped=obj, scan=replace(scan, sites=sites))
+    columns = scan.columns
+    live = read_live_array(pid, columns.address)
+    columns = replace(columns, insn=live, file_insn=columns.insn)
+    changed = np.flatnonzero(columns.changed)
+    targets = {
+        target
+        for i in changed.tolist()
+        if (target := branch_target(int(columns.address[i]), live[i].tobytes())) is not None
+    }
+    names = name_addresses(pid, sorted(targets), own=(obj, image)) if targets else {}
+    return ProcessScan(mapped=obj, scan=replace(scan, columns=columns, current_names=names))
+
+
+def name_addresses(pid: int, addresses: Sequence[int], *,
+                   own: tuple[MappedObject, ElfImage] | None = None) -> dict[int, str | None]:
+    """A name for each runtime address of ``pid``: ``f``, ``f+0x1c``, ``f@plt`` of any
+    mapped object, ``textpoke trampoline`` inside textpoke's own code, else None."""
+    from ..target.security import OUR_PREFIX
+    from .symbols import symbol_ranges
+
+    names: dict[int, str | None] = {}
+    rest = []
+    for address in addresses:
+        name = None
+        if own is not None:
+            obj, image = own
+            if any(address in m for m in obj.mappings):
+                name = image.name_of(address - obj.base)
+        if name is None:
+            rest.append(address)
+        names[address] = name
+    if rest:
+        maps = read_maps(pid)
+        ranges = None
+        for address in rest:
+            mapping = next((m for m in maps if address in m), None)
+            if mapping is not None and mapping.path.startswith(OUR_PREFIX):
+                names[address] = f"textpoke trampoline ({mapping.file_path.lstrip('/')})"
+                continue
+            if ranges is None:
+                ranges = symbol_ranges(pid)
+            index = int(np.searchsorted(ranges.starts, np.uint64(address), side="right")) - 1
+            if index >= 0 and address < int(ranges.ends[index]):
+                start = int(ranges.starts[index])
+                label = str(ranges.names[index])
+                names[address] = label if address == start else f"{label}+{address - start:#x}"
+    return names
 
 
 def sites_in_process(
@@ -250,7 +312,9 @@ __all__ = [
     "MappedObject",
     "ProcessScan",
     "mapped_object",
+    "name_addresses",
     "read_live",
+    "read_live_array",
     "scan_process",
     "sites_in_process",
     "check_process_site",

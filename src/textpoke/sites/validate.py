@@ -11,12 +11,15 @@ from ..x86.insn import CALL_SIZE, NOP5
 from .discover import (
     REASON_CALL,
     REASON_ENTRY,
+    REASON_FENTRY_CALL,
+    REASON_FENTRY_CALL_ENTRY,
     REASON_JMP,
     REASON_MCOUNT,
     REASON_PATCHABLE,
     Site,
     SiteKind,
     _entry_after_endbr,
+    fentry_targets,
 )
 from .elf import ElfImage, Function, open_elf
 
@@ -47,7 +50,8 @@ def check_site(
     if function is None:
         raise SiteError(
             f"{address:#x} is not inside any function of {image.path}",
-            hint="only addresses in symbol-table functions can be checked; see `textpoke sites`",
+            hint="only addresses inside a known function (symbol or .eh_frame) can be checked; "
+            "see `textpoke sites`",
         )
     data = image.read(function.address, function.size)
     if data is None:
@@ -75,7 +79,7 @@ def check_site(
         raise SiteMismatch(
             f"{address:#x} ({where}) holds {current.hex(' ')}, expected {bytes(expected).hex(' ')}"
         )
-    target = instr.near_branch_target if kind is not SiteKind.FENTRY else None
+    target = instr.near_branch_target if instr.code == Code.CALL_REL32_64 or kind is not SiteKind.FENTRY else None
     return Site(
         address=address,
         kind=kind,
@@ -97,16 +101,22 @@ def _describe(instr: Instruction) -> str:
 def _classify(
     image: ElfImage, function: Function, link: int, instr: Instruction, insn: bytes, where: str
 ) -> tuple[SiteKind, str]:
+    entry = link == _entry_after_endbr(image, function.address, function.end)
     if instr.len == CALL_SIZE and instr.code == Code.CALL_REL32_64:
+        if instr.near_branch_target in fentry_targets(image):
+            if link in image.mcount:
+                return SiteKind.FENTRY, REASON_FENTRY_CALL
+            if entry and not image.has_mcount_section:
+                return SiteKind.FENTRY, REASON_FENTRY_CALL_ENTRY
         return SiteKind.CALL, REASON_CALL
     if instr.len == CALL_SIZE and instr.code == Code.JMP_REL32_64:
         return SiteKind.JMP, REASON_JMP
     if insn == NOP5 and instr.len == CALL_SIZE:
-        if link in image.mcount_locs:
+        if link in image.mcount:
             return SiteKind.FENTRY, REASON_MCOUNT
-        if link in image.patchable_entries:
+        if link in image.patchable:
             return SiteKind.FENTRY, REASON_PATCHABLE
-        if link == _entry_after_endbr(image, function):
+        if entry:
             return SiteKind.FENTRY, REASON_ENTRY
         raise SiteError(
             f"{where} is a nop5 inside the function body, not at its entry",

@@ -299,3 +299,41 @@ def _rdtsc_function() -> _Callable[[], int]:
 def rdtsc() -> int:
     """This CPU's time stamp counter (the clock textpoke's tracers record)."""
     return _rdtsc_function()()
+
+
+# -- C++ names ----------------------------------------------------------------------
+
+
+@_functools.cache
+def _cxa_demangle() -> tuple[_Callable[..., int | None], _Callable[[int], None]] | None:
+    """libstdc++'s ``__cxa_demangle`` (the C++ runtime's own demangler) and a ``free``
+    for what it returns; None when libstdc++ is not installed."""
+    try:
+        lib = ctypes.CDLL("libstdc++.so.6")
+    except OSError:
+        return None
+    demangle = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p,
+                                ctypes.POINTER(ctypes.c_int))(("__cxa_demangle", lib))
+    free = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(("free", _libc))
+    return demangle, free
+
+
+def demangle_many(names: list[str]) -> list[str] | None:
+    """Each name demangled (``_ZN2ns3fooEi`` -> ``ns::foo(int)``), unchanged where it
+    is not a valid mangled name; None if libstdc++ is not there.  About 2 us a name."""
+    functions = _cxa_demangle()
+    if functions is None:
+        return None
+    demangle, free = functions
+    status = ctypes.c_int()
+    status_ref = ctypes.byref(status)
+    string_at = ctypes.string_at
+    out = []
+    for name in names:
+        pointer = demangle(name.encode(), None, None, status_ref)
+        if pointer:
+            out.append(string_at(pointer).decode("utf-8", "replace"))
+            free(pointer)
+        else:
+            out.append(name)
+    return out

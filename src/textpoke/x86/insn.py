@@ -21,6 +21,12 @@ NOP5 = bytes.fromhex("0f1f440000")
 CALL_OPCODE = 0xE8
 JMP_OPCODE = 0xE9
 RET_BYTE = 0xC3
+#: ``endbr64``: the first instruction of functions built with -fcf-protection.
+ENDBR64 = bytes.fromhex("f30f1efa")
+#: ``call *disp32(%rip)`` opcode bytes (6 bytes in all): the fentry call of PIE builds.
+CALL_RIP_INDIRECT = bytes.fromhex("ff15")
+#: The one-byte ``nop`` (what -fpatchable-function-entry emits, N of them).
+NOP1_BYTE = 0x90
 #: Length of every site instruction (call rel32, jmp rel32, nop5).
 CALL_SIZE = 5
 SITE_SIZE = CALL_SIZE
