@@ -109,7 +109,7 @@ def _capture(
     pid = session.pid
     sites, skipped = select_sites(pid, options, listing=listing)
     table = site_table(sites)
-    syms = symbols(pid, options.library)
+    syms = symbols(pid)
     abi = probe_thread_abi(session.process, exclude=frozenset({session.resident.agent_tid}),
                            held=session.resident.held)
     path, temporary = _output(output)

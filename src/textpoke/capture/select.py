@@ -11,12 +11,12 @@ from __future__ import annotations
 import shlex
 from collections.abc import Sequence
 
-from .._errors import SymbolNotFound, TextpokeError
+from .._errors import SymbolNotFound
 from ..ring.reader import SiteTable
 from ..ring.recording import SiteInfo, Symbols
-from ..sites import Site, SiteKind, mapped_object, sites_in_process
+from ..sites import Site, SiteKind, scan_process, symbol_ranges
+from ..sites.explain import no_function, nothing_found, what
 from ..trampolines.tracer import StubKind, TracedSite
-from ..x86.insn import NOP5
 from .options import CaptureOptions
 
 
@@ -25,46 +25,32 @@ def select_sites(pid: int, options: CaptureOptions, *, listing: str) -> tuple[li
 
     ``listing`` is the command that lists what there is to choose from, for the
     hint (``textpoke sites PID`` for a running process, ``textpoke sites PROGRAM``
-    for one ``record`` starts)."""
+    for one ``record`` starts). A fentry site holds nop5 or ``call __fentry__`` in
+    the file; unchanged, either is patched alike."""
     functions = tuple(g for g in options.functions if g)  # "" selects every function
     kinds = {SiteKind.CALL} if options.calls_to else {SiteKind.FENTRY}
-    found = sites_in_process(pid, path=options.library, kinds=kinds, functions=functions,
-                             calls_to=options.calls_to)
-    usable = [s for s in found if not s.changed and (s.kind is SiteKind.CALL or s.insn == NOP5)]
-    if usable:
-        return usable, len(found) - len(usable)
-    if options.calls_to:
-        what = f"call sites to {', '.join(options.calls_to)}"
-        if functions:
-            what += f" inside {', '.join(functions)}"
-    else:
-        what = f"fentry sites in {', '.join(functions)}" if functions else "fentry sites"
-    where = options.library or "the main executable"
+    scan = scan_process(pid, path=options.library, kinds=kinds, functions=functions,
+                        calls_to=options.calls_to).scan
+    assert scan.image is not None
     lib = f" --lib {shlex.quote(options.library)}" if options.library else ""
-    if found:
-        raise SymbolNotFound(f"every one of the {len(found)} {what} in {where} is already changed in memory",
-                             hint=f"see what holds them with `{listing}{lib} --kind "
-                                  f"{'call' if options.calls_to else 'fentry'}`; end the other session "
-                                  "or run `textpoke recover` on the process")
-    if options.calls_to:
-        hint = f"list the callees there are with `{listing}{lib} --kind call`"
-    else:
-        hint = (f"list the functions with `{listing}{lib} --kind fentry`; fentry sites need a build with "
-                "-pg -mfentry -mnop-mcount (see the README), or trace call sites with --calls-to")
-    raise SymbolNotFound(f"no {what} in {where}", hint=hint)
+    if functions and scan.functions_scanned == 0:
+        raise no_function(scan.image, functions, sites_command=listing + lib)
+    if not len(scan.columns):
+        raise nothing_found(scan, sites_command=listing + lib, library_option=True)
+    found = scan.sites
+    usable = [s for s in found if not s.changed]
+    if not usable:
+        where = options.library or "the main executable"
+        raise SymbolNotFound(f"every one of the {len(found)} {what(scan.query)} in {where} is already changed in "
+                             "memory", hint=f"see what holds them with `{listing}{lib}`; end the other session "
+                                            "or run `textpoke recover` on the process")
+    return usable, len(found) - len(usable)
 
 
-def symbols(pid: int, library: str | None) -> Symbols:
-    """Function and PLT ranges of the main executable (and ``library``), at runtime addresses."""
-    ranges: list[tuple[int, int, str]] = []
-    for path in dict.fromkeys((None, library)):
-        try:
-            obj, image = mapped_object(pid, path=path)
-        except TextpokeError:
-            continue
-        ranges += [(obj.base + f.address, obj.base + f.address + max(f.size, 1), f.name) for f in image.functions]
-        ranges += [(obj.base + stub, obj.base + stub + 16, name) for stub, name in image.plt.items()]
-    return Symbols.from_ranges(ranges)
+def symbols(pid: int) -> Symbols:
+    """Function and PLT ranges of every object mapped in the process, at runtime addresses
+    (callers in shared libraries are named too)."""
+    return Symbols(*symbol_ranges(pid))
 
 
 def command_line(pid: int) -> str:
