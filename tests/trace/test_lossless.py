@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from textpoke import UsageError
 from textpoke.ring import Recording
+from textpoke.ring.file import ChunkKind, RecordingFile
 
 N = 200_000
 
@@ -65,10 +67,18 @@ def _record(hot: Path, out: Path, seconds: float, threads: int, *extra: str) -> 
 def _wait_for_records(out: Path, proc: subprocess.Popen) -> None:
     """Until the recording has a chunk of records on disk (tracing is under way)."""
     partial = Path(str(out) + ".partial")
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 180  # generous: a loaded machine is slow, never wrong
     while time.monotonic() < deadline:
-        if partial.exists() and partial.stat().st_size > 1 << 20:
-            return
+        if partial.exists() and partial.stat().st_size > 64:
+            try:
+                file = RecordingFile.open(partial)
+            except UsageError:
+                file = None
+            if file is not None:
+                found = any(c.kind is ChunkKind.RECORDS for c in file.chunks)
+                file.close()
+                if found:
+                    return
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.05)
     raise AssertionError("no records were written")

@@ -98,6 +98,7 @@ class Pipeline:
         self._decoder = Decoder(size, sites, cpus=cpus)
         self._closing = threading.Event()
         self._settled: Callable[[], bool] = lambda: True
+        self._then: Callable[[], None] = lambda: None
         self._settle_limit_s = 0.0
         self._carry = np.empty(0, dtype=RECORD_DTYPE)
         self._carry_buffer = 0
@@ -111,11 +112,12 @@ class Pipeline:
         self._drain_thread.start()
         self._write_thread.start()
 
-    def finish(self, *, settled: Callable[[], bool], limit_s: float) -> None:
+    def finish(self, *, settled: Callable[[], bool], limit_s: float, then: Callable[[], None]) -> None:
         """After the last site was restored: drain until ``settled()`` (no thread can
-        still be in a trampoline) or ``limit_s`` passed, then stop waits, drain the
-        rest, flush and stop both threads. Raises what a thread failed with."""
-        self._settled, self._settle_limit_s = settled, limit_s
+        still be in a trampoline) or ``limit_s`` passed, call ``then()`` (the tracer
+        stops recording), stop waits, drain the rest, flush and stop both threads.
+        Raises what a thread failed with."""
+        self._settled, self._settle_limit_s, self._then = settled, limit_s, then
         self._closing.set()
         self._drain_thread.join()
         self._write_thread.join()
@@ -142,9 +144,9 @@ class Pipeline:
                 if self._settled() or time.monotonic() > deadline:
                     break
                 time.sleep(0.001)
+            self._then()
             self.reader.keep_waiting(0)  # from now on nobody waits for us
-            # What is left, a few drains at most: a forked child still runs the patched
-            # code it inherited and may write on for good (counted as late, not waited for).
+            # What is left, a few drains at most.
             for _ in range(FINAL_DRAINS):
                 if not self._drain_once(final=True):
                     break

@@ -158,7 +158,7 @@ def _capture(
         if pipeline is not None:
             code = range(tracer.region.address, tracer.region.address + tracer.code_size)
             quiet = Quiescence(pid, code, frozenset({session.resident.agent_tid}))
-            pipeline.finish(settled=quiet.settled, limit_s=SETTLE_LIMIT_S)
+            pipeline.finish(settled=quiet.settled, limit_s=SETTLE_LIMIT_S, then=tracer.disable)
             reader = pipeline.reader
             late = int(reader.committed().sum()) - reader.records  # committed after the last drain
             stats = pipeline.stats

@@ -72,7 +72,7 @@ import numpy as np
 from elftools.elf.elffile import ELFFile
 from iced_x86 import Decoder, MemoryOperand
 
-from .._errors import InjectionError, TargetError, UsageError
+from .._errors import InjectionError, TargetError, TextpokeError, UsageError
 from ..poke.protocol import Patch
 from ..poke.resident import PAGE, Resident, SharedRegion
 from ..sites.process import mapped_object
@@ -80,7 +80,15 @@ from ..target import _ptrace
 from ..target._ptrace import FUTEX_WAIT, FUTEX_WAKE  # shared futexes: the tool maps the same memfd
 from ..target.inject import BorrowedThread, choose_thread
 from ..target.process import Process
-from ..target.syscalls import SYS_futex, SYS_kill
+from ..target.syscalls import (
+    MAP_ANONYMOUS,
+    MAP_PRIVATE,
+    PROT_READ,
+    PROT_WRITE,
+    SYS_futex,
+    SYS_kill,
+    SYS_mmap,
+)
 from ..x86.asm import Asm, Imm64, R, mem
 from ..x86.insn import CALL_SIZE, INT3, encode_call, encode_jmp, rel32_target
 
@@ -100,6 +108,7 @@ TCB_SELF = 0
 PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
 SYS_madvise = 28
 MADV_POPULATE_WRITE = 23  # Linux 5.14
+MADV_WIPEONFORK = 18  # Linux 4.14
 _RSEQ_CONFIGURATION = "<QIIII"  # rseq_abi_pointer, size, signature, flags, pad
 
 # -- the shared memory the routines write (ring.format wraps it in a header) -----------
@@ -157,6 +166,7 @@ _CONST_BLOCKS = 64  # u64: address of buffer block 0 (trace) / counter row 0 (co
 _CONST_STUB_RETURN = 72  # u64: stub 0 + 5, the return address of stub 0's call
 _CONST_WAIT_SLICE = 80  # struct timespec (16 bytes): one wait slice of a writer
 _CONST_HEADER = 96  # u64: address of the ring header (trace)
+_CONST_ENABLED = 104  # u64: address of the session's flag page (see _emit_enabled_check)
 _ROUTINES = 128
 _STUBS = PAGE
 #: Registers the routines borrow (record: rdtsc's rax/rdx, a block and a slot pointer).
@@ -268,6 +278,20 @@ class CounterGeometry:
     @property
     def size(self) -> int:
         return _page_up(self.rows_offset + self.rows * self.row_bytes)
+
+
+def _map_flag_page(resident: Resident) -> int:
+    """A page of the target's own (private, anonymous), holding 1 while the session
+    records; a forked child gets it zeroed (MADV_WIPEONFORK): see _emit_enabled_check."""
+    address = resident.syscall(SYS_mmap, 0, PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+    try:
+        resident.syscall(SYS_madvise, address, PAGE, MADV_WIPEONFORK)
+    except InjectionError as exc:
+        raise InjectionError(f"the kernel refused MADV_WIPEONFORK ({exc.message}): Linux 4.14 or later is needed",
+                             hint="textpoke needs it so that a forked child never writes into the parent's trace"
+                             ) from exc
+    resident.process.write(address, b"\1")
+    return address
 
 
 def _page_up(n: int) -> int:
@@ -433,8 +457,43 @@ def _emit_site_from_return(a: Asm, dest: int, return_at: int, stub_return: int, 
     a.op("SHR_RM64_IMM8", dest, shift)
 
 
-def _emit_record(a: Asm, *, name: str, entry: bool, abi: ThreadAbi, ring: RingGeometry, blocks: int,
-                 blocks_constant: int, stub_return: int, descriptor: int) -> None:
+class WordFrom(enum.Enum):
+    """Where a record routine finds the tid/site word's site half."""
+
+    R11 = "r11"  # r11 holds the site word << 32 (entry stubs, graph routines): one OR with the tid
+    STUB = "stub"  # a call stub's return address on the stack gives the site id (call sites)
+
+
+@dataclass(frozen=True)
+class RecordShape:
+    """What a record routine stores besides the timestamp (see :func:`_emit_record_body`).
+
+    ``caller``: a register holding the caller word, or None to read it from the
+    stack (``[rsp + pushed + 8]``: an fentry site's return address into its
+    caller), or ``NO_CALLER`` (call sites: the site itself is the caller, known
+    from its id, nothing stored). ``arg0``: the register stored as arg0."""
+
+    word: WordFrom
+    caller: int | None
+    arg0: int = R.RDI
+
+
+NO_CALLER = -1
+ENTRY_SHAPE = RecordShape(WordFrom.R11, None)
+CALL_SHAPE = RecordShape(WordFrom.STUB, NO_CALLER)
+
+
+def _emit_enabled_check(a: Asm, *, enabled_constant: int, scratch: int, skip: str) -> None:
+    """Jump to ``skip`` unless this session still records here: its flag page (private,
+    wiped in a forked child by MADV_WIPEONFORK, cleared when the session ends) holds 1.
+    A forked child thus never writes into its parent's ring or counters."""
+    a.op("MOV_R64_RM64", scratch, mem(R.RIP, enabled_constant))
+    a.op("CMP_RM8_IMM8", mem(scratch), 0)
+    a.jump("JE_REL32_64", skip)
+
+
+def _emit_record(a: Asm, *, name: str, shape: RecordShape, abi: ThreadAbi, ring: RingGeometry, blocks: int,
+                 blocks_constant: int, stub_return: int, descriptor: int, enabled_constant: int) -> None:
     """``record_entry`` / ``record_call``: one record; every register the ABI keeps is kept.
 
     ``record_entry`` is reached from an fentry site's stub (``mov r11, id << 32;
@@ -442,7 +501,23 @@ def _emit_record(a: Asm, *, name: str, entry: bool, abi: ThreadAbi, ring: RingGe
     return address into its caller (the caller word). ``record_call`` is
     called by a call site's stub (``call record_call; jmp callee``): [rsp] is
     stub + 5, which gives the site id; its caller is the site itself (known
-    from the id), so no caller word is stored. Both store rdi as arg0.
+    from the id), so no caller word is stored. Both store rdi as arg0. See
+    :func:`_emit_record_body` for the steps."""
+    a.label(name)
+    _save(a, _RECORD_REGS)
+    _emit_enabled_check(a, enabled_constant=enabled_constant, scratch=R.RAX, skip=f"{name}_post")
+    _emit_record_body(a, name=name, shape=shape, abi=abi, ring=ring, blocks=blocks, blocks_constant=blocks_constant,
+                      stub_return=stub_return, descriptor=descriptor, pushed=8 * len(_RECORD_REGS),
+                      done=f"{name}_post")
+    a.label(f"{name}_post")
+    _restore(a, _RECORD_REGS)
+    a.op("RETNQ")
+
+
+def _emit_record_body(a: Asm, *, name: str, shape: RecordShape, abi: ThreadAbi, ring: RingGeometry, blocks: int,
+                      blocks_constant: int, stub_return: int, descriptor: int, pushed: int, done: str) -> None:
+    """Write one record, then jump to ``done``; the enclosing routine has saved rax, rcx,
+    rdx, rsi (clobbered here) and pushed ``pushed`` bytes since it was entered.
 
     rseq path, steps (restartable from ``<name>_start`` up to the commit):
     1. ts = rdtsc; cpu = rseq->cpu_id; out of range (no rseq): fallback;
@@ -454,27 +529,27 @@ def _emit_record(a: Asm, *, name: str, entry: bool, abi: ThreadAbi, ring: RingGe
     Fallback: reserve a slot with ``lock cmpxchg`` after checking space (a
     full buffer never hands out a slot the reader would wait on), fill it,
     store the timestamp last as its commit word; full: as step 2.
-    """
-    pushed = 8 * len(_RECORD_REGS)
+    Registers other than rax, rcx, rdx, rsi are kept (the wait path too)."""
     mask = ring.bytes - 1
     fallback = blocks + ring.fallback * ring.stride
 
     def fill(slot: int, scratch: int, scratch32: int, return_at: int) -> None:
         """Step 3 without the timestamp: tid, site, caller word, arg0."""
         _emit_tid(a, abi, scratch32)
-        if entry:
-            a.op("OR_R64_RM64", scratch, R.R11)  # r11 = site id << 32: tid and site, one store
+        if shape.word is WordFrom.R11:
+            a.op("OR_R64_RM64", scratch, R.R11)  # r11 = site word << 32: tid and site, one store
             a.op("MOV_RM64_R64", mem(slot, SLOTS_OFFSET + SLOT_TID), scratch)
-            a.op("MOV_R64_RM64", scratch, mem(R.RSP, return_at + 8))
-            a.op("MOV_RM64_R64", mem(slot, SLOTS_OFFSET + SLOT_CALLER), scratch)
         else:
             a.op("MOV_RM32_R32", mem(slot, SLOTS_OFFSET + SLOT_TID), scratch32)
             _emit_site_from_return(a, scratch, return_at, stub_return, STUB_SHIFT)
             a.op("MOV_RM32_R32", mem(slot, SLOTS_OFFSET + SLOT_SITE), scratch32)
-        a.op("MOV_RM64_R64", mem(slot, SLOTS_OFFSET + SLOT_ARG0), R.RDI)
+        if shape.caller is None:
+            a.op("MOV_R64_RM64", scratch, mem(R.RSP, return_at + 8))
+            a.op("MOV_RM64_R64", mem(slot, SLOTS_OFFSET + SLOT_CALLER), scratch)
+        elif shape.caller != NO_CALLER:
+            a.op("MOV_RM64_R64", mem(slot, SLOTS_OFFSET + SLOT_CALLER), shape.caller)
+        a.op("MOV_RM64_R64", mem(slot, SLOTS_OFFSET + SLOT_ARG0), shape.arg0)
 
-    a.label(name)
-    _save(a, _RECORD_REGS)
     a.label(f"{name}_enter")  # a writer that waited for the reader starts over here
     if abi.rseq_offset is not None:
         _emit_rseq_enter(a, abi, descriptor, R.RAX, name)
@@ -509,15 +584,13 @@ def _emit_record(a: Asm, *, name: str, entry: bool, abi: ThreadAbi, ring: RingGe
         # head is a multiple of half of them): ring the reader's bell, out of line.
         a.op("TEST_RM32_IMM32", R.EDX, ring.bytes // 2 - 1)
         a.jump("JE_REL32_64", f"{name}_bell")
+        a.jump("JMP_REL32_64", done)
     else:
         a.jump("JMP_REL32_64", f"{name}_fallback")
-    a.label(f"{name}_post")
-    _restore(a, _RECORD_REGS)
-    a.op("RETNQ")
 
     a.label(f"{name}_bell")
     a.jump("CALL_REL32_64", "ring_bell")
-    a.jump("JMP_REL32_64", f"{name}_post")
+    a.jump("JMP_REL32_64", done)
     # Full (rcx = the buffer's block): wait for the reader and start over, or, when
     # wait_for_reader gives up (drop mode, reader gone or stalled), count the loss
     # (``lock inc``: exact even if we migrated meanwhile).
@@ -526,7 +599,7 @@ def _emit_record(a: Asm, *, name: str, entry: bool, abi: ThreadAbi, ring: RingGe
     a.op("TEST_RM32_R32", R.EAX, R.EAX)
     a.jump("JE_REL32_64", f"{name}_enter")
     a.op("INC_RM64", mem(R.RCX, CTL_LOST), lock=True)
-    a.jump("JMP_REL32_64", f"{name}_post")
+    a.jump("JMP_REL32_64", done)
     if abi.rseq_offset is not None:
         _emit_rseq_arm(a, abi, R.RAX, name)
         _emit_abort(a, f"{name}_abort", f"{name}_start")
@@ -546,7 +619,7 @@ def _emit_record(a: Asm, *, name: str, entry: bool, abi: ThreadAbi, ring: RingGe
     fill(R.RAX, R.RDX, R.EDX, pushed + 8)
     a.op("POP_R64", R.RDX)
     a.op("MOV_RM64_R64", mem(R.RAX, SLOTS_OFFSET + SLOT_TS), R.RDX)  # commit word: stores stay in order
-    a.jump("JMP_REL32_64", f"{name}_post")
+    a.jump("JMP_REL32_64", done)
     a.label(f"{name}_fallback_full")
     a.op("POP_R64", R.RDX)
     a.jump("JMP_REL32_64", f"{name}_full")
@@ -602,7 +675,7 @@ def _emit_wait(a: Asm, *, header_constant: int, slice_constant: int) -> None:
     all once the reader is gone. Keeps every register but rax, rdx, rsi (saved by the
     routines) and flags."""
     a.label("wait_for_reader")
-    for reg in (R.RCX, R.RDI, R.R8, R.R10, R.R11):
+    for reg in (R.RCX, R.RDI, R.R8, R.R9, R.R10, R.R11):
         a.op("PUSH_R64", reg)
     a.op("MOV_R64_RM64", R.R8, R.RCX)  # the kernel keeps r8 across a syscall
     a.jump("CALL_REL32_64", "ring_bell")
@@ -640,13 +713,13 @@ def _emit_wait(a: Asm, *, header_constant: int, slice_constant: int) -> None:
     a.label("wait_give_up")
     a.op("MOV_R32_IMM32", R.EAX, 1)
     a.label("wait_done")
-    for reg in (R.R11, R.R10, R.R8, R.RDI, R.RCX):
+    for reg in (R.R11, R.R10, R.R9, R.R8, R.RDI, R.RCX):
         a.op("POP_R64", reg)
     a.op("RETNQ")
 
 
 def _emit_count(a: Asm, *, name: str, entry: bool, abi: ThreadAbi, counters: CounterGeometry, rows: int,
-                stub_return: int, descriptor: int) -> None:
+                stub_return: int, descriptor: int, enabled_constant: int) -> None:
     """``count_entry`` / ``count_call``: this CPU's counter of the site plus one.
 
     The entry stub passes the site's counter in row 0 in r11 (``mov r11,
@@ -659,6 +732,7 @@ def _emit_count(a: Asm, *, name: str, entry: bool, abi: ThreadAbi, counters: Cou
     counter = R.R11 if entry else R.RCX  # this site's counter in row 0
     a.label(name)
     _save(a, regs)
+    _emit_enabled_check(a, enabled_constant=enabled_constant, scratch=R.RAX, skip=f"{name}_post")
     if not entry:
         _emit_site_from_return(a, R.RCX, 8 * len(regs), stub_return, STUB_SHIFT - 3)
         a.op("MOV_R64_IMM64", R.RAX, Imm64(rows))
@@ -717,6 +791,7 @@ def generate(
     sites: Sequence[TracedSite],
     ring: RingGeometry | None = None,
     counters: CounterGeometry | None = None,
+    enabled: int,
 ) -> tuple[bytes, dict[str, int]]:
     """The code region for ``sites`` placed at ``base``, data at ``data``: (bytes, labels).
 
@@ -741,15 +816,16 @@ def generate(
         if mode is Mode.TRACE:
             assert ring is not None
             zero = data + ring.blocks_offset
-            _emit_record(a, name=name, entry=entry, abi=abi, ring=ring, blocks=zero,
-                         blocks_constant=base + _CONST_BLOCKS, stub_return=stub_return, descriptor=descriptor)
+            _emit_record(a, name=name, shape=ENTRY_SHAPE if entry else CALL_SHAPE, abi=abi, ring=ring, blocks=zero,
+                         blocks_constant=base + _CONST_BLOCKS, stub_return=stub_return, descriptor=descriptor,
+                         enabled_constant=base + _CONST_ENABLED)
         else:
             assert counters is not None
             zero = data + counters.rows_offset
             _emit_count(a, name=name, entry=entry, abi=abi, counters=counters, rows=zero,
-                        stub_return=stub_return, descriptor=descriptor)
+                        stub_return=stub_return, descriptor=descriptor, enabled_constant=base + _CONST_ENABLED)
     struct.pack_into("<QQ", code, _CONST_BLOCKS, zero, base + _STUBS + CALL_SIZE)
-    struct.pack_into("<qqQ", code, _CONST_WAIT_SLICE, 0, WAIT_SLICE_NS, data)
+    struct.pack_into("<qqQQ", code, _CONST_WAIT_SLICE, 0, WAIT_SLICE_NS, data, enabled)
     routine_code, labels = a.assemble(base + _ROUTINES)
     if _ROUTINES + len(routine_code) > _STUBS:
         raise InjectionError(f"tracer routines are {len(routine_code)} bytes, more than {_STUBS - _ROUTINES}")
@@ -816,6 +892,8 @@ class Tracer:
             data_size = self.counters.size
         code_size = _page_up(_STUBS + len(self.sites) * STUB_SIZE)
         self.code_size = code_size
+        self.process = resident.process
+        self.enabled = _map_flag_page(resident)
         self.region: SharedRegion = resident.map_shared(
             code_size=code_size, data_size=data_size, near=min(s.address for s in self.sites), name=name,
             apart=True)
@@ -824,7 +902,8 @@ class Tracer:
             self.data_address = self.region.data_address
             self._populate(resident, code_size, data_size)
             code, self.labels = generate(base=self.region.address, data=self.data_address, mode=mode, abi=abi,
-                                         sites=self.sites, ring=self.ring, counters=self.counters)
+                                         sites=self.sites, ring=self.ring, counters=self.counters,
+                                         enabled=self.enabled)
         except BaseException:
             self.region.local.close()  # the target keeps its (unused) mapping: nothing points into it
             raise
@@ -836,6 +915,12 @@ class Tracer:
                 struct.pack_into("<Q", self.data, block + CTL_LIMIT, self.ring.bytes)
         self.patches = tuple(Patch(site=s.address, old=s.original, new=encode_call(s.address, self.stub(i)))
                              for i, s in enumerate(self.sites))
+
+    def disable(self) -> None:
+        """From now on its routines record and count nothing (they still run, and
+        send every call on): the end of a session, before its last drain."""
+        if self.process.alive():
+            self.process.write(self.enabled, b"\0")
 
     def _populate(self, resident: Resident, code_size: int, data_size: int) -> None:
         """Map every data page now, in the target and in the tool (MADV_POPULATE_WRITE).
@@ -883,6 +968,10 @@ class Tracer:
         slots) and the kernel a valid rseq descriptor."""
         if self.data is None:
             return
+        try:
+            self.disable()
+        except TextpokeError:
+            pass  # the process is gone, or exec'd: nothing of ours runs there any more
         if discard and self.ring is not None:
             for b in range(self.ring.buffers):
                 start = self.code_size + self.ring.blocks_offset + b * self.ring.stride + SLOTS_OFFSET
