@@ -34,7 +34,8 @@ from ..target import _ptrace
 from ..target import syscalls as sc
 from ..target.inject import BorrowedThread
 from ..target.process import Process
-from ..target.security import shared_modes, writable_and_executable
+from ..target.maps import Mapping
+from ..target.security import added, openable_by_path, shared_modes, writable_and_executable
 from ..x86.insn import SITE_SIZE, encode_call
 
 CFLAGS = ("-O2", "-fno-pie", "-pthread")
@@ -174,8 +175,9 @@ def _exact(session: Session, target: _Target, site: int, to_a: bytes, to_b: byte
 class _Run:
     """One selftest run: the target, the session, and the rows so far."""
 
-    def __init__(self, binary: Path, target: _Target, session: Session) -> None:
+    def __init__(self, binary: Path, target: _Target, session: Session, *, maps_before: list[Mapping]) -> None:
         self.binary = binary
+        self.maps_before = maps_before  # the target's mappings before textpoke attached
         self.target = target
         self.session = session
         self.site = find_sites(binary, kinds={SiteKind.CALL}, functions=["site_caller"], calls_to=["A"])[0].address
@@ -192,12 +194,15 @@ class _Run:
         maps = self.session.process.maps()
         modes = shared_modes(self.target.pid, maps)
         rwx = writable_and_executable(maps)
-        files = [m.path for m in maps if m.path.startswith(("/dev/shm/", "/tmp/"))]
+        # Only what the attach mapped: the program's own files may live anywhere (its
+        # binary is in the cache directory, which may be under /tmp).
+        files = openable_by_path(added(self.maps_before, maps))
         shown = ", ".join(sorted({oct(mode) for mode in modes.values()}))
         return _check("shared memory private",
                       bool(modes) and set(modes.values()) == {0o600} and not rwx and not files,
                       f"{len(modes)} memfd(s), mode {shown}; {len(rwx)} writable+executable mappings; "
-                      f"{len(files)} mappings from /dev/shm or /tmp")
+                      f"{len(files)} of textpoke's mappings with a file path"
+                      + (f" ({', '.join(sorted({m.path for m in files}))})" if files else ""))
 
     def membarrier(self) -> Check:
         resident = self.session.resident
@@ -277,6 +282,8 @@ def run_selftest(*, progress: Callable[[str], None] | None = None) -> list[Check
         except TextpokeError as exc:
             checks.append(Check("crash-safe borrow", Status.FAIL, exc.message))
         say("attaching")
+        with Process(target.pid) as process:
+            maps_before = process.maps()
         try:
             session = attach(target.pid)
         except TextpokeError as exc:
@@ -285,7 +292,7 @@ def run_selftest(*, progress: Callable[[str], None] | None = None) -> list[Check
         stop_us = session.resident.attach_stop_ns / 1e3
         checks.append(_check("ptrace permission", True,
                              f"one thread borrowed for {stop_us:.0f} us to install the handler and agent"))
-        run = _Run(binary, target, session)
+        run = _Run(binary, target, session, maps_before=maps_before)
         with session:
             for name, step in (("/proc/PID/mem writes", run.memory), ("shared memory private", run.shared_memory),
                                ("membarrier SYNC_CORE", run.membarrier), ("int3 emulation", run.emulation),
