@@ -33,7 +33,6 @@ from ..x86.insn import NOP5, SITE_SIZE, decode_site, encode_call, encode_jmp
 from . import target_errors
 
 if TYPE_CHECKING:
-    from ..poke.session import Session
     from ..sites import MappedObject
     from ..sites.elf import ElfImage
 
