@@ -36,3 +36,12 @@ def test_pyflakes_finds_nothing():
     pytest.importorskip("pyflakes", reason="install the dev extra: pip install -e '.[dev]'")
     done = subprocess.run([sys.executable, "-m", "pyflakes", *CHECKED], cwd=ROOT, capture_output=True, text=True)
     assert (done.returncode, done.stdout + done.stderr) == (0, "")
+
+
+def test_the_docs_are_in_the_repository():
+    """README and DEVELOPERS point to docs/design.md, not to a file outside the checkout."""
+    design = ROOT / "docs" / "design.md"
+    assert design.is_file() and "## 4. Where the emulated push goes" in design.read_text()
+    for name in ("README.md", "DEVELOPERS.md"):
+        text = (ROOT / name).read_text()
+        assert "../shared" not in text and "docs/design.md" in text
