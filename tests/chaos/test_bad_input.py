@@ -465,3 +465,17 @@ def test_a_process_under_strace_gets_the_tracer_hint(build_target):
         strace.terminate()
         strace.wait()
         target.kill()
+
+
+def test_a_function_without_an_fentry_site(build_target):
+    binary = build_target("hammer", fentry=False)
+    target = Target([str(binary), "0"])
+    try:
+        maps = open(f"/proc/{target.pid}/maps").read()
+        assert_one_error(_patch(target.pid, "--site", "traced", "--nop"), 5,
+                         "1 function matches 'traced' but it has no fentry nop5 site")
+        assert_one_error(_patch(target.pid, "--site", "[AB]", "--nop"), 5,
+                         "2 functions match '[AB]' but none has an fentry nop5 site")
+        _unchanged(target.pid, binary, maps)
+    finally:
+        target.kill()

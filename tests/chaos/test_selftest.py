@@ -22,7 +22,7 @@ def test_selftest_checks():
     assert next(c for c in checks if c.name == "crash-safe borrow").detail.startswith(
         "a thread left mid-injection returned through its restore frame (")
     assert next(c for c in checks if c.name == "signal chaining").detail == (
-        "the target's own SIGTRAP handler ran 1 time(s), passed on 1 time(s)")
+        "the target's own SIGTRAP handler ran 1 time; textpoke's handler passed 1 trap on to it")
 
 
 def test_selftest_cli_prints_a_table_and_exits_zero():
@@ -60,5 +60,5 @@ def test_selftest_with_the_cache_under_tmp(tmp_path, monkeypatch):
     assert [(c.name, c.status) for c in checks] == [(name, Status.OK) for name in NAMES], [
         c for c in checks if c.status != Status.OK]
     shared = next(c for c in checks if c.name == "shared memory private")
-    assert shared.detail == ("1 memfd(s), mode 0o600; 0 writable+executable mappings; "
+    assert shared.detail == ("1 memfd, mode 0o600; 0 writable+executable mappings; "
                              "0 of textpoke's mappings with a file path")

@@ -166,7 +166,8 @@ def resolve_sites(obj: MappedObject, image: ElfImage, spec: str) -> list[int]:
         raise SymbolNotFound(f"function {spec} not found in {obj.path}", hint=_sites_hint(obj))
     if not scan.sites:
         raise SiteError(
-            f"{scan.functions_scanned} function(s) match {spec!r} but none has an fentry nop5 site",
+            (f"1 function matches {spec!r} but it has no fentry nop5 site" if scan.functions_scanned == 1 else
+             f"{scan.functions_scanned} functions match {spec!r} but none has an fentry nop5 site"),
             hint="give FUNC+OFFSET or an address of a call/jmp site, or build with -pg -mfentry -mnop-mcount "
                  "(README: Trace your own program)",
         )

@@ -117,6 +117,10 @@ def _symbol(binary: Path, name: str) -> int:
         return next(s["st_value"] for s in symtab.iter_symbols() if s.name == name)
 
 
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def _check(name: str, ok: bool, detail: str) -> Check:
     return Check(name, Status.OK if ok else Status.FAIL, detail)
 
@@ -200,7 +204,8 @@ class _Run:
         shown = ", ".join(sorted({oct(mode) for mode in modes.values()}))
         return _check("shared memory private",
                       bool(modes) and set(modes.values()) == {0o600} and not rwx and not files,
-                      f"{len(modes)} memfd(s), mode {shown}; {len(rwx)} writable+executable mappings; "
+                      f"{_plural(len(modes), 'memfd')}, mode {shown}; "
+                      f"{_plural(len(rwx), 'writable+executable mapping')}; "
                       f"{len(files)} of textpoke's mappings with a file path"
                       + (f" ({', '.join(sorted({m.path for m in files}))})" if files else ""))
 
@@ -212,7 +217,7 @@ class _Run:
         synced = self.session.stats().syncs - syncs
         wanted = sc.MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE
         return _check("membarrier SYNC_CORE", bool(mask & wanted) and synced == 1,
-                      f"supported commands {mask:#x}; the agent's sync ran {synced} time(s)")
+                      f"supported commands {mask:#x}; the agent's sync ran {_plural(synced, 'time')}")
 
     def emulation(self) -> Check:
         to_b = encode_call(self.site, _symbol(self.binary, "B"))
@@ -224,7 +229,8 @@ class _Run:
         own = self.target.ask("trap")["own"]
         passed = self.session.stats().not_ours - not_ours
         return _check("signal chaining", (own, passed) == (1, 1),
-                      f"the target's own SIGTRAP handler ran {own} time(s), passed on {passed} time(s)")
+                      f"the target's own SIGTRAP handler ran {_plural(own, 'time')}; textpoke's handler passed "
+                      f"{_plural(passed, 'trap')} on to it")
 
     def restored(self) -> Check:
         now = _live_bytes(self.target.pid, self.site)
