@@ -1,4 +1,4 @@
-"""Hand-scheduled interleavings: each shows one mechanism of design.md section 1, exactly.
+"""Hand-scheduled interleavings: each shows one mechanism of docs/design.md sections 3-4, exactly.
 
 Every test drives a :class:`Run` step by step (one CPU, one patch) to a chosen
 instant -- a CPU fetching a site while it holds int3 -- and then checks the
