@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import time
@@ -453,12 +454,13 @@ def test_a_process_under_strace_gets_the_tracer_hint(build_target):
         while "TracerPid:\t0\n" in open(f"/proc/{target.pid}/status").read():
             time.sleep(0.01)
         maps = open(f"/proc/{target.pid}/maps").read()
-        done = _patch(target.pid, "--site", "traced", "--call", "A")
-        assert_one_error(done, 4, f"may not ptrace process {target.pid}: it is already traced by pid {strace.pid} "
-                                  "(strace); detach that tracer first")
-        assert done.stderr.splitlines()[1] == (
-            "textpoke: hint: a process has one tracer at a time: detach that one (quit strace; `detach` in gdb), "
-            "then run textpoke again")
+        for extra in ((), ("--dry-run",)):  # the dry run says what the real run would
+            done = _patch(target.pid, "--site", "traced", "--call", "A", *extra)
+            assert_one_error(done, 4, f"may not ptrace process {target.pid}: it is already traced by pid "
+                                      f"{strace.pid} (strace); detach that tracer first")
+            assert done.stderr.splitlines()[1] == (
+                "textpoke: hint: a process has one tracer at a time: detach that one (quit strace; `detach` in "
+                "gdb), then run textpoke again")
         assert open(f"/proc/{target.pid}/maps").read() == maps
         _unchanged(target.pid, binary, maps)
     finally:
@@ -479,3 +481,18 @@ def test_a_function_without_an_fentry_site(build_target):
         _unchanged(target.pid, binary, maps)
     finally:
         target.kill()
+
+
+def test_dry_run_of_a_stopped_process_is_refused_as_the_real_run(hammer):
+    target, binary, _ = hammer
+    maps = open(f"/proc/{target.pid}/maps").read()
+    os.kill(target.pid, signal.SIGSTOP)
+    try:
+        while "State:\tT" not in open(f"/proc/{target.pid}/status").read():
+            time.sleep(0.005)
+        for extra in ((), ("--dry-run",)):
+            assert_one_error(_patch(target.pid, "--site", "site_caller+0x9", "--call", "B", *extra), 14,
+                             f"process {target.pid} is stopped (SIGSTOP or a debugger); textpoke needs it running")
+    finally:
+        os.kill(target.pid, signal.SIGCONT)
+    _unchanged(target.pid, binary, maps)

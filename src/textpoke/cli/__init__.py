@@ -132,6 +132,15 @@ def target_errors(pid: int) -> Iterator[None]:
         raise
 
 
+def refuse_foreign_tracer(pid: int) -> None:
+    """PermissionDenied, as a borrowing attach would raise it, if another tracer holds ``pid``."""
+    if _foreign_tracer(pid):
+        from .._errors import PermissionDenied
+        from ..target.process import why_not_traceable
+
+        raise PermissionDenied(f"may not ptrace process {pid}: {why_not_traceable(pid)}", hint=_TRACER_HINT)
+
+
 def _foreign_tracer(pid: int) -> int:
     """The pid of the process tracing ``pid`` if it is not us (0: none)."""
     try:

@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .._errors import BusyError, OwnCodeRefused, SiteError, SymbolNotFound, UsageError
+from .._errors import BusyError, OwnCodeRefused, SiteError, SymbolNotFound, TargetStopped, UsageError
 from ..target.maps import read_maps
 from ..target.process import Process
 from ..target.security import check_architecture, ours, owning_mapping
 from ..x86.insn import NOP5, SITE_SIZE, decode_site, encode_call, encode_jmp
-from . import target_errors
+from . import refuse_foreign_tracer, target_errors
 
 if TYPE_CHECKING:
     from ..sites import MappedObject
@@ -318,13 +318,24 @@ def _session_holder(region_inode: int) -> int | None:
 
 def _dry_run(pid: int, planned: list[Planned], *, revert: bool) -> list[Planned]:
     """What the real run would do, found without writing, installing or locking anything:
-    the ledger read from the target (for --revert), and BusyError if another
-    session holds the process now (the real run would be refused too)."""
+    the refusals of attach's first step (a stopped process, a thread blocking
+    SIGTRAP, another tracer when a first attach would have to borrow a thread),
+    another session holding the process (BusyError), and the ledger read from
+    the target (for --revert)."""
     from ..poke.recover import inspect
+    from ..poke.resident import CODE_SIZE, find_regions, our_threads
+    from ..poke.safety import refuse_sigtrap_blockers
 
     with Process(pid) as process:
+        if process.stopped():
+            raise TargetStopped(f"process {pid} is stopped (SIGSTOP or a debugger); textpoke needs it running")
+        regions = find_regions(process)
+        refuse_sigtrap_blockers(process, exclude=frozenset(r.agent_tid for r in regions if r.owned)
+                                | our_threads(process), ours=[range(r.base, r.base + CODE_SIZE) for r in regions])
         region, states = inspect(process)
-    if region is not None:
+    if region is None:
+        refuse_foreign_tracer(pid)  # the real run installs: it borrows a thread with ptrace
+    else:
         holder = _session_holder(region.inode)
         if holder is not None:
             raise BusyError(f"another textpoke session (pid {holder}) is attached to process {pid}; "
