@@ -2,19 +2,20 @@
 
     python bench/fentry_cost.py [--runs K]
 
-Builds one C program twice with gcc -O2: plain (``-fno-pie``/``-no-pie`` only),
-and with the README's flags (``-pg -mfentry -mnop-mcount -mrecord-mcount`` at
-compile time, linked without ``-pg``), then runs the two builds alternately K
-times each. Each run times two workloads inside the program (CLOCK_MONOTONIC):
+Builds one C program three times with gcc -O2: ``pie`` (gcc's default on
+Debian), ``plain`` (``-fno-pie``/``-no-pie`` only), and ``fentry`` (the README's
+flags: ``-pg -mfentry -mnop-mcount -mrecord-mcount`` at compile time, linked
+without ``-pg``), then runs the builds in turn K times each. Each run times two workloads inside the program (CLOCK_MONOTONIC):
 
 - ``calls``: recursive fib(36) through a noinline function, ~48 million calls
   of a function with almost no body: the worst case for a nop5 per call;
 - ``sort``: merge sort of 2M ints with a noinline comparison, a call per
   comparison inside real work.
 
-Prints, per workload, the median time of each build and the ratio fentry/plain
-(and the ratio of the fastest runs, which a busy machine disturbs least), and
-the size of each binary's .text.
+Prints, per workload, the median time of each build and the ratios
+fentry/plain (the cost of the fentry nops) and fentry/pie (the cost against
+the default build), each also for the fastest runs, which a busy machine
+disturbs least; and the size of each binary's .text.
 """
 
 from __future__ import annotations
@@ -72,12 +73,13 @@ int main(void) {
 FENTRY = ("-pg", "-mfentry", "-mnop-mcount", "-mrecord-mcount")
 
 
-def build(work: Path, name: str, extra: tuple[str, ...]) -> Path:
+def build(work: Path, name: str, extra: tuple[str, ...], *, pie: bool = False) -> Path:
     source = work / "bench.c"
     source.write_text(SOURCE)
     obj, binary = work / f"{name}.o", work / name
-    subprocess.run(["gcc", "-O2", "-fno-pie", *extra, "-c", str(source), "-o", str(obj)], check=True)
-    subprocess.run(["gcc", "-no-pie", str(obj), "-o", str(binary)], check=True)  # never -pg at link
+    subprocess.run(["gcc", "-O2", *(() if pie else ("-fno-pie",)), *extra, "-c", str(source), "-o", str(obj)],
+                   check=True)
+    subprocess.run(["gcc", *(() if pie else ("-no-pie",)), str(obj), "-o", str(binary)], check=True)  # never -pg
     return binary
 
 
@@ -97,7 +99,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        builds = {"plain": build(work, "plain", ()), "fentry": build(work, "fentry", FENTRY)}
+        builds = {"pie": build(work, "pie", (), pie=True), "plain": build(work, "plain", ()),
+                  "fentry": build(work, "fentry", FENTRY)}
         times: dict[str, dict[str, list[int]]] = {name: {"calls": [], "sort": []} for name in builds}
         for _ in range(args.runs):
             for name, binary in builds.items():
@@ -105,14 +108,17 @@ def main() -> None:
                 for workload in ("calls", "sort"):
                     times[name][workload].append(result[workload])
         assert not (work / "gmon.out").exists(), "a build wrote gmon.out: it was linked with -pg"
-        print(f"{'workload':<8} {'plain ms':>9} {'fentry ms':>10} {'ratio':>6} {'ratio (fastest runs)':>21}")
+        print(f"{'workload':<8} {'pie ms':>7} {'plain ms':>9} {'fentry ms':>10} {'fentry/plain':>13} "
+              f"{'(fastest)':>9} {'fentry/pie':>11} {'(fastest)':>9}")
         for workload in ("calls", "sort"):
-            plain, fentry = times["plain"][workload], times["fentry"][workload]
-            print(f"{workload:<8} {statistics.median(plain) / 1e6:>9.1f} {statistics.median(fentry) / 1e6:>10.1f} "
-                  f"{statistics.median(fentry) / statistics.median(plain):>6.3f} {min(fentry) / min(plain):>21.3f}")
+            pie, plain, fentry = (times[name][workload] for name in ("pie", "plain", "fentry"))
+            median = statistics.median
+            print(f"{workload:<8} {median(pie) / 1e6:>7.1f} {median(plain) / 1e6:>9.1f} {median(fentry) / 1e6:>10.1f} "
+                  f"{median(fentry) / median(plain):>13.3f} {min(fentry) / min(plain):>9.3f} "
+                  f"{median(fentry) / median(pie):>11.3f} {min(fentry) / min(pie):>9.3f}")
         sizes = {name: text_size(binary) for name, binary in builds.items()}
-        print(f".text bytes: plain {sizes['plain']}, fentry {sizes['fentry']} "
-              f"(+{sizes['fentry'] - sizes['plain']}: a 5-byte nop per function, and alignment)")
+        print(f".text bytes: pie {sizes['pie']}, plain {sizes['plain']}, fentry {sizes['fentry']} "
+              f"(+{sizes['fentry'] - sizes['plain']} on plain: a 5-byte nop per function, and alignment)")
 
 
 if __name__ == "__main__":
