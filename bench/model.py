@@ -2,8 +2,8 @@
 
 Run as ``python bench/model.py [--steps N] [--runs N] [--cpus N]``.  Random mode,
 the CLI's defaults otherwise.  Failing variants stop each interleaving at its
-first violation, so their runs are short and setup weighs more; the seed and the
-passing variants are the throughput figure (goal: >= 100k instructions/s).  The
+first violation, so their runs are short and setup weighs more; the passing
+variants (proposed, merged) are the throughput figure (goal: >= 100k instructions/s).  The
 first line per ISA is the bare machine -- single steps, no checks, no patcher --
 and "of bare" the model's share of it, which a loaded machine changes less.
 """

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from textpoke.poke import Patch, attach
-from textpoke.x86.insn import encode_call
+from textpoke.x86.insn import NOP5, encode_call
 
 from .harness import Target, assert_one_error, read_mem, run_cli, symbols, text_section
 
@@ -231,7 +232,8 @@ def test_dry_run_writes_nothing_and_a_real_patch_stays(hammer):
     done = _patch(target.pid, "--site", "site_caller+0x9", "--call", "B", "--dry-run")
     assert done.returncode == 0, done.stderr
     assert done.stdout == (f"would patch {site:#x} (site_caller+0x9): call {syms['A']:#x} ({to_a.hex(' ')}) -> "
-                           f"call {syms['B']:#x} ({to_b.hex(' ')})\n")
+                           f"call {syms['B']:#x} ({to_b.hex(' ')})\n"
+                           "dry run: 1 of 1 site would be written in one batch; nothing was written\n")
     _unchanged(target.pid, binary, maps)
     done = _patch(target.pid, "--site", "site_caller+0x9", "--call", "B", "--expect", to_a.hex())
     assert done.returncode == 0, done.stderr
@@ -251,3 +253,264 @@ def test_dry_run_writes_nothing_and_a_real_patch_stays(hammer):
     assert run_cli("recover", "-p", str(target.pid)).returncode == 0
     address, text = text_section(binary)
     assert read_mem(target.pid, address, len(text)) == text
+
+
+# -- --site as the user types it -------------------------------------------------------------------
+
+
+def test_site_spec_mistakes_are_named(hammer):
+    """Each malformed --site is one line saying what is wrong with it, and nothing is written."""
+    target, binary, syms = hammer
+    maps = open(f"/proc/{target.pid}/maps").read()
+    size = _function_size(binary, "site_caller")
+    spec_hint = "textpoke: hint: give FUNC+OFFSET (main+0x1c or main+28), a function name, or an address (0x401136)"
+    for spec, code, error, hint in (
+        ("main+zz", 2, "--site 'main+zz': 'zz' is not an offset", spec_hint),
+        ("site_caller+0x", 2, "--site 'site_caller+0x': '0x' is not an offset", spec_hint),
+        ("+5", 2, "--site '+5' is neither an address nor FUNC+OFFSET", spec_hint),
+        ("+main", 2, "--site '+main' has no function name before the '+'", spec_hint),
+        ("-0x401000", 2, "--site '-0x401000' is neither an address nor FUNC+OFFSET", spec_hint),
+        ("site_caller+0x100000", 5, f"site_caller+0x100000: offset 0x100000 is past the end of site_caller "
+                                    f"({size:#x} bytes long); nothing was written",
+         f"textpoke: hint: see the functions and their sites: `textpoke sites {target.pid} -f 'site_caller'`"),
+        (f"site_caller+{size}", 5, f"site_caller+{size}: offset {size:#x} is past the end of site_caller "
+                                   f"({size:#x} bytes long); nothing was written", None),
+    ):
+        done = _patch(target.pid, "--site", spec, "--nop")
+        assert_one_error(done, code, error)
+        if hint is not None:
+            assert done.stderr.splitlines()[1] == hint
+    _unchanged(target.pid, binary, maps)
+
+
+def test_an_address_in_a_library_names_the_lib_option(hammer):
+    target, binary, _ = hammer
+    maps = open(f"/proc/{target.pid}/maps").read()
+    libc = next(line for line in maps.splitlines() if "/libc.so" in line and " r-xp " in line)
+    start, path = int(libc.split("-")[0], 16), libc.split()[-1]
+    done = _patch(target.pid, "--site", f"{start + 0x10:#x}", "--nop")
+    assert_one_error(done, 5, f"{start + 0x10:#x} is in {path}, not in {binary}; nothing was written")
+    assert done.stderr.splitlines()[1] == (f"textpoke: hint: add --lib {os.path.basename(path)} to patch a site of "
+                                           "that library")
+    exe = next(int(line.split("-")[0], 16) for line in maps.splitlines() if line.endswith(str(binary)))
+    done = _patch(target.pid, "--site", f"{exe + 0x10:#x}", "--nop", "--lib", "libc.so")
+    assert done.returncode == 5 and done.stderr.splitlines()[1] == (
+        "textpoke: hint: leave out --lib: the address is in the program itself")
+    _unchanged(target.pid, binary, maps)
+
+
+def _function_size(binary: Path, name: str) -> int:
+    from elftools.elf.elffile import ELFFile
+
+    with open(binary, "rb") as f:
+        return next(s["st_size"] for s in ELFFile(f).get_section_by_name(".symtab").iter_symbols() if s.name == name)
+
+
+# -- --dry-run says what the real run would ---------------------------------------------------------
+
+
+def test_dry_run_of_a_site_that_holds_its_new_bytes_says_unchanged(hammer):
+    target, binary, syms = hammer
+    site = syms["traced"]
+    maps = open(f"/proc/{target.pid}/maps").read()
+    dry = _patch(target.pid, "--site", "traced", "--nop", "--dry-run")
+    assert (dry.returncode, dry.stdout) == (0, f"unchanged {site:#x} (traced+0x0): holds nop (0f 1f 44 00 00) already\n"
+                                               "dry run: 0 of 1 site would be written in one batch; nothing was "
+                                               "written\n")
+    _unchanged(target.pid, binary, maps)
+    real = _patch(target.pid, "--site", "traced", "--nop")
+    assert real.returncode == 0 and real.stdout.splitlines()[0] == dry.stdout.splitlines()[0]
+    assert real.stdout.splitlines()[1].startswith("0 of 1 site written in one batch (0 syncs)")
+
+
+def test_dry_run_sees_another_session(hammer):
+    """The real run would fail with exit 9 while another session holds the process; so does the dry run."""
+    target, binary, syms = hammer
+    with attach(target.pid) as session:
+        maps = open(f"/proc/{target.pid}/maps").read()
+        for extra in (("--dry-run",), ()):
+            done = _patch(target.pid, "--site", "site_caller+0x9", "--call", "B", *extra)
+            assert done.returncode == 9 and done.stdout == "", done.stderr
+        assert_one_error(done, 9, f"another textpoke session is attached to process {target.pid}")
+        dry = _patch(target.pid, "--site", "site_caller+0x9", "--call", "B", "--dry-run")
+        assert_one_error(dry, 9, f"another textpoke session (pid {os.getpid()}) is attached to process "
+                                 f"{target.pid}; the real run would be refused")
+        assert open(f"/proc/{target.pid}/maps").read() == maps
+        session.revert()
+    _unchanged(target.pid, binary, open(f"/proc/{target.pid}/maps").read())
+
+
+def test_dry_run_of_revert_reads_the_originals(hammer):
+    target, binary, syms = hammer
+    site = syms["site_caller"] + 9
+    to_a, to_b = encode_call(site, syms["A"]), encode_call(site, syms["B"])
+    assert _patch(target.pid, "--site", f"{site:#x}", "--call", "B").returncode == 0
+    try:
+        dry = _patch(target.pid, "--site", f"{site:#x}", "--revert", "--dry-run")
+        assert dry.stdout.splitlines()[0] == (f"would patch {site:#x} (site_caller+0x9): call {syms['B']:#x} "
+                                              f"({to_b.hex(' ')}) -> call {syms['A']:#x} ({to_a.hex(' ')})")
+        assert read_mem(target.pid, site, 5) == to_b
+        never = _patch(target.pid, "--site", "A", "--revert", "--dry-run")  # as the real run: refused
+        assert_one_error(never, 5, f"{syms['A']:#x} (A+0x0) was never changed by textpoke; nothing was written")
+    finally:
+        assert run_cli("recover", "-p", str(target.pid)).returncode == 0
+
+
+# -- recover names what it undid -------------------------------------------------------------------------
+
+
+def test_recover_names_functions_and_counts_in_words(hammer):
+    from textpoke.trampolines.counter import Counters
+
+    target, binary, syms = hammer
+    site = syms["site_caller"] + 9
+    fentry = syms["traced"]
+    to_a, to_b = encode_call(site, syms["A"]), encode_call(site, syms["B"])
+    assert run_cli("recover", "-p", str(target.pid)).returncode == 0  # a clean slate
+    before = _trampoline_regions(target.pid)
+    with attach(target.pid) as session:
+        counted = encode_call(fentry, Counters(session.resident, n=1, near=fentry).entry(0))
+        session.apply([Patch(site=fentry, old=NOP5, new=counted), Patch(site=site, old=to_a, new=to_b)])
+        session.close(revert=False)  # both stay changed
+    regions = _trampoline_regions(target.pid)
+    assert regions == before + 1
+    dry = run_cli("recover", "-p", str(target.pid), "--dry-run")
+    assert [line.split(":")[0] for line in dry.stdout.splitlines()[:-1]] == [
+        f"{fentry:#x} (traced+0x0)", f"{site:#x} (site_caller+0x9)"]
+    done = run_cli("recover", "-p", str(target.pid), "-v")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[:2] == [f"{fentry:#x} (traced+0x0): {counted.hex(' ')} -> {NOP5.hex(' ')}",
+                         f"{site:#x} (site_caller+0x9): {to_b.hex(' ')} -> {to_a.hex(' ')}"]
+    assert lines[2] == f"process {target.pid}: 2 sites known to textpoke, 2 rewritten to their original bytes (3 syncs)"
+    region_words = "1 trampoline region stays" if regions == 1 else f"{regions} trampoline regions stay"
+    assert lines[3] == f"textpoke's handler and agent stay in the process, idle; {region_words} mapped, unused"
+    assert read_mem(target.pid, site, 5) == to_a
+    again = run_cli("recover", "-p", str(target.pid))
+    assert again.stdout.splitlines()[0] == (f"process {target.pid}: 2 sites known to textpoke, 0 rewritten to their "
+                                            "original bytes (0 syncs)")
+
+
+def _trampoline_regions(pid: int) -> int:
+    return len({line.split()[4] for line in open(f"/proc/{pid}/maps") if "/memfd:textpoke-" in line})
+
+
+# -- refusals about who may touch the process -------------------------------------------------------------
+
+
+def _cli_as_nobody(*args: str) -> tuple[int, str, str]:
+    """`textpoke ARGS` run by user nobody (no capabilities): exit status, stdout, stderr.
+
+    In a forked child of this process, since nobody cannot read this Python's
+    installation; every module a command might load is imported first."""
+    import importlib
+    import pkgutil
+    import sys
+    import traceback  # noqa: F401  (a traceback, if any, must be printable)
+
+    import textpoke
+    from textpoke.cli import main
+
+    for module in pkgutil.walk_packages(textpoke.__path__, "textpoke."):
+        if not module.name.endswith("__main__"):
+            importlib.import_module(module.name)
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.close(out_r)
+        os.close(err_r)
+        sys.stdout, sys.stderr = open(out_w, "w"), open(err_w, "w")
+        code = 99
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            main(list(args))
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(out_w)
+    os.close(err_w)
+    with open(out_r) as out, open(err_r) as err:
+        stdout, stderr = out.read(), err.read()
+    _, status = os.waitpid(child, 0)
+    return os.waitstatus_to_exitcode(status), stdout, stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs the tool as user nobody on root's process")
+def test_another_users_process_is_one_line_exit_4(hammer):
+    """patch and recover by an unprivileged user on another user's process: the
+    reason in one line, exit 4 (they read /proc/PID/maps first, which the kernel
+    refuses to such a user)."""
+    target, binary, _ = hammer
+    maps = open(f"/proc/{target.pid}/maps").read()
+    reason = f"may not access process {target.pid}: it belongs to user root and you are nobody without CAP_SYS_PTRACE"
+    for args in (("patch", "-p", str(target.pid), "--site", "traced", "--nop"),
+                 ("patch", "-p", str(target.pid), "--site", "traced", "--nop", "--dry-run"),
+                 ("recover", "-p", str(target.pid)),
+                 ("recover", "-p", str(target.pid), "--dry-run")):
+        code, out, err = _cli_as_nobody(*args)
+        assert (code, out, err.splitlines()[0]) == (4, "", f"textpoke: error: {reason}"), err
+        assert len(err.splitlines()) == 2 and err.splitlines()[1].startswith("textpoke: hint: "), err
+    _unchanged(target.pid, binary, maps)
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_a_process_under_strace_gets_the_tracer_hint(build_target):
+    """Another tracer holds the process: the hint says to detach it, not to change user."""
+    binary = build_target("hammer")
+    target = Target([str(binary), "0"])  # a fresh process: attaching means borrowing a thread
+    strace = subprocess.Popen(["strace", "-o", "/dev/null", "-p", str(target.pid)], stderr=subprocess.DEVNULL)
+    try:
+        while "TracerPid:\t0\n" in open(f"/proc/{target.pid}/status").read():
+            time.sleep(0.01)
+        maps = open(f"/proc/{target.pid}/maps").read()
+        for extra in ((), ("--dry-run",)):  # the dry run says what the real run would
+            done = _patch(target.pid, "--site", "traced", "--call", "A", *extra)
+            assert_one_error(done, 4, f"may not ptrace process {target.pid}: it is already traced by pid "
+                                      f"{strace.pid} (strace); detach that tracer first")
+            assert done.stderr.splitlines()[1] == (
+                "textpoke: hint: a process has one tracer at a time: detach that one (quit strace; `detach` in "
+                "gdb), then run textpoke again")
+        assert open(f"/proc/{target.pid}/maps").read() == maps
+        _unchanged(target.pid, binary, maps)
+    finally:
+        strace.terminate()
+        strace.wait()
+        target.kill()
+
+
+def test_a_function_without_an_fentry_site(build_target):
+    binary = build_target("hammer", fentry=False)
+    target = Target([str(binary), "0"])
+    try:
+        maps = open(f"/proc/{target.pid}/maps").read()
+        assert_one_error(_patch(target.pid, "--site", "traced", "--nop"), 5,
+                         "1 function matches 'traced' but it has no fentry nop5 site")
+        assert_one_error(_patch(target.pid, "--site", "[AB]", "--nop"), 5,
+                         "2 functions match '[AB]' but none has an fentry nop5 site")
+        _unchanged(target.pid, binary, maps)
+    finally:
+        target.kill()
+
+
+def test_dry_run_of_a_stopped_process_is_refused_as_the_real_run(hammer):
+    target, binary, _ = hammer
+    maps = open(f"/proc/{target.pid}/maps").read()
+    os.kill(target.pid, signal.SIGSTOP)
+    try:
+        while "State:\tT" not in open(f"/proc/{target.pid}/status").read():
+            time.sleep(0.005)
+        for extra in ((), ("--dry-run",)):
+            assert_one_error(_patch(target.pid, "--site", "site_caller+0x9", "--call", "B", *extra), 14,
+                             f"process {target.pid} is stopped (SIGSTOP or a debugger); textpoke needs it running")
+    finally:
+        os.kill(target.pid, signal.SIGCONT)
+    _unchanged(target.pid, binary, maps)

@@ -57,16 +57,16 @@ def test_recover_cli_finishes_a_batch_left_in_flight(life):
     assert done.returncode == 0, done.stderr
     entry = encode_call(site, syms["B"])
     assert done.stdout.splitlines() == [
-        f"{site:#x}: {(bytes([INT3_BYTE]) + encode_call(site, syms['A'])[1:]).hex(' ')} in flight (int3, entry "
+        f"{site:#x} (site_caller+0x9): {(bytes([INT3_BYTE]) + encode_call(site, syms['A'])[1:]).hex(' ')} in flight (int3, entry "
         f"{entry.hex(' ')}) -> {encode_call(site, syms['A']).hex(' ')}",
-        f"process {target.pid}: 1 site known to textpoke, 1 would be rewritten to their original bytes",
+        f"process {target.pid}: 1 site known to textpoke, 1 would be rewritten to its original bytes",
     ]
     assert read_mem(target.pid, site, 1)[0] == INT3_BYTE  # the dry run wrote nothing
     done = run_cli("recover", "-p", str(target.pid))
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [
         f"process {target.pid}: 1 site known to textpoke, 1 left in flight by an interrupted batch, "
-        "1 rewritten to their original bytes (3 syncs)",
+        "1 rewritten to its original bytes (3 syncs)",
         "textpoke's handler and agent stay in the process, idle; 0 trampoline regions stay mapped, unused",
     ]
     address, text = text_section(life.binary)
@@ -105,7 +105,7 @@ def test_attach_keeps_committed_changes_and_recover_reverts_them(life):
     assert done.returncode == 0 and "0 rewritten to their baseline bytes (0 syncs)" in done.stdout
     assert read_mem(target.pid, site, 5) == to_b
     done = run_cli("recover", "-p", str(target.pid))
-    assert done.returncode == 0 and "1 rewritten to their original bytes (3 syncs)" in done.stdout
+    assert done.returncode == 0 and "1 rewritten to its original bytes (3 syncs)" in done.stdout
     assert read_mem(target.pid, site, 5) == to_a
     with attach(target.pid) as session:  # the originals are the baselines now
         assert not session.recovery.written and session.resident.ledger.baseline(site) == to_a

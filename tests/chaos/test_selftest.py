@@ -22,7 +22,7 @@ def test_selftest_checks():
     assert next(c for c in checks if c.name == "crash-safe borrow").detail.startswith(
         "a thread left mid-injection returned through its restore frame (")
     assert next(c for c in checks if c.name == "signal chaining").detail == (
-        "the target's own SIGTRAP handler ran 1 time(s), passed on 1 time(s)")
+        "the target's own SIGTRAP handler ran 1 time; textpoke's handler passed 1 trap on to it")
 
 
 def test_selftest_cli_prints_a_table_and_exits_zero():
@@ -47,3 +47,18 @@ def test_selftest_fails_loudly_when_something_needed_is_missing(tmp_path):
         "textpoke: error: selftest: 1 of 1 checks failed: C compiler",
         "textpoke: hint: textpoke cannot patch processes safely on this machine until these work",
     ]
+
+
+def test_selftest_with_the_cache_under_tmp(tmp_path, monkeypatch):
+    """The target binary then lives in /tmp: the program's own files are not
+    textpoke's mappings, and the shared-memory check looks only at textpoke's."""
+    cache = tmp_path / "cache"
+    assert str(cache).startswith("/tmp/")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    checks = run_selftest()
+    assert str(cache) in next(c for c in checks if c.name == "C compiler").detail
+    assert [(c.name, c.status) for c in checks] == [(name, Status.OK) for name in NAMES], [
+        c for c in checks if c.status != Status.OK]
+    shared = next(c for c in checks if c.name == "shared memory private")
+    assert shared.detail == ("1 memfd, mode 0o600; 0 writable+executable mappings; "
+                             "0 of textpoke's mappings with a file path")

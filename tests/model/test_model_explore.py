@@ -1,4 +1,4 @@
-"""Random and exhaustive exploration: the seed passes, every other variant fails as it must.
+"""Random and exhaustive exploration: proposed and merged pass, every other variant fails as it must.
 
 Bounds are small (the whole directory runs within the CI budget); the numbers
 asserted are exact identities between what the scheduler observed and what the
@@ -44,8 +44,8 @@ def _windows_executed(report: Report, site: str) -> None:
 
 
 @pytest.mark.parametrize("arch", list(Arch))
-def test_random_seed_passes_with_exact_counts(make_world, arch):
-    world = make_world(arch=arch, variant=Variant.SEED, cpus=2, runs=3, steps=8000, seed=1)
+def test_random_run_of_proposed_passes_with_exact_counts(make_world, arch):
+    world = make_world(arch=arch, variant=Variant.PROPOSED, cpus=2, runs=3, steps=8000, seed=1)
     report = explore_random(world)
     assert report.interleavings == 3
     assert report.instructions >= 3 * 8000
@@ -57,7 +57,7 @@ def test_random_seed_passes_with_exact_counts(make_world, arch):
 
 @pytest.mark.parametrize("arch", list(Arch))
 def test_random_runs_with_three_cpus_pass(make_world, arch):
-    report = explore_random(make_world(arch=arch, variant=Variant.SEED, cpus=3, runs=2, steps=6000, seed=7))
+    report = explore_random(make_world(arch=arch, variant=Variant.PROPOSED, cpus=3, runs=2, steps=6000, seed=7))
     _exact_identities(report)
 
 
@@ -80,8 +80,8 @@ def test_random_failing_variants_fail_with_their_kind(make_world, arch, variant)
 
 
 @pytest.mark.parametrize("arch", list(Arch))
-def test_exhaustive_seed_passes_and_sees_every_window(make_world, arch):
-    world = make_world(arch=arch, variant=Variant.SEED, cpus=1, steps=80, exhaustive=True)
+def test_exhaustive_run_of_proposed_passes_and_sees_every_window(make_world, arch):
+    world = make_world(arch=arch, variant=Variant.PROPOSED, cpus=1, steps=80, exhaustive=True)
     report = explore_exhaustive(world)
     assert report.interleavings > len(CYCLE)
     _exact_identities(report)
@@ -141,7 +141,7 @@ def _brute_force(world: World, patch_index: int, budget: int) -> set[tuple]:
     return seen
 
 
-@pytest.mark.parametrize("variant", [Variant.SEED, Variant.NO_GAP])
+@pytest.mark.parametrize("variant", [Variant.PROPOSED, Variant.NO_GAP])
 def test_reduced_search_finds_exactly_what_brute_force_finds(make_world, variant):
     """The exhaustive search skips reorderings of commuting steps; it must lose no outcome."""
     budget = 20  # i386: fetch at instruction 2, do_int3 at about 19
@@ -156,7 +156,7 @@ def test_reduced_search_finds_exactly_what_brute_force_finds(make_world, variant
 
 @pytest.mark.parametrize("arch", list(Arch))
 def test_without_flushing_the_cpus_run_stale_code(make_world, arch):
-    world = make_world(arch=arch, variant=Variant.SEED, cpus=2, runs=3, steps=8000, flush_code=False)
+    world = make_world(arch=arch, variant=Variant.PROPOSED, cpus=2, runs=3, steps=8000, flush_code=False)
     report = explore_random(world)
     assert report.violating > 0 and set(report.kinds) == {K.STALE_CODE}
 

@@ -1,4 +1,4 @@
-"""The Python handler over pt_regs in emulated memory: every branch of the seed's logic."""
+"""The Python handler over pt_regs in emulated memory: every branch of its logic."""
 
 from __future__ import annotations
 
@@ -142,7 +142,7 @@ def test_skip_handler_only_moves_ip_past_the_site(make_machine, isa, entry, push
     assert outcome.resume_ip == site + CALL_SIZE and outcome.pushed is None
 
 
-def test_i386_seed_push_moves_the_truncated_frame_down_one_word(make_machine):
+def test_i386_proposed_push_moves_the_truncated_frame_down_one_word(make_machine):
     machine = make_machine(I386, EntryFlavor.RETURNED_FRAME)
     kernel = machine.kernel
     site = kernel.sites[FENTRY]

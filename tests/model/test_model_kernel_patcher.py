@@ -32,7 +32,7 @@ def _entry_text(kernel) -> list[str]:
     return [" ".join(t.split()) for t in out]
 
 
-def test_x86_64_seed_entry_copies_the_frame_down_six_words():
+def test_x86_64_gap_entry_copies_the_frame_down_six_words():
     kernel = build_kernel(X86_64, EntryFlavor.GAP)
     gap = _entry_text(kernel)
     assert gap.count("pushq 0x28(%rsp)") == 6

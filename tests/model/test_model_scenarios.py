@@ -1,4 +1,4 @@
-"""Hand-scheduled interleavings: each shows one mechanism of design.md section 1, exactly.
+"""Hand-scheduled interleavings: each shows one mechanism of docs/design.md sections 3-4, exactly.
 
 Every test drives a :class:`Run` step by step (one CPU, one patch) to a chosen
 instant -- a CPU fetching a site while it holds int3 -- and then checks the
@@ -53,7 +53,7 @@ def _last_record(run: Run) -> tuple[int, ...]:
 
 @pytest.mark.parametrize("arch", list(Arch))
 def test_retarget_trap_emulates_the_new_call_exactly_once(make_world, arch):
-    world = make_world(arch=arch, variant=Variant.SEED, cpus=1)
+    world = make_world(arch=arch, variant=Variant.PROPOSED, cpus=1)
     run = _run(world, RETARGET)
     kernel = world.kernel
     site = kernel.sites[FTRACE_CALL]
@@ -92,7 +92,7 @@ def test_skipping_instead_of_emulating_loses_the_call(make_world, arch):
 @pytest.mark.parametrize("arch", list(Arch))
 def test_a_trap_handled_after_the_tail_write_still_finds_the_descriptor(make_world, arch):
     """Sync: the head write waits for the CPU in the int3 path; its late handler emulates B."""
-    world = make_world(arch=arch, variant=Variant.SEED, cpus=1)
+    world = make_world(arch=arch, variant=Variant.PROPOSED, cpus=1)
     run = _run(world, RETARGET)
     kernel = world.kernel
     _trap_at(run, kernel.sites[FTRACE_CALL])
@@ -177,8 +177,8 @@ def test_i386_generic_push_without_room_overwrites_the_live_stack(make_world):
     assert v.message == f"interrupted stack word at {sp:#x} (sp+0) changed {ret_a:#x} -> {ret_a - 4:#x}"
 
 
-@pytest.mark.parametrize("variant", [Variant.SEED, Variant.MERGED])
-def test_i386_seed_and_merged_both_emulate_the_fentry_call(make_world, variant):
+@pytest.mark.parametrize("variant", [Variant.PROPOSED, Variant.MERGED])
+def test_i386_proposed_and_merged_both_emulate_the_fentry_call(make_world, variant):
     world = make_world(arch=Arch.I386, variant=variant, cpus=1)
     run = _run(world, ENABLE)
     kernel = world.kernel

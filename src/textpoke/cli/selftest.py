@@ -1,21 +1,24 @@
-"""``textpoke selftest``: check on a private target that everything textpoke needs works here."""
+"""``textpoke selftest``: check on a private target that everything textpoke needs works here.
+
+The checks (and rich) load when the command runs, not when the CLI starts."""
 
 from __future__ import annotations
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from .._errors import TextpokeError
-from ..selftest import Status, run_selftest
-
-_STYLE = {Status.OK: "green", Status.FAIL: "bold red", Status.SKIP: "yellow"}
 
 
-@click.command("selftest")
+@click.command("selftest", short_help="Check that everything textpoke needs works on this machine.")
 def command() -> None:
     """Start a private target and check ptrace, /proc/PID/mem, shared memory,
     membarrier and the resident handler's int3 emulation (exact counts)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..selftest import Status, run_selftest
+
+    style = {Status.OK: "green", Status.FAIL: "bold red", Status.SKIP: "yellow"}
     console = Console()
     with console.status("textpoke selftest") as status:
         checks = run_selftest(progress=lambda what: status.update(f"textpoke selftest: {what}"))
@@ -24,7 +27,7 @@ def command() -> None:
     table.add_column("result")
     table.add_column("detail", overflow="fold")
     for check in checks:
-        table.add_row(check.name, f"[{_STYLE[check.status]}]{check.status.value}[/]", check.detail)
+        table.add_row(check.name, f"[{style[check.status]}]{check.status.value}[/]", check.detail)
     console.print(table)
     failed = [check.name for check in checks if check.status is Status.FAIL]
     if failed:

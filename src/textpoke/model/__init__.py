@@ -1,4 +1,4 @@
-"""The kernel's int3 patching path on emulated x86-64 and x86-32 CPUs (design.md sections 1, 3).
+"""The kernel's int3 patching path on emulated x86-64 and x86-32 CPUs (docs/design.md).
 
 N unicorn CPUs share one memory holding a small kernel text: a traced function
 whose first instruction is a 5-byte fentry site, ``ftrace_caller`` /
@@ -9,7 +9,7 @@ the int3 / sync / tail / sync / head / sync protocol on those sites while a
 scheduler interleaves it with the CPUs instruction by instruction, and every
 step is checked (see :mod:`textpoke.model.checks`).
 
-Choices where the issue left room:
+Modelling choices:
 
 - the trap is delivered in a unicorn interrupt hook that fires when a CPU
   *executes* int3, pushing exactly the hardware frame (x86-64: rsp aligned down
@@ -27,12 +27,44 @@ Entry points: :func:`run_model` with a :class:`ModelConfig`, returning a
 :class:`Report`.
 """
 
-from .checks import SiteStats, Violation, ViolationKind
-from .isa import Arch
-from .patcher import CYCLE, Patch, SitePhase
-from .scheduler import Failure, ModelConfig, Report, Run, RunResult, World, run_model
-from .trace import TraceEvent, format_trace
-from .variants import Variant, VariantSpec, spec_for
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .names import Arch, Variant
+
+if TYPE_CHECKING:
+    from .checks import SiteStats, Violation, ViolationKind
+    from .patcher import CYCLE, Patch, SitePhase
+    from .scheduler import Failure, ModelConfig, Report, Run, RunResult, World, run_model
+    from .trace import TraceEvent, format_trace
+    from .variants import VariantSpec, spec_for
+
+# The machinery (unicorn, iced-x86) loads on first use of one of its names, so
+# that ``textpoke --help`` and ``textpoke model --help`` start fast.
+_LAZY = {
+    "SiteStats": "checks", "Violation": "checks", "ViolationKind": "checks",
+    "CYCLE": "patcher", "Patch": "patcher", "SitePhase": "patcher",
+    "Failure": "scheduler", "ModelConfig": "scheduler", "Report": "scheduler", "Run": "scheduler",
+    "RunResult": "scheduler", "World": "scheduler", "run_model": "scheduler",
+    "TraceEvent": "trace", "format_trace": "trace",
+    "VariantSpec": "variants", "spec_for": "variants",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "CYCLE",

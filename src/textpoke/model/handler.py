@@ -1,4 +1,4 @@
-"""The int3 handler of the seed, as Python over ``struct pt_regs`` in emulated memory.
+"""The kernel's int3 handler as it emulates calls (2019), as Python over ``struct pt_regs`` in emulated memory.
 
 The entry code (machine code, :mod:`textpoke.model.kernel`) calls ``do_int3``
 with a ``struct pt_regs *``; the scheduler runs :func:`do_int3` when a CPU reaches
@@ -12,8 +12,8 @@ mirror the kernel's, one per step:
 
 Which ``int3_emulate_push`` runs is the variant's business (:class:`PushFlavor`):
 the generic one writes below ``regs->sp`` (right on x86-64 with the gap, and on
-x86-32 once frames are complete), the seed's x86-32 one moves the truncated
-frame down one word and returns the moved frame.
+x86-32 once frames are complete), the one proposed for x86-32 in 2019 (not
+merged) moves the truncated frame down one word and returns the moved frame.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from .machine import Memory
 class HandlerFlavor(enum.Enum):
     """What the handler does for a site it owns."""
 
-    #: The seed: emulate the instruction the site is becoming.
+    #: Since 2019: emulate the instruction the site is becoming.
     EMULATE = "emulate"
-    #: Before the seed: skip the 5-byte instruction (``regs->ip += 4``).
+    #: Before 2019: skip the 5-byte instruction (``regs->ip += 4``).
     SKIP = "skip"
 
 
@@ -41,7 +41,8 @@ class PushFlavor(enum.Enum):
 
     #: ``regs->sp -= word; *regs->sp = val`` -- needs room between frame and stack.
     REGS_SP = "regs->sp"
-    #: x86-32 seed: move the truncated frame down a word, store in its sp slot.
+    #: x86-32 as proposed in 2019 (not merged): move the truncated frame down a word,
+    #: store in its sp slot.
     MOVE_FRAME = "move-frame"
 
 
@@ -179,7 +180,7 @@ def ftrace_location(ctx: HandlerContext, ip: int) -> bool:
 
 
 def ftrace_int3_handler(ctx: HandlerContext, regs: PtRegs, emu: _Emulation) -> PtRegs | None:
-    """The seed's ftrace handler (``SKIP``: the one before it).
+    """ftrace's int3 handler since 2019, which emulates calls (``SKIP``: the one before it).
 
     - ``ip - 1`` is an fentry site: emulate ``call ftrace_regs_caller`` -- for any
       fentry site, old or new, nop or call: the regs caller calls the current
@@ -227,7 +228,7 @@ def int3_emulate_push(ctx: HandlerContext, regs: PtRegs, value: int) -> PtRegs:
     at a 16-byte aligned rsp (the frame then ends right at the old rsp).  On a
     truncated x86-32 frame ``regs->sp`` *is* the interrupted stack's top word.
 
-    ``MOVE_FRAME`` (x86-32 seed): the saved registers (every field before ``sp``)
+    ``MOVE_FRAME`` (x86-32 as proposed in 2019): the saved registers (every field before ``sp``)
     move down one word; the value goes into the moved frame's ``sp`` field,
     which is the word just below the interrupted stack: its new top.  The caller
     must return the moved frame to the entry code, which switches esp to it.

@@ -6,19 +6,13 @@ the rest of the model is written once and reads these facts.
 
 from __future__ import annotations
 
-import enum
 import struct
 from dataclasses import dataclass, field
 
 from unicorn import UC_MODE_32, UC_MODE_64
 from unicorn import x86_const as ux
 
-
-class Arch(enum.Enum):
-    """Which kernel the model runs."""
-
-    X86_64 = "x86_64"
-    I386 = "i386"
+from .names import Arch
 
 
 #: EFLAGS.IF: an interrupt gate clears it, so a CPU in the int3 path takes no IPI.

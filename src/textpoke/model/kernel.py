@@ -84,17 +84,17 @@ INITIAL_SITE_STATE: Mapping[str, str | None] = {
 class EntryFlavor(enum.Enum):
     """Which int3 entry code the text carries."""
 
-    #: x86-64, the seed: from kernel mode, copy the 6-word frame down 6 words (the gap).
+    #: x86-64 since 2019 (Linux 5.2): from kernel mode, copy the 6-word frame down 6 words (the gap).
     GAP = "gap"
-    #: x86-64 before the seed: pt_regs is built right on the hardware frame.
+    #: x86-64 before 2019: pt_regs is built right on the hardware frame.
     NO_GAP = "no-gap"
-    #: x86-32, the seed: reserve 8 bytes, call, ``movl %eax,%esp`` (use the returned frame).
+    #: x86-32 as proposed in 2019 (not merged): reserve 8 bytes, call, ``movl %eax,%esp`` (use the returned frame).
     RETURNED_FRAME = "returned-frame"
     #: x86-32 behind a notifier: reserve, call, ``addl $8,%esp`` (the returned frame is lost).
     DISCARDED_FRAME = "discarded-frame"
-    #: x86-32 before the seed: no reserve, the handler's frame is the trap frame.
+    #: x86-32 before 2019: no reserve, the handler's frame is the trap frame.
     PLAIN = "plain"
-    #: x86-32 as merged later: FIXUP_FRAME completes pt_regs (with a gap), IRET_FRAME
+    #: x86-32 as merged (Linux 5.4): FIXUP_FRAME completes pt_regs (with a gap), IRET_FRAME
     #: rebuilds the iret frame below the (possibly changed) regs->sp.
     COMPLETE_FRAME = "complete-frame"
 
@@ -275,7 +275,7 @@ def _text_x86_64(entry: EntryFlavor) -> Asm:
         a.pop(reg)
     a.ret()
 
-    # ftrace_regs_caller: the full-register variant; the seed emulates a call to it
+    # ftrace_regs_caller: the full-register variant; the int3 handler emulates a call to it
     # for any fentry site hit while the site changes.
     regs_saved = (R.RAX, R.RCX, R.RDX, R.RSI, R.RDI, R.R8, R.R9, R.R10, R.R11)
     a.label("ftrace_regs_caller")

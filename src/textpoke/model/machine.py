@@ -5,7 +5,7 @@ One host buffer is mapped at the same guest address into every unicorn instance
 is a store into the memory every CPU sees.  Data is coherent by construction;
 *code* is not: each instance caches translated blocks, and a write to code is
 not seen by an instance until ``ctl_remove_cache`` is called on it (measured, see
-design.md section 3).  :meth:`Machine.write_code` therefore invalidates the
+docs/design.md section 7).  :meth:`Machine.write_code` therefore invalidates the
 written range on every CPU after every write; ``flush_code=False`` exists only
 to show, in a test, what happens without it.
 

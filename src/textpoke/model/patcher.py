@@ -1,6 +1,6 @@
 """The patcher: ftrace's text_poke_bp protocol as an actor of the model.
 
-One patch changes one site, in the steps of arch/x86/kernel/ftrace.c of the seed
+One patch changes one site, in the steps of arch/x86/kernel/ftrace.c as of 2019
 (``update_ftrace_func`` + ``ftrace_modify_code``), each its own scheduler step:
 
 1. :meth:`Patcher._poke_int3` -- check the old bytes, publish the descriptor,
@@ -135,8 +135,8 @@ def targets_of(kernel: Kernel, site: int, insn: bytes) -> frozenset[int]:
 
     A nop goes to ``site + 5``; ``call T`` goes to ``T``.  For an fentry site a call
     to ``ftrace_caller`` and a call to ``ftrace_regs_caller`` are the same call:
-    both call the current callback through their own site, and the seed emulates
-    the second for any fentry site.
+    both call the current callback through their own site, and the int3 handler
+    emulates the second for any fentry site.
     """
     if insn == NOP5:
         return frozenset({site + CALL_SIZE})

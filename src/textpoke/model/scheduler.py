@@ -95,7 +95,7 @@ class ModelConfig:
     """What to run: ISA, variant, CPUs, bounds, and how to choose interleavings."""
 
     arch: Arch = Arch.X86_64
-    variant: Variant = Variant.SEED
+    variant: Variant = Variant.PROPOSED
     cpus: int = 2
     #: random: instructions per interleaving (all CPUs); exhaustive: per CPU.
     steps: int = 20_000
@@ -892,7 +892,7 @@ def explore_random(world: World, *, progress: Callable[[int], None] | None = Non
 
         def replay(recorder: TraceRecorder, index: int = index, rate: float = rate) -> str:
             _random_run(world, index, recorder)
-            return f"random interleaving {index} of seed {config.seed} (patcher step probability {rate})"
+            return f"random interleaving {index}, random seed {config.seed} (patcher step probability {rate})"
 
         totals.add(result, replay)
         if progress is not None:

@@ -34,7 +34,8 @@ from ..target import _ptrace
 from ..target import syscalls as sc
 from ..target.inject import BorrowedThread
 from ..target.process import Process
-from ..target.security import shared_modes, writable_and_executable
+from ..target.maps import Mapping
+from ..target.security import added, openable_by_path, shared_modes, writable_and_executable
 from ..x86.insn import SITE_SIZE, encode_call
 
 CFLAGS = ("-O2", "-fno-pie", "-pthread")
@@ -116,6 +117,10 @@ def _symbol(binary: Path, name: str) -> int:
         return next(s["st_value"] for s in symtab.iter_symbols() if s.name == name)
 
 
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def _check(name: str, ok: bool, detail: str) -> Check:
     return Check(name, Status.OK if ok else Status.FAIL, detail)
 
@@ -174,8 +179,9 @@ def _exact(session: Session, target: _Target, site: int, to_a: bytes, to_b: byte
 class _Run:
     """One selftest run: the target, the session, and the rows so far."""
 
-    def __init__(self, binary: Path, target: _Target, session: Session) -> None:
+    def __init__(self, binary: Path, target: _Target, session: Session, *, maps_before: list[Mapping]) -> None:
         self.binary = binary
+        self.maps_before = maps_before  # the target's mappings before textpoke attached
         self.target = target
         self.session = session
         self.site = find_sites(binary, kinds={SiteKind.CALL}, functions=["site_caller"], calls_to=["A"])[0].address
@@ -192,12 +198,16 @@ class _Run:
         maps = self.session.process.maps()
         modes = shared_modes(self.target.pid, maps)
         rwx = writable_and_executable(maps)
-        files = [m.path for m in maps if m.path.startswith(("/dev/shm/", "/tmp/"))]
+        # Only what the attach mapped: the program's own files may live anywhere (its
+        # binary is in the cache directory, which may be under /tmp).
+        files = openable_by_path(added(self.maps_before, maps))
         shown = ", ".join(sorted({oct(mode) for mode in modes.values()}))
         return _check("shared memory private",
                       bool(modes) and set(modes.values()) == {0o600} and not rwx and not files,
-                      f"{len(modes)} memfd(s), mode {shown}; {len(rwx)} writable+executable mappings; "
-                      f"{len(files)} mappings from /dev/shm or /tmp")
+                      f"{_plural(len(modes), 'memfd')}, mode {shown}; "
+                      f"{_plural(len(rwx), 'writable+executable mapping')}; "
+                      f"{len(files)} of textpoke's mappings with a file path"
+                      + (f" ({', '.join(sorted({m.path for m in files}))})" if files else ""))
 
     def membarrier(self) -> Check:
         resident = self.session.resident
@@ -207,7 +217,7 @@ class _Run:
         synced = self.session.stats().syncs - syncs
         wanted = sc.MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE
         return _check("membarrier SYNC_CORE", bool(mask & wanted) and synced == 1,
-                      f"supported commands {mask:#x}; the agent's sync ran {synced} time(s)")
+                      f"supported commands {mask:#x}; the agent's sync ran {_plural(synced, 'time')}")
 
     def emulation(self) -> Check:
         to_b = encode_call(self.site, _symbol(self.binary, "B"))
@@ -219,7 +229,8 @@ class _Run:
         own = self.target.ask("trap")["own"]
         passed = self.session.stats().not_ours - not_ours
         return _check("signal chaining", (own, passed) == (1, 1),
-                      f"the target's own SIGTRAP handler ran {own} time(s), passed on {passed} time(s)")
+                      f"the target's own SIGTRAP handler ran {_plural(own, 'time')}; textpoke's handler passed "
+                      f"{_plural(passed, 'trap')} on to it")
 
     def restored(self) -> Check:
         now = _live_bytes(self.target.pid, self.site)
@@ -277,6 +288,8 @@ def run_selftest(*, progress: Callable[[str], None] | None = None) -> list[Check
         except TextpokeError as exc:
             checks.append(Check("crash-safe borrow", Status.FAIL, exc.message))
         say("attaching")
+        with Process(target.pid) as process:
+            maps_before = process.maps()
         try:
             session = attach(target.pid)
         except TextpokeError as exc:
@@ -285,7 +298,7 @@ def run_selftest(*, progress: Callable[[str], None] | None = None) -> list[Check
         stop_us = session.resident.attach_stop_ns / 1e3
         checks.append(_check("ptrace permission", True,
                              f"one thread borrowed for {stop_us:.0f} us to install the handler and agent"))
-        run = _Run(binary, target, session)
+        run = _Run(binary, target, session, maps_before=maps_before)
         with session:
             for name, step in (("/proc/PID/mem writes", run.memory), ("shared memory private", run.shared_memory),
                                ("membarrier SYNC_CORE", run.membarrier), ("int3 emulation", run.emulation),

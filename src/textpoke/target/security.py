@@ -6,7 +6,9 @@
 - :func:`ours` / :func:`writable_and_executable` / :func:`shared_modes`: what
   of ours is mapped in a process, that no page of it (or of anything) is both
   writable and executable, and that our shared memory is private to its owner
-  (memfds: no path in /dev/shm or /tmp that another user could guess or open).
+  (memfds: no path in /dev/shm or /tmp that another user could guess or open;
+  :func:`added` and :func:`openable_by_path` find such a path among what an
+  attach mapped, whatever the program's own files are).
 
 Who may trace whom is the kernel's decision; when it refuses,
 :func:`textpoke.target.process.why_not_traceable` names the reason.
@@ -60,6 +62,19 @@ def owning_mapping(maps: Sequence[Mapping], address: int) -> Mapping | None:
     return None
 
 
+def added(before: Iterable[Mapping], after: Iterable[Mapping]) -> list[Mapping]:
+    """Mappings of ``after`` that ``before`` did not have (same range, same source):
+    what was mapped in between, e.g. by textpoke's attach."""
+    seen = {(m.start, m.end, m.inode, m.path) for m in before}
+    return [m for m in after if (m.start, m.end, m.inode, m.path) not in seen]
+
+
+def openable_by_path(maps: Iterable[Mapping]) -> list[Mapping]:
+    """Mappings of a file that has a path another process could open (not a memfd,
+    not anonymous memory): none of textpoke's may be one."""
+    return [m for m in maps if m.inode and m.path.startswith("/") and not m.path.startswith("/memfd:")]
+
+
 def writable_and_executable(maps: Iterable[Mapping]) -> list[Mapping]:
     """Mappings that are writable and executable at once (there must be none of ours)."""
     return [m for m in maps if m.writable and m.executable]
@@ -104,7 +119,9 @@ def _open_files(pid: int) -> dict[int, os.stat_result]:
 
 __all__ = [
     "OUR_PREFIX",
+    "added",
     "check_architecture",
+    "openable_by_path",
     "ours",
     "owning_mapping",
     "shared_modes",
