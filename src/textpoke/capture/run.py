@@ -273,11 +273,9 @@ def _wait(run: _Run, options: CaptureOptions, tracer: Tracer, pipeline: Pipeline
         if exited():
             run.stopped = StopReason.EXITED
             return
-        wait = POLL_S if deadline is None else max(0.0, min(POLL_S, (deadline - now) / 1e9))
-        if stop_event is not None:
-            stop_event.wait(wait)
-        else:
-            time.sleep(wait)
+        # A sleep, not stop_event.wait(): the event is set from signal handlers, which
+        # run on this thread, and would deadlock on the lock a wait holds.
+        time.sleep(POLL_S if deadline is None else max(0.0, min(POLL_S, (deadline - now) / 1e9)))
 
 
 def capture_pid(
@@ -373,12 +371,12 @@ def capture_command(
 
 
 def _wait_program(proc: subprocess.Popen, abandon_event: threading.Event | None) -> int | None:
-    """The program's exit status, or None once ``abandon_event`` is set (it runs on)."""
+    """The program's exit status, or None once ``abandon_event`` is set (it runs on).
+    Polled (not Event.wait): the event is set from a signal handler on this thread."""
     while proc.poll() is None:
-        if abandon_event is None:
-            proc.wait()
-        elif abandon_event.wait(0.05):
+        if abandon_event is not None and abandon_event.is_set():
             return None
+        time.sleep(0.05)
     return proc.returncode
 
 
