@@ -28,7 +28,6 @@ made them.
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time

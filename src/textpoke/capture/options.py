@@ -38,6 +38,7 @@ class CaptureOptions:
     overflow: Overflow = Overflow.WAIT
     wait_s: float = DEFAULT_WAIT_S  # Overflow.WAIT: the longest a thread waits for the reader
     compress: bool = True  # zstd-compress the file's record chunks
+    entry_only: bool = False  # fentry sites: record entries only (no exits, durations or call graph)
 
 
 def check_options(options: CaptureOptions) -> Mode:

@@ -26,7 +26,8 @@ from ..ring.file import Codec, ChunkKind, RecordingWriter
 from ..ring.format import write_ring_header
 from ..ring.reader import RingReader, TscClock, clock_sample
 from ..ring.recording import Recording
-from ..trampolines.tracer import Mode, Tracer, probe_thread_abi
+from ..trampolines.graph import GraphRuntime, hook_sites
+from ..trampolines.tracer import Mode, StubKind, TracedSite, Tracer, probe_thread_abi
 from .drain import Pipeline
 from .options import CaptureOptions, Overflow, check_options
 from .quiesce import Quiescence
@@ -108,6 +109,7 @@ def _capture(
     """
     pid = session.pid
     sites, skipped = select_sites(pid, options, listing=listing)
+    graph = mode is Mode.TRACE and not options.calls_to and not options.entry_only
     table = site_table(sites)
     syms = symbols(pid)
     abi = probe_thread_abi(session.process, exclude=frozenset({session.resident.agent_tid}),
@@ -130,12 +132,15 @@ def _capture(
         "rseq": abi.rseq_offset is not None, "cpus": abi.cpus,
         "overflow": options.overflow.value, "wait_s": wait_s,
         "compression": "zstd" if options.compress else "none",
+        "graph": graph,
     }
     try:
         head = Recording(sites=site_info(sites), lost=0, pid=pid, command=command, start_ns=time.monotonic_ns(),
                          end_ns=0, symbols=syms, mode=mode.value, metadata=metadata)
         _file_step(writer, run, lambda: writer.write_json(ChunkKind.META, head.head_json()))
-        tracer = Tracer(session.resident, traced_sites(sites), mode=mode, abi=abi, ring_records=options.ring_records)
+        runtime, hooks = _graph_runtime(session, options) if graph else (None, [])
+        tracer = Tracer(session.resident, traced_sites(sites) + hooks, mode=mode, abi=abi,
+                        ring_records=options.ring_records, runtime=runtime)
         geometry = tracer.ring if tracer.ring is not None else tracer.counters
         assert geometry is not None
         write_ring_header(tracer.data, geometry)
@@ -172,6 +177,10 @@ def _capture(
                 raise _failed(pipeline.error, writer, run, stats.written)
         else:
             counts = tracer.counts()
+        if runtime is not None:
+            no_thread, full = tracer.shadow_counts()
+            metadata.update(shadow_no_thread=no_thread, shadow_full=full, shadow_depth=runtime.geometry.depth,
+                            shadow_threads=runtime.geometry.threads)
         clock = TscClock.between(first, clock_sample())
         metadata.update(stopped=run.stopped.value if run.applied else "exited before tracing started",
                         ns_per_tick=clock.ns_per_tick)
@@ -195,6 +204,25 @@ def _capture(
     if temporary:
         os.unlink(path)  # the recording keeps it open; its space goes when that is closed
     return recording
+
+
+def _graph_runtime(session: Session, options: CaptureOptions) -> tuple[GraphRuntime, list[TracedSite]]:
+    """The process's graph runtime (installed by the first session that needs it) with
+    its hooks on the C++ runtime's calls into the unwinder in place, and the hooks of
+    this session: the traced object's calls to ``__cxa_begin_catch`` and
+    ``pthread_exit``. The unwinder hooks are applied in a batch of their own, before
+    any frame can be hooked, and kept after the session: a frame hooked now may be
+    unwound through at any time later."""
+    process = session.process
+    runtime = GraphRuntime.find(process) or GraphRuntime.install(session.resident)
+    patches = runtime.unwinder_hook_patches(process)
+    if patches:
+        session.apply(patches)
+        session.keep(patch.site for patch in patches)
+    rehook, restore = hook_sites(process.pid, options.library)
+    hooks = [TracedSite(site, StubKind.REHOOK, insn) for site, insn, _ in rehook]
+    hooks += [TracedSite(site, StubKind.RESTORE, insn) for site, insn, _ in restore]
+    return runtime, hooks
 
 
 def _file_step(writer: RecordingWriter, run: _Run, step: Callable[[], None]) -> None:

@@ -8,7 +8,6 @@ own counts and the recording's agree exactly.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

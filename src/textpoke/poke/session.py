@@ -122,6 +122,16 @@ class Session:
         for site, insn in self._current.items():
             self.resident.ledger.commit(site, insn)
 
+    def keep(self, sites: Iterable[int]) -> None:
+        """Keep what this session wrote at ``sites`` after it ends: their current
+        instructions become their baselines (as :meth:`commit` does for every site),
+        and leaving the session does not revert them."""
+        for site in sites:
+            insn = self._current.pop(site, None)
+            self._original.pop(site, None)
+            if insn is not None:
+                self.resident.ledger.commit(site, insn)
+
     def release(self) -> None:
         """Let a program started by ``spawn(..., hold=True)`` run (a no-op otherwise)."""
         held, self.resident.held = self.resident.held, None

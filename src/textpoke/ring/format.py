@@ -25,6 +25,7 @@ import struct
 import numpy as np
 
 from .._errors import UsageError
+from ..trampolines.layout import KIND_SHIFT, SITE_MASK, RecordKind
 from ..trampolines.tracer import (
     HEADER_SIZE,
     SLOT_ARG0,
@@ -61,17 +62,6 @@ RAW_DTYPE = np.dtype(
     }
 )
 
-class RecordKind(enum.IntEnum):
-    """What a record says happened (the top bits of a slot's site word)."""
-
-    CALL = 0  # a traced function was entered (fentry site) or a call site was passed
-    EXIT = 1  # a traced function returned
-    UNWOUND = 2  # a traced function's frame was left without a return (longjmp, exception)
-
-
-#: A slot's site word: the site id in the low bits, the RecordKind above them.
-KIND_SHIFT = 30
-SITE_MASK = (1 << KIND_SHIFT) - 1
 #: ``cpu`` of a record whose CPU is not known (written to the shared fallback buffer).
 UNKNOWN_CPU = 0xFFFF
 

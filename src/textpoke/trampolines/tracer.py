@@ -70,7 +70,7 @@ from types import TracebackType
 
 import numpy as np
 from elftools.elf.elffile import ELFFile
-from iced_x86 import Decoder, MemoryOperand
+from iced_x86 import Decoder
 
 from .._errors import InjectionError, TargetError, TextpokeError, UsageError
 from ..poke.protocol import Patch
@@ -89,7 +89,28 @@ from ..target.syscalls import (
     SYS_kill,
     SYS_mmap,
 )
-from ..x86.asm import Asm, Imm64, R, mem
+from ..x86.asm import Asm, Imm64, R, fs, mem
+from . import graph
+from .layout import (
+    CTL_HEAD,
+    CTL_LIMIT,
+    CTL_LOST,
+    CTL_WAITERS,
+    HDR_BELL,
+    HDR_DEADLINE,
+    HDR_READER_PID,
+    HDR_SHADOW_FULL,
+    HDR_SHADOW_NO_THREAD,
+    HDR_SLEEPING,
+    HEADER_SIZE,
+    SLOT_ARG0,
+    SLOT_CALLER,
+    SLOT_SITE,
+    SLOT_SIZE,
+    SLOT_TID,
+    SLOT_TS,
+    SLOTS_OFFSET,
+)
 from ..x86.insn import CALL_SIZE, INT3, encode_call, encode_jmp, rel32_target
 
 # -- the kernel's and glibc's ABI ------------------------------------------------------
@@ -111,43 +132,7 @@ MADV_POPULATE_WRITE = 23  # Linux 5.14
 MADV_WIPEONFORK = 18  # Linux 4.14
 _RSEQ_CONFIGURATION = "<QIIII"  # rseq_abi_pointer, size, signature, flags, pad
 
-# -- the shared memory the routines write (ring.format wraps it in a header) -----------
-#: Bytes at the start of the data region reserved for the ring header (ring.format).
-HEADER_SIZE = PAGE
-#: One record slot (32 bytes): u64 ts (rdtsc), u32 tid, u32 site id, u64 caller word
-#: (the return address above the one the routine was called with: for an fentry site
-#: the traced function's return address into its caller, for a call site the call's
-#: own return address, site + 5), u64 arg0 (rdi).
-SLOT_TS = 0
-SLOT_TID = 8
-SLOT_SITE = 12
-SLOT_CALLER = 16
-SLOT_ARG0 = 24
-SLOT_SIZE = 32
-#: One block per buffer: the producer's line (head, lost), the reader's line (limit),
-#: then the slots from the next page. ``head`` and ``limit`` count bytes (a multiple of
-#: SLOT_SIZE, never wrapping): the slot of a head is ``head & (capacity*32 - 1)``.
-#: The reader publishes ``limit = tail + capacity*32``, so "full" is one compare.
-CTL_HEAD = 0
-CTL_LOST = 8
-CTL_LIMIT = 64
-#: Writers sleeping on this buffer's limit (u32, ``lock inc``/``dec`` by them; the
-#: reader wakes the futex on the limit's low half when it is not 0). A line of its own.
-CTL_WAITERS = 128
-SLOTS_OFFSET = PAGE
-#: The header page's words the routines use (ring.format writes the rest of it), each on
-#: a cache line of its own:
-#: - ``HDR_DEADLINE`` (u64, TSC): a writer that finds its buffer full waits for the reader
-#:   while ``rdtsc`` is below it. The reader pushes it ahead while it is alive and
-#:   draining (lossless mode) and stores 0 for "never wait" (drop mode, or the end);
-#: - ``HDR_BELL`` (u32 futex word): a writer bumps it when its buffer crosses a half or is
-#:   full, and wakes the reader if ``HDR_SLEEPING`` says it sleeps on it;
-#: - ``HDR_READER_PID`` (u32): a waiting writer checks it still exists (``kill(pid, 0)``),
-#:   so the death of textpoke ends every wait at once rather than at the deadline.
-HDR_DEADLINE = 64
-HDR_BELL = 128
-HDR_SLEEPING = 192
-HDR_READER_PID = 256
+# -- the shared memory the routines write: trampolines/layout.py ------------------------
 #: How long one wait of a writer sleeps at most before it looks again (futex timeout).
 WAIT_SLICE_NS = 1_000_000
 #: Largest buffer: the whole region must stay within rel32 reach of the sites.
@@ -161,13 +146,20 @@ PREFETCH_AHEAD = 4 * 64
 # -- code layout -----------------------------------------------------------------------
 STUB_SIZE = 16
 STUB_SHIFT = 4
-_DESCRIPTORS = 0  # rseq_cs descriptors, 32 bytes each (aligned): entry routine, call routine
-_CONST_BLOCKS = 64  # u64: address of buffer block 0 (trace) / counter row 0 (count)
-_CONST_STUB_RETURN = 72  # u64: stub 0 + 5, the return address of stub 0's call
-_CONST_WAIT_SLICE = 80  # struct timespec (16 bytes): one wait slice of a writer
-_CONST_HEADER = 96  # u64: address of the ring header (trace)
-_CONST_ENABLED = 104  # u64: address of the session's flag page (see _emit_enabled_check)
-_ROUTINES = 128
+_DESCRIPTORS = 0  # rseq_cs descriptors, 32 bytes each (aligned), one per routine with a sequence:
+#                   entry routine, call routine, graph_entry, graph_exit
+_CONST_BLOCKS = 128  # u64: address of buffer block 0 (trace) / counter row 0 (count)
+_CONST_STUB_RETURN = 136  # u64: stub 0 + 5, the return address of stub 0's call
+_CONST_WAIT_SLICE = 144  # struct timespec (16 bytes): one wait slice of a writer
+_CONST_HEADER = 160  # u64: address of the ring header (trace)
+_CONST_ENABLED = 168  # u64: address of the session's flag page (see _emit_enabled_check)
+#: The graph runtime's addresses (trampolines.graph), for graph_entry and the hook stubs:
+#: shadow_slot, the table, the frames, graph_return, the counters, graph_restore,
+#: graph_rehook, and this region's own graph_exit.
+_CONST_GRAPH = 176
+_G_SLOT, _G_TABLE, _G_FRAMES, _G_RETURN, _G_COUNTERS, _G_RESTORE, _G_REHOOK, _G_EXIT, _G_UNWOUND = (
+    _CONST_GRAPH + 8 * i for i in range(9))
+_ROUTINES = 256
 _STUBS = PAGE
 #: Registers the routines borrow (record: rdtsc's rax/rdx, a block and a slot pointer).
 _RECORD_REGS = (R.RAX, R.RCX, R.RDX, R.RSI)
@@ -186,6 +178,8 @@ class StubKind(enum.Enum):
 
     ENTRY = "entry"  # fentry nop5: return to the traced function
     CALL = "call"  # call rel32: continue to the original callee
+    REHOOK = "rehook"  # a call to __cxa_begin_catch: graph_rehook, then the callee (graph mode)
+    RESTORE = "restore"  # a call that unwinds the thread (pthread_exit): graph_restore, then the callee
 
 
 @dataclass(frozen=True)
@@ -198,7 +192,7 @@ class TracedSite:
 
     @property
     def callee(self) -> int | None:
-        return rel32_target(self.address, self.original) if self.kind is StubKind.CALL else None
+        return None if self.kind is StubKind.ENTRY else rel32_target(self.address, self.original)
 
 
 @dataclass(frozen=True)
@@ -296,11 +290,6 @@ def _map_flag_page(resident: Resident) -> int:
 
 def _page_up(n: int) -> int:
     return (n + PAGE - 1) // PAGE * PAGE
-
-
-def _fs(offset: int) -> MemoryOperand:
-    """``fs:[offset]``: thread-local, absolute displacement."""
-    return MemoryOperand(R.NONE, R.NONE, 1, offset, 4, False, R.FS)
 
 
 # ---------------------------------------------------------------------------
@@ -419,7 +408,7 @@ def _restore(a: Asm, regs: Sequence[int]) -> None:
 
 def _emit_tid(a: Asm, abi: ThreadAbi, dest32: int) -> None:
     """The thread id (zero-extended): glibc's tid, or the low half of the thread pointer."""
-    a.op("MOV_R32_RM32", dest32, _fs(TCB_SELF if abi.tid_offset is None else abi.tid_offset))
+    a.op("MOV_R32_RM32", dest32, fs(TCB_SELF if abi.tid_offset is None else abi.tid_offset))
 
 
 def _emit_rseq_enter(a: Asm, abi: ThreadAbi, descriptor: int, scratch: int, name: str) -> None:
@@ -431,14 +420,14 @@ def _emit_rseq_enter(a: Asm, abi: ThreadAbi, descriptor: int, scratch: int, name
     ``<name>_arm`` (:func:`_emit_rseq_arm`), which continues at ``<name>_start``."""
     assert abi.rseq_offset is not None
     a.op("LEA_R64_M", scratch, mem(R.RIP, descriptor))
-    a.op("CMP_RM64_R64", _fs(abi.rseq_offset + RSEQ_CS), scratch)
+    a.op("CMP_RM64_R64", fs(abi.rseq_offset + RSEQ_CS), scratch)
     a.jump("JNE_REL32_64", f"{name}_arm")
 
 
 def _emit_rseq_arm(a: Asm, abi: ThreadAbi, scratch: int, name: str) -> None:
     assert abi.rseq_offset is not None
     a.label(f"{name}_arm")
-    a.op("MOV_RM64_R64", _fs(abi.rseq_offset + RSEQ_CS), scratch)
+    a.op("MOV_RM64_R64", fs(abi.rseq_offset + RSEQ_CS), scratch)
     a.jump("JMP_REL32_64", f"{name}_start")
 
 
@@ -558,7 +547,7 @@ def _emit_record_body(a: Asm, *, name: str, shape: RecordShape, abi: ThreadAbi, 
     a.op("SHL_RM64_IMM8", R.RDX, 32)
     a.op("OR_RM64_R64", R.RAX, R.RDX)
     if abi.rseq_offset is not None:
-        a.op("MOV_R32_RM32", R.ECX, _fs(abi.rseq_offset + RSEQ_CPU_ID))
+        a.op("MOV_R32_RM32", R.ECX, fs(abi.rseq_offset + RSEQ_CPU_ID))
         a.op("CMP_RM32_IMM32", R.ECX, ring.cpus)
         a.jump("JAE_REL32_64", f"{name}_fallback")  # unsigned: also cpu_id -1/-2 (unregistered)
         a.op("IMUL_R32_RM32_IMM32", R.ECX, R.ECX, ring.stride)
@@ -740,7 +729,7 @@ def _emit_count(a: Asm, *, name: str, entry: bool, abi: ThreadAbi, counters: Cou
     if abi.rseq_offset is not None:
         _emit_rseq_enter(a, abi, descriptor, R.RAX, name)
         a.label(f"{name}_start")
-        a.op("MOV_R32_RM32", R.EAX, _fs(abi.rseq_offset + RSEQ_CPU_ID))
+        a.op("MOV_R32_RM32", R.EAX, fs(abi.rseq_offset + RSEQ_CPU_ID))
         a.op("CMP_RM32_IMM32", R.EAX, counters.cpus)
         a.jump("JAE_REL32_64", f"{name}_fallback")
         a.op("SHL_RM32_IMM8", R.EAX, counters.row_bytes.bit_length() - 1)
@@ -782,6 +771,132 @@ def _entry_stub_template() -> tuple[bytes, int, int]:
     return code, offsets.immediate_offset, offsets.immediate_size
 
 
+def _emit_graph_entry(a: Asm, *, abi: ThreadAbi, ring: RingGeometry, blocks: int, base: int, descriptor: int,
+                      depth: int) -> None:
+    """``graph_entry``: an fentry site's entry, recorded and, where it can be, hooked.
+
+    Reached like ``record_entry`` (``mov r11, id << 32; jmp graph_entry``: [rsp]
+    is site + 5, [rsp + 8] the function's return address, its slot S). Steps:
+
+    1. this thread's shadow entry (trampolines.graph ``shadow_slot``); the caller
+       word is the return address, or, where a hooked function tail-called this
+       one (S holds the trampoline already), the real one from that function's
+       frame (the top frame, whose slot is S);
+    2. room in the table and on the shadow stack: the record is an ENTER; else a
+       CALL (entry only, counted in the runtime's counters);
+    3. the record (:func:`_emit_record_body`);
+    4. an ENTER is hooked: reserve the frame (depth + 1), write its return
+       address, site word, exit routine and, last, its slot; then put the
+       trampoline in S. A signal handler running in between pushes above it.
+    """
+    regs = (R.RAX, R.RCX, R.RDX, R.RSI, R.R8, R.R9)
+    slot_at = 8 * len(regs) + 8
+    name = "graph_entry"
+
+    def frames_of(dest: int) -> None:
+        a.op("MOV_R64_RM64", dest, R.R8)
+        a.op("SUB_R64_RM64", dest, mem(R.RIP, base + _G_TABLE))
+        a.op("IMUL_R64_RM64_IMM32", dest, dest, depth * graph.FRAME_SIZE // graph.ENTRY_SIZE)
+        a.op("ADD_R64_RM64", dest, mem(R.RIP, base + _G_FRAMES))
+
+    a.label(name)
+    _save(a, regs)
+    _emit_enabled_check(a, enabled_constant=base + _CONST_ENABLED, scratch=R.RAX, skip=f"{name}_post")
+    a.op("MOV_R64_RM64", R.RAX, fs(TCB_SELF))
+    a.op("CALL_RM64", mem(R.RIP, base + _G_SLOT))  # r8 = this thread's entry, or 0
+    a.op("MOV_R64_RM64", R.R9, mem(R.RSP, slot_at))
+    a.op("CMP_R64_RM64", R.R9, mem(R.RIP, base + _G_RETURN))
+    a.jump("JNE_REL32_64", f"{name}_caller")
+    a.op("TEST_RM64_R64", R.R8, R.R8)
+    a.jump("JE_REL32_64", f"{name}_caller")
+    a.op("MOV_R32_RM32", R.EDX, mem(R.R8, graph.E_DEPTH))
+    a.op("SUB_RM32_IMM8", R.EDX, 1)
+    a.jump("JS_REL32_64", f"{name}_caller")
+    frames_of(R.RCX)
+    a.op("SHL_RM64_IMM8", R.RDX, 5)
+    a.op("ADD_R64_RM64", R.RCX, R.RDX)
+    a.op("LEA_R64_M", R.RSI, mem(R.RSP, slot_at))
+    a.op("CMP_RM64_R64", mem(R.RCX, graph.F_SLOT), R.RSI)
+    a.jump("JNE_REL32_64", f"{name}_caller")
+    a.op("MOV_R64_RM64", R.R9, mem(R.RCX, graph.F_RET))
+    a.label(f"{name}_caller")
+    a.op("TEST_RM64_R64", R.R8, R.R8)
+    a.jump("JE_REL32_64", f"{name}_no_table")
+    # A frame on top at or below our slot is gone (a longjmp left it): graph_unwound
+    # reports it before our entry is recorded (see there).
+    a.op("MOV_R32_RM32", R.EDX, mem(R.R8, graph.E_DEPTH))
+    a.op("SUB_RM32_IMM8", R.EDX, 1)
+    a.jump("JS_REL32_64", f"{name}_checked")
+    frames_of(R.RCX)
+    a.op("SHL_RM64_IMM8", R.RDX, 5)
+    a.op("LEA_R64_M", R.RSI, mem(R.RSP, slot_at))
+    a.op("CMP_RM64_R64", mem(R.RCX, index=R.RDX, displ=graph.F_SLOT), R.RSI)
+    a.jump("JA_REL32_64", f"{name}_checked")
+    a.op("CALL_RM64", mem(R.RIP, base + _G_UNWOUND))
+    a.label(f"{name}_checked")
+    a.op("CMP_RM32_IMM32", mem(R.R8, graph.E_DEPTH), depth)
+    a.jump("JAE_REL32_64", f"{name}_no_depth")
+    a.op("BTS_RM64_IMM8", R.R11, graph.KIND_LO_BIT)  # kind ENTER
+    a.op("BTS_RM64_IMM8", R.R11, graph.KIND_HI_BIT)
+    _emit_record_body(a, name=name, shape=RecordShape(WordFrom.R11, R.R9, R.RDI), abi=abi, ring=ring,
+                      blocks=blocks, blocks_constant=base + _CONST_BLOCKS, stub_return=base + _CONST_STUB_RETURN,
+                      descriptor=descriptor, pushed=8 * len(regs), done=f"{name}_recorded")
+    a.label(f"{name}_recorded")
+    a.op("BT_RM64_IMM8", R.R11, graph.KIND_HI_BIT)
+    a.jump("JAE_REL32_64", f"{name}_post")  # recorded as a CALL: not hooked
+    a.op("MOV_R32_RM32", R.EDX, mem(R.R8, graph.E_DEPTH))
+    a.op("CMP_RM32_IMM32", R.EDX, depth)
+    a.jump("JAE_REL32_64", f"{name}_post")
+    a.op("LEA_R32_M", R.EAX, mem(R.RDX, 1))
+    a.op("MOV_RM32_R32", mem(R.R8, graph.E_DEPTH), R.EAX)  # reserve
+    frames_of(R.RCX)
+    a.op("SHL_RM64_IMM8", R.RDX, 5)
+    a.op("ADD_R64_RM64", R.RCX, R.RDX)
+    a.op("MOV_R64_RM64", R.RAX, mem(R.RSP, slot_at))
+    a.op("MOV_RM64_R64", mem(R.RCX, graph.F_RET), R.RAX)
+    _emit_tid(a, abi, R.EAX)  # the frame's thread, beside its site word (see graph_exit)
+    a.op("OR_R64_RM64", R.RAX, R.R11)
+    a.op("MOV_RM64_R64", mem(R.RCX, graph.F_SITE), R.RAX)
+    a.op("MOV_R64_RM64", R.RAX, mem(R.RIP, base + _G_EXIT))
+    a.op("MOV_RM64_R64", mem(R.RCX, graph.F_EXIT), R.RAX)
+    a.op("LEA_R64_M", R.RAX, mem(R.RSP, slot_at))
+    a.op("MOV_RM64_R64", mem(R.RCX, graph.F_SLOT), R.RAX)  # the key, last
+    a.op("MOV_R64_RM64", R.RAX, mem(R.RIP, base + _G_RETURN))
+    a.op("MOV_RM64_R64", mem(R.RSP, slot_at), R.RAX)  # hooked
+    a.label(f"{name}_post")
+    _restore(a, regs)
+    a.op("RETNQ")
+    for label, counter in ((f"{name}_no_table", HDR_SHADOW_NO_THREAD), (f"{name}_no_depth", HDR_SHADOW_FULL)):
+        a.label(label)
+        a.op("MOV_R64_RM64", R.RAX, mem(R.RIP, base + _CONST_HEADER))
+        a.op("INC_RM64", mem(R.RAX, counter), lock=True)
+        a.jump("JMP_REL32_64", f"{name}_enter")
+
+
+def _emit_graph_exit(a: Asm, *, abi: ThreadAbi, ring: RingGeometry, blocks: int, base: int,
+                     descriptor: int) -> None:
+    """``graph_exit``: the runtime pops a frame of this session's (graph.py): r11 = the
+    frame's site word << 32 with the kind set (EXIT, UNWOUND) | the thread that pushed
+    it, r9 = its return address (the caller word), r10 = arg0 (the return value).
+
+    A frame of another thread (a thread that died in it; its thread pointer, and so its
+    shadow stack, reused by a new one) is left unrecorded: its thread's records end
+    there. Then as ``record_entry``; keeps every register."""
+    name = "graph_exit"
+    a.label(name)
+    _save(a, _RECORD_REGS)
+    _emit_enabled_check(a, enabled_constant=base + _CONST_ENABLED, scratch=R.RAX, skip=f"{name}_post")
+    _emit_tid(a, abi, R.EAX)
+    a.op("CMP_R32_RM32", R.EAX, R.R11D)
+    a.jump("JNE_REL32_64", f"{name}_post")
+    _emit_record_body(a, name=name, shape=RecordShape(WordFrom.R11, R.R9, R.R10), abi=abi, ring=ring,
+                      blocks=blocks, blocks_constant=base + _CONST_BLOCKS, stub_return=base + _CONST_STUB_RETURN,
+                      descriptor=descriptor, pushed=8 * len(_RECORD_REGS), done=f"{name}_post")
+    a.label(f"{name}_post")
+    _restore(a, _RECORD_REGS)
+    a.op("RETNQ")
+
+
 def generate(
     *,
     base: int,
@@ -792,22 +907,29 @@ def generate(
     ring: RingGeometry | None = None,
     counters: CounterGeometry | None = None,
     enabled: int,
+    runtime: graph.GraphRuntime | None = None,
 ) -> tuple[bytes, dict[str, int]]:
     """The code region for ``sites`` placed at ``base``, data at ``data``: (bytes, labels).
 
-    Layout: two rseq descriptors at offset 0, constants at 64 (block 0's
-    address; stub 0 + 5), the two routines from 128, then one 16-byte stub per
-    site from offset 1024 (stub i at ``labels["stubs"] + 16 i``):
+    Layout: rseq descriptors at offset 0 (one per routine with a sequence),
+    constants at 128 (block 0's address; stub 0 + 5; the wait slice; the ring
+    header; the flag page; the graph runtime's addresses), the routines from
+    256, then one 16-byte stub per site from offset PAGE (stub i at
+    ``labels["stubs"] + 16 i``):
 
-    - fentry site: ``mov r11, id << 32; jmp record_entry`` (trace) or
+    - fentry site: ``mov r11, id << 32; jmp record_entry`` (trace), ``jmp
+      graph_entry`` (trace with a graph ``runtime``: entries and exits), or
       ``mov r11, &counter[0][id]; jmp count_entry`` (count);
     - call site: ``call record_call; jmp callee`` (or ``count_call``); the
-      routine finds the id from the return address, stub i + 5.
+      routine finds the id from the return address, stub i + 5;
+    - hook site (graph): ``call [graph_rehook or graph_restore]; jmp callee``.
     """
     a = Asm()
     code = bytearray(INT3 * (_STUBS + len(sites) * STUB_SIZE))
     entry_name, call_name = _ROUTINE_NAMES[mode]
     stub_return = base + _CONST_STUB_RETURN
+    enabled_constant = base + _CONST_ENABLED
+    sequences = [entry_name, call_name]
     if mode is Mode.TRACE:
         _emit_bell(a, header_constant=base + _CONST_HEADER)
         _emit_wait(a, header_constant=base + _CONST_HEADER, slice_constant=base + _CONST_WAIT_SLICE)
@@ -818,38 +940,58 @@ def generate(
             zero = data + ring.blocks_offset
             _emit_record(a, name=name, shape=ENTRY_SHAPE if entry else CALL_SHAPE, abi=abi, ring=ring, blocks=zero,
                          blocks_constant=base + _CONST_BLOCKS, stub_return=stub_return, descriptor=descriptor,
-                         enabled_constant=base + _CONST_ENABLED)
+                         enabled_constant=enabled_constant)
         else:
             assert counters is not None
             zero = data + counters.rows_offset
             _emit_count(a, name=name, entry=entry, abi=abi, counters=counters, rows=zero,
-                        stub_return=stub_return, descriptor=descriptor, enabled_constant=base + _CONST_ENABLED)
+                        stub_return=stub_return, descriptor=descriptor, enabled_constant=enabled_constant)
+    if runtime is not None:
+        if mode is not Mode.TRACE or ring is None:
+            raise UsageError("function-graph tracing records; it does not count")
+        _emit_graph_entry(a, abi=abi, ring=ring, blocks=zero, base=base,
+                          descriptor=base + _DESCRIPTORS + RSEQ_CS_SIZE * 2, depth=runtime.geometry.depth)
+        _emit_graph_exit(a, abi=abi, ring=ring, blocks=zero, base=base,
+                         descriptor=base + _DESCRIPTORS + RSEQ_CS_SIZE * 3)
+        sequences += ["graph_entry", "graph_exit"]
     struct.pack_into("<QQ", code, _CONST_BLOCKS, zero, base + _STUBS + CALL_SIZE)
     struct.pack_into("<qqQQ", code, _CONST_WAIT_SLICE, 0, WAIT_SLICE_NS, data, enabled)
     routine_code, labels = a.assemble(base + _ROUTINES)
     if _ROUTINES + len(routine_code) > _STUBS:
         raise InjectionError(f"tracer routines are {len(routine_code)} bytes, more than {_STUBS - _ROUTINES}")
     code[_ROUTINES : _ROUTINES + len(routine_code)] = routine_code
+    if runtime is not None:
+        shadow = runtime.geometry
+        struct.pack_into("<9Q", code, _CONST_GRAPH, runtime.shadow_slot, runtime.shadow + shadow.table_offset,
+                         runtime.shadow + shadow.frames_offset, runtime.graph_return, runtime.counters,
+                         runtime.graph_restore, runtime.graph_rehook, labels["graph_exit"], runtime.graph_unwound)
     if abi.rseq_offset is not None:
-        for slot, name in enumerate((entry_name, call_name)):
+        for slot, name in enumerate(sequences):
             start = labels[f"{name}_start"]
             end = _instruction_end(bytes(code), base, labels[f"{name}_commit"])
             struct.pack_into(_RSEQ_CS_FORMAT, code, _DESCRIPTORS + RSEQ_CS_SIZE * slot,
                              0, 0, start, end - start, labels[f"{name}_abort"])
 
     template, imm_at, imm_size = _entry_stub_template()
+    entry_target = labels["graph_entry" if runtime is not None else entry_name]
     for i, site in enumerate(sites):
         at = _STUBS + i * STUB_SIZE
         stub = base + at
+        callee = site.callee
         if site.kind is StubKind.ENTRY:
             body = bytearray(template)
             value = i << 32 if mode is Mode.TRACE else zero + 8 * i  # see _entry_stub_template
             body[imm_at : imm_at + imm_size] = value.to_bytes(imm_size, "little")
-            body += encode_jmp(stub + len(body), labels[entry_name])
-        else:
-            callee = site.callee
+            body += encode_jmp(stub + len(body), entry_target)
+        elif site.kind is StubKind.CALL:
             assert callee is not None
             body = bytearray(encode_call(stub, labels[call_name]))
+            body += encode_jmp(stub + len(body), callee)
+        else:
+            assert callee is not None and runtime is not None
+            hook = Asm()
+            hook.op("CALL_RM64", mem(R.RIP, base + (_G_REHOOK if site.kind is StubKind.REHOOK else _G_RESTORE)))
+            body = bytearray(hook.assemble(stub)[0])
             body += encode_jmp(stub + len(body), callee)
         code[at : at + len(body)] = body
     labels["stubs"] = base + _STUBS
@@ -876,10 +1018,14 @@ class Tracer:
     """
 
     def __init__(self, resident: Resident, sites: Sequence[TracedSite], *, mode: Mode, abi: ThreadAbi,
-                 ring_records: int = DEFAULT_RING_RECORDS, name: str = "textpoke-trace") -> None:
+                 ring_records: int = DEFAULT_RING_RECORDS, name: str = "textpoke-trace",
+                 runtime: graph.GraphRuntime | None = None) -> None:
         if not sites:
             raise UsageError("no sites to trace")
+        if runtime is None and any(s.kind in (StubKind.REHOOK, StubKind.RESTORE) for s in sites):
+            raise UsageError("hook sites need a graph runtime")
         self.mode = mode
+        self.runtime = runtime
         self.abi = abi
         self.sites = tuple(sites)
         self.ring: RingGeometry | None = None
@@ -903,7 +1049,7 @@ class Tracer:
             self._populate(resident, code_size, data_size)
             code, self.labels = generate(base=self.region.address, data=self.data_address, mode=mode, abi=abi,
                                          sites=self.sites, ring=self.ring, counters=self.counters,
-                                         enabled=self.enabled)
+                                         enabled=self.enabled, runtime=runtime)
         except BaseException:
             self.region.local.close()  # the target keeps its (unused) mapping: nothing points into it
             raise
@@ -915,6 +1061,12 @@ class Tracer:
                 struct.pack_into("<Q", self.data, block + CTL_LIMIT, self.ring.bytes)
         self.patches = tuple(Patch(site=s.address, old=s.original, new=encode_call(s.address, self.stub(i)))
                              for i, s in enumerate(self.sites))
+
+    def shadow_counts(self) -> tuple[int, int]:
+        """Calls traced entry-only so far (graph): (no shadow stack for the thread, its
+        shadow stack full)."""
+        assert self.data is not None
+        return struct.unpack_from("<QQ", self.data, HDR_SHADOW_NO_THREAD)
 
     def disable(self) -> None:
         """From now on its routines record and count nothing (they still run, and

@@ -30,7 +30,7 @@ from iced_x86 import (
 
 R = Register
 
-__all__ = ["Asm", "Imm64", "R", "mem"]
+__all__ = ["Asm", "Imm64", "R", "fs", "mem"]
 
 def mem(base: int = Register.NONE, displ: int = 0, *, index: int = Register.NONE, scale: int = 1) -> MemoryOperand:
     """``[base + index*scale + displ]``; with ``base=R.RIP``, ``displ`` is the
@@ -38,6 +38,12 @@ def mem(base: int = Register.NONE, displ: int = 0, *, index: int = Register.NONE
     if base == Register.RIP:
         return MemoryOperand(base, index, scale, displ, 8)
     return MemoryOperand(base, index, scale, displ, 1 if displ else 0)
+
+
+def fs(offset: int) -> MemoryOperand:
+    """``fs:[offset]``: thread-local, absolute displacement (``fs:[0]`` is the thread
+    pointer itself in the x86-64 TLS ABI)."""
+    return MemoryOperand(Register.NONE, Register.NONE, 1, offset, 4, False, Register.FS)
 
 
 @dataclass(frozen=True)

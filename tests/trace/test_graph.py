@@ -1,0 +1,262 @@
+"""Function-graph tracing: every traced call's exit, in every way a C program leaves a
+function. Each case runs untraced and under `textpoke record`; the program's output
+must be the same, and the recording's entries and exits must nest exactly as the
+program made its calls."""
+
+from __future__ import annotations
+
+import collections
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from textpoke.ring import Recording, RecordKind
+
+ENTER, EXIT, UNWOUND, CALL = (int(k) for k in (RecordKind.ENTER, RecordKind.EXIT, RecordKind.UNWOUND,
+                                                RecordKind.CALL))
+
+
+@dataclass
+class Frame:
+    function: str
+    depth: int
+    enter_ns: int
+    end_ns: int | None = None
+    how: str = "open"  # exit | unwound | open (cut off by the end)
+    value: int | None = None  # the return value (arg0 of the exit)
+    caller: int = 0
+    children: list[Frame] = field(default_factory=list)
+
+    @property
+    def duration_ns(self) -> int:
+        assert self.end_ns is not None
+        return self.end_ns - self.enter_ns
+
+
+def frames_of(recording: Recording) -> tuple[dict[int, list[Frame]], collections.Counter]:
+    """Per thread, the top-level frames (each with its children), rebuilt record by
+    record (the tests' own pairing: the reporters' must agree with it), and the
+    entry-only calls per function."""
+    names = {s.id: s.function for s in recording.sites}
+    roots: dict[int, list[Frame]] = collections.defaultdict(list)
+    stacks: dict[int, list[Frame]] = collections.defaultdict(list)
+    calls: collections.Counter = collections.Counter()
+    for record in recording.records.tolist():
+        ts, tid, site, caller, arg0, _cpu, kind = record[:7]
+        stack = stacks[tid]
+        if kind == ENTER:
+            frame = Frame(names[site], len(stack), ts, caller=caller)
+            (stack[-1].children if stack else roots[tid]).append(frame)
+            stack.append(frame)
+        elif kind in (EXIT, UNWOUND):
+            assert stack, f"an exit with no entry open in thread {tid}"
+            frame = stack.pop()
+            assert frame.function == names[site], (frame.function, names[site])
+            frame.end_ns, frame.how = ts, "exit" if kind == EXIT else "unwound"
+            frame.value = arg0 if kind == EXIT else None
+        else:
+            calls[names[site]] += 1
+    return roots, calls
+
+
+def walk(frames: list[Frame]):
+    """Every frame and its descendants, depth first (without recursion: stacks 20,000 deep)."""
+    todo = list(reversed(frames))
+    while todo:
+        frame = todo.pop()
+        yield frame
+        todo.extend(reversed(frame.children))
+
+
+def shape(frame: Frame) -> tuple:
+    """A frame and its children as nested (name, how) tuples (for shallow trees)."""
+    return (frame.function, frame.how, tuple(shape(c) for c in frame.children))
+
+
+@pytest.fixture(scope="module")
+def cases(build_target) -> Path:
+    return build_target("graph_cases")
+
+
+def run_both(binary: Path, tmp_path: Path, *args: str, status: int = 0, functions: tuple[str, ...] = ()):
+    """(the program's output untraced, the recording of the same run traced): the
+    outputs must be equal, and both exit ``status``."""
+    plain = subprocess.run([str(binary), *args], capture_output=True, text=True, timeout=120)
+    assert plain.returncode == status, plain.stderr
+    out = tmp_path / f"{args[0]}.tpk"
+    selection = [arg for f in functions for arg in ("-f", f)]
+    traced = subprocess.run([sys.executable, "-m", "textpoke", "record", *selection, "-o", str(out), "--",
+                             str(binary), *args], capture_output=True, text=True, timeout=300)
+    assert traced.returncode == (128 + 6 if status == -6 else status) or traced.returncode == status, traced.stderr
+    assert traced.stdout == plain.stdout
+    assert "Traceback" not in traced.stderr
+    recording = Recording.load(out)
+    assert recording.metadata["graph"] is True and recording.lost == 0
+    return plain.stdout, recording
+
+
+def main_frame(roots: dict[int, list[Frame]], recording: Recording) -> Frame:
+    (main,) = [f for f in roots[recording.pid] if f.function == "main"]
+    return main
+
+
+def test_nesting_and_return_values(cases, tmp_path):
+    out, recording = run_both(cases, tmp_path, "nest")
+    roots, calls = frames_of(recording)
+    assert not calls
+    main = main_frame(roots, recording)
+    assert main.how == "exit" and main.value == 0
+    outers = [c for c in main.children if c.function == "outer"]
+    assert [shape(o) for o in outers] == [("outer", "exit", (("middle", "exit", (
+        ("inner", "exit", ()), ("inner", "exit", ()))),))] * 2
+    # Exits carry the return values: outer(1) = middle(1) + 1 = inner(1) + inner(2) + 1 = 3 + 5 + 1
+    # (gcc evaluates printf's arguments right to left: outer(2) first).
+    assert [o.value for o in outers] == [13, 9] and out == "nest 9 13\n"
+    assert sorted(i.value for i in walk(outers) if i.function == "inner") == [3, 5, 5, 7]
+    # The entry's caller word is the real return address (into the caller), not a trampoline.
+    symbols = recording.symbolize(np.array([f.caller for f in walk(outers)], dtype=np.uint64))
+    assert symbols == ["main", "outer", "middle", "middle"] * 2
+    for frame in walk([main]):
+        assert frame.enter_ns <= frame.end_ns
+        assert all(frame.enter_ns <= c.enter_ns and c.end_ns <= frame.end_ns for c in frame.children)
+
+
+def test_durations_are_measured(cases, tmp_path):
+    _, recording = run_both(cases, tmp_path, "sleep")
+    roots, _ = frames_of(recording)
+    sleeps = [f for f in walk(roots[recording.pid]) if f.function == "sleeper"]
+    assert len(sleeps) == 5
+    # nanosleep(10 ms) sleeps at least 10 ms; the shortest of five shows the scale.
+    assert 10_000_000 <= min(f.duration_ns for f in sleeps) < 11_000_000, [f.duration_ns for f in sleeps]
+
+
+def test_recursion_ten_thousand_deep(cases, tmp_path):
+    out, recording = run_both(cases, tmp_path, "recurse", "10000")
+    assert out == "rec 10000\n"
+    roots, calls = frames_of(recording)
+    frame = next(f for f in main_frame(roots, recording).children if f.function == "rec")
+    depth = 0
+    while True:
+        assert frame.how == "exit" and frame.value == 10000 - depth
+        depth += 1
+        if not frame.children:
+            break
+        (frame,) = frame.children
+    assert depth == 10001 and not calls
+
+
+def test_shadow_stack_overflow_is_entry_only_and_counted(cases, tmp_path):
+    """Deeper than the shadow stack: the calls beyond it are traced entry-only, counted,
+    and the program runs as without textpoke."""
+    out, recording = run_both(cases, tmp_path, "recurse", "20000")
+    assert out == "rec 20000\n"
+    roots, calls = frames_of(recording)
+    depth = recording.metadata.get("shadow_depth", 16384)
+    hooked = [f for f in walk(roots[recording.pid]) if f.function == "rec"]
+    # main takes one frame of the stack, rec the rest; every rec beyond is a CALL record.
+    assert len(hooked) == depth - 1 and all(f.how == "exit" for f in hooked)
+    assert calls["rec"] == 20001 - (depth - 1)
+    assert recording.metadata["shadow_full"] == calls["rec"]
+
+
+def test_longjmp_and_siglongjmp_unwind_frames(cases, tmp_path):
+    out, recording = run_both(cases, tmp_path, "longjmp")
+    assert out == "jumped 15\n"  # 1 + 2 + 3 from longjmp, 9 from siglongjmp
+    roots, _ = frames_of(recording)
+    (jumper,) = [f for f in main_frame(roots, recording).children if f.function == "jumper"]
+    assert jumper.how == "exit" and jumper.value == 15
+    downs = [c for c in jumper.children if c.function == "down1"]
+    assert [shape(d) for d in downs] == [("down1", "unwound", (("down2", "unwound", (
+        ("down3", "unwound", ()),)),))] * 3
+    (sig,) = [c for c in jumper.children if c.function == "sig_down1"]
+    assert shape(sig) == ("sig_down1", "unwound", (("sig_down2", "unwound", (
+        ("on_usr1_jump", "unwound", ()),)),))  # the handler siglongjmp'd out of itself too
+    # Unwound frames are closed when the tracer learns of it: by the next return.
+    assert all(d.end_ns <= jumper.end_ns for d in walk(downs))
+
+
+def test_signal_handler_calls_traced_functions(cases, tmp_path):
+    out, recording = run_both(cases, tmp_path, "signal")
+    assert out == "signal 7 handled 12\n"
+    roots, _ = frames_of(recording)
+    (sig_middle,) = [f for f in main_frame(roots, recording).children if f.function == "sig_middle"]
+    # The handler ran on the interrupted thread, inside sig_middle (raise): its calls nest there.
+    assert shape(sig_middle) == ("sig_middle", "exit", (
+        ("on_usr1", "exit", (("in_handler", "exit", (("inner", "exit", ()),)),)), ("inner", "exit", ())))
+    assert sig_middle.value == 7
+
+
+def test_tail_calls(cases, tmp_path):
+    out, recording = run_both(cases, tmp_path, "tail")
+    roots, _ = frames_of(recording)
+    tails = [f for f in main_frame(roots, recording).children if f.function == "tail_a"]
+    assert [shape(t) for t in tails] == [("tail_a", "exit", (("tail_b", "exit", (("inner", "exit", ()),)),))] * 3
+    # tail_b was reached by a jmp: its caller is tail_a's caller, and both return the same value.
+    for t in tails:
+        (b,) = t.children
+        assert b.caller == t.caller and b.value == t.value
+    assert out == f"tail {sum(t.value for t in tails)}\n"
+
+
+def test_threads_exit_and_cancellation(cases, tmp_path):
+    out, recording = run_both(cases, tmp_path, "threads")
+    assert out.startswith("threads ") and out.endswith(" exit 42 cancelled 1\n")
+    roots, _ = frames_of(recording)
+    everything = [f for tid in roots for f in walk(roots[tid])]
+    bodies = [f for f in everything if f.function == "t_body"]
+    assert len(bodies) == 4 and all(f.how == "exit" and len(f.children) == 1000 for f in bodies)
+    exited = [f for f in everything if f.function == "t_exit_outer"]
+    cancelled = [f for f in everything if f.function == "t_cancel_outer"]
+    # Frames a thread left by pthread_exit or cancellation never return: open at the end
+    # of the recording (the thread is gone), never closed wrongly.
+    assert [shape(f) for f in exited] == [("t_exit_outer", "open", (("t_exit_inner", "open", ()),))]
+    assert [shape(f) for f in cancelled] == [("t_cancel_outer", "open", (("t_cancel_inner", "open", ()),))]
+
+
+def test_fork_inside_traced_frames(cases, tmp_path):
+    out, recording = run_both(cases, tmp_path, "fork")
+    assert sorted(out.splitlines()) == ["child 202", "parent 1008"]
+    roots, _ = frames_of(recording)
+    assert set(roots) == {recording.pid}  # the child wrote nothing into the parent's recording
+    (forker,) = [f for f in main_frame(roots, recording).children if f.function == "forker"]
+    assert shape(forker) == ("forker", "exit", (("fork_inner", "exit", ()),)) and forker.value == 1008
+
+
+@pytest.mark.parametrize(("case", "status", "said"), [("exit", 3, "leaving\n"), ("abort", -6, "aborting\n")])
+def test_functions_that_never_return(cases, tmp_path, case, status, said):
+    out, recording = run_both(cases, tmp_path, case, status=status)
+    assert out == said
+    roots, _ = frames_of(recording)
+    main = main_frame(roots, recording)
+    assert main.how == "open"
+    names = ["leaver", "leave_inner"] if case == "exit" else ["aborter", "abort_inner"]
+    assert [f.function for f in walk(main.children)] == names
+    assert all(f.how == "open" for f in walk(main.children))
+
+
+def test_exec_from_traced_frames(cases, tmp_path):
+    out, recording = run_both(cases, tmp_path, "exec")
+    assert out == "nest 9 13\n"  # the new image ran, untraced
+    roots, _ = frames_of(recording)
+    main = main_frame(roots, recording)
+    assert shape(main) == ("main", "open", (("execer", "open", (("exec_inner", "open", ()),)),))
+
+
+def test_backtrace_inside_traced_frames(cases, tmp_path):
+    """backtrace() from inside hooked frames sees the frames up to the innermost hooked
+    one's return (the trampoline, where the unwinder stops), as the README says; the
+    program runs on as without textpoke."""
+    plain = subprocess.run([str(cases), "backtrace"], capture_output=True, text=True, timeout=60)
+    assert "libc=1" in plain.stdout
+    out = tmp_path / "bt.tpk"
+    traced = subprocess.run([sys.executable, "-m", "textpoke", "record", "-o", str(out), "--", str(cases),
+                             "backtrace"], capture_output=True, text=True, timeout=120)
+    assert traced.returncode == 0, traced.stderr
+    frames = int(traced.stdout.split("frames=")[1].split()[0])
+    assert "libc=0" in traced.stdout and 1 <= frames < int(plain.stdout.split("frames=")[1].split()[0])
+    assert traced.stdout.endswith("bt 1\n")
