@@ -32,8 +32,9 @@ def compile_c(
     fentry sites come from ``-pg -mfentry -mnop-mcount -mrecord-mcount`` at compile
     time only: linking without ``-pg`` keeps gcrt/gmon.out out of the targets.
     """
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc is needed to build test targets")
+    compiler = "g++" if source.suffix in (".cpp", ".cc") else "gcc"
+    if shutil.which(compiler) is None:
+        pytest.skip(f"{compiler} is needed to build test targets")
     cflags = [opt, "-g", "-pthread", "-fno-omit-frame-pointer", *extra]
     if fentry:
         cflags += FENTRY_FLAGS
@@ -49,8 +50,8 @@ def compile_c(
         return out
     obj = out.with_suffix(".o")
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    subprocess.run(["gcc", *cflags, "-c", str(source), "-o", str(obj)], check=True)
-    subprocess.run(["gcc", str(obj), "-o", str(tmp), *ldflags], check=True)
+    subprocess.run([compiler, *cflags, "-c", str(source), "-o", str(obj)], check=True)
+    subprocess.run([compiler, str(obj), "-o", str(tmp), *ldflags], check=True)
     tmp.rename(out)
     obj.unlink()
     return out
@@ -58,9 +59,10 @@ def compile_c(
 
 @pytest.fixture(scope="session")
 def build_target():
-    """``build_target("name", **opts)`` compiles tests/targets/name.c."""
+    """``build_target("name", **opts)`` compiles tests/targets/name.c (or name.cpp, with g++)."""
 
     def build(name: str, **opts) -> Path:
-        return compile_c(TARGETS / f"{name}.c", **opts)
+        source = TARGETS / f"{name}.c"
+        return compile_c(source if source.exists() else TARGETS / f"{name}.cpp", **opts)
 
     return build

@@ -260,3 +260,44 @@ def test_backtrace_inside_traced_frames(cases, tmp_path):
     frames = int(traced.stdout.split("frames=")[1].split()[0])
     assert "libc=0" in traced.stdout and 1 <= frames < int(plain.stdout.split("frames=")[1].split()[0])
     assert traced.stdout.endswith("bt 1\n")
+
+
+@pytest.fixture(scope="module")
+def cpp(build_target) -> Path:
+    return build_target("graph_cpp")
+
+
+@pytest.mark.parametrize("case", ["throw", "rethrow", "nested", "library", "many"])
+def test_cxx_exceptions_through_traced_frames(cpp, tmp_path, case):
+    """Exceptions thrown through hooked frames: the unwinder never sees a trampoline
+    (the throw hook puts the real return addresses back), every destructor runs, the
+    output is the untraced one to the byte; the frames the exception left are closed
+    UNWOUND, and the catching function returns through its hook again."""
+    out, recording = run_both(cpp, tmp_path, case)
+    roots, calls = frames_of(recording)
+    assert not calls
+    everything = [f for tid in roots for f in walk(roots[tid])]
+    if case == "throw":
+        assert out.count("caught boom") == 3
+        catchers = [f for f in everything if f.function == "catcher(int)"]
+        assert len(catchers) == 3 and all(c.how == "exit" for c in catchers)
+        assert [c.value for c in catchers] == [11, 21, 31]
+        for c in catchers:
+            (mid,) = [f for f in c.children if f.function == "middle(int)"]
+            assert mid.how == "unwound"
+            assert [f.how for f in mid.children if f.function == "thrower(int)"] == ["unwound"]
+            assert c.children[-1].function == "leaf(long)" and c.children[-1].how == "exit"
+    if case == "many":
+        thrown = sum((base + i) % 3 == 0 for base in (0, 10000, 20000, 30000) for i in range(2000))
+        assert out == f"many caught {thrown}\n"
+        workers = [f for f in everything if f.function == "many_worker(long)"]
+        assert len(workers) == 4 and all(w.how == "exit" for w in workers)
+        middles = [f for f in everything if f.function == "quiet_middle(long)"]
+        assert len(middles) == 8000
+        assert sum(f.how == "unwound" for f in middles) == thrown
+        assert sum(f.how == "exit" for f in middles) == 8000 - thrown
+
+
+def test_cxx_uncaught_exception_terminates_as_untraced(cpp, tmp_path):
+    out, recording = run_both(cpp, tmp_path, "uncaught", status=-6)
+    assert out == "throwing for nobody\n"

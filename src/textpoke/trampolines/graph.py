@@ -66,7 +66,7 @@ from .._errors import InjectionError, TextpokeError, UsageError
 from ..poke.protocol import Patch
 from ..poke.resident import PAGE, Resident
 from .layout import KIND_SHIFT
-from ..sites import SiteKind, sites_in_process
+from ..sites import SiteKind, mapped_object, sites_in_process
 from ..target.process import Process
 from ..target.syscalls import MAP_ANONYMOUS, MAP_PRIVATE, PROT_READ, PROT_WRITE, SYS_mmap
 from ..x86.asm import Asm, R, fs, mem
@@ -102,7 +102,11 @@ _HEADER = struct.Struct("<QIIIIQQQQQQQ")
 _HOOK_SITES = 96
 #: Constants the routines read rip-relative (u64): table, frames, hash, return, counters.
 _CONSTANTS = _HOOK_SITES + 8 * 32
-_K_TABLE, _K_FRAMES, _K_HASH, _K_RETURN, _K_COUNTERS = (_CONSTANTS + 8 * i for i in range(5))
+_K_TABLE, _K_FRAMES, _K_HASH, _K_RETURN, _K_COUNTERS, _K_GLOBALS = (_CONSTANTS + 8 * i for i in range(6))
+#: The C++ runtime's ``__cxa_get_globals`` (Itanium ABI: this thread's exception globals,
+#: ``{caughtExceptions, unsigned uncaughtExceptions}``), for graph_rehook.
+CXA_GET_GLOBALS = "__cxa_get_globals"
+_UNCAUGHT = 8
 _CODE = _CONSTANTS + 64
 STUB_SIZE = 16
 #: Hook stubs the runtime has room for (calls into the unwinder in the C++ runtime).
@@ -359,14 +363,16 @@ def _emit_restore(a: Asm, *, table: int, frames: int, geometry: ShadowGeometry, 
     a.op("RETNQ")
 
 
-def _emit_rehook(a: Asm, *, table: int, frames: int, geometry: ShadowGeometry, returns: int) -> None:
+def _emit_rehook(a: Asm, *, table: int, frames: int, geometry: ShadowGeometry, returns: int,
+                 globals_: int) -> None:
     """``graph_rehook``: a catch block begins (its ``__cxa_begin_catch`` call).
 
     1. the frames on top of the shadow stack whose slots are below the stack
        pointer were left by the exception: pop each, with an UNWOUND record;
     2. the frames left (the catching function and its callers, alive) whose slot
        holds the real return address (restored when the exception was thrown)
-       get the trampoline back.
+       get the trampoline back, unless another exception is being unwound through
+       them (``__cxa_get_globals()->uncaughtExceptions`` above 1).
     Called by a hook stub: every register is kept."""
     a.label("graph_rehook")
     saved = (R.RAX, R.RCX, R.RDX, R.RSI, R.RDI, R.R8, R.R9, R.R10, R.R11)
@@ -404,6 +410,17 @@ def _emit_rehook(a: Asm, *, table: int, frames: int, geometry: ShadowGeometry, r
     a.op("CALL_RM64", R.RAX)
     a.jump("JMP_REL32_64", "rehook_pop")
     a.label("rehook_again")
+    # An exception caught while another one unwinds (a destructor's own try/catch): the
+    # outer unwinding still walks the frames above us; they stay as restored. The one
+    # being caught counts as uncaught until __cxa_begin_catch, which runs after us.
+    a.op("CMP_RM64_IMM8", mem(R.RIP, globals_), 0)
+    a.jump("JE_REL32_64", "rehook_unhooked")
+    a.op("SUB_RM64_IMM8", R.RSP, 8)  # the stack 16-byte aligned for a C call
+    a.op("CALL_RM64", mem(R.RIP, globals_))
+    a.op("ADD_RM64_IMM8", R.RSP, 8)
+    a.op("CMP_RM32_IMM8", mem(R.RAX, _UNCAUGHT), 1)
+    a.jump("JA_REL32_64", "rehook_done")
+    a.label("rehook_unhooked")
     a.op("MOV_R32_RM32", R.EDI, mem(R.R8, E_DEPTH))
     a.label("rehook_next")
     a.op("SUB_RM32_IMM8", R.EDI, 1)
@@ -427,19 +444,20 @@ def _emit_rehook(a: Asm, *, table: int, frames: int, geometry: ShadowGeometry, r
 
 
 def generate_runtime(*, base: int, shadow: int, geometry: ShadowGeometry,
-                     hooks: Sequence[tuple[int, int]]) -> tuple[bytes, dict[str, int]]:
+                     hooks: Sequence[tuple[int, int]], get_globals: int = 0) -> tuple[bytes, dict[str, int]]:
     """The runtime's code placed at ``base``: header, constants, routines, then one
     hook stub per ``(site, callee)`` (``call graph_restore; jmp callee``)."""
     if len(hooks) > MAX_HOOKS:
         raise InjectionError(f"{len(hooks)} unwinder calls to hook; the graph runtime has room for {MAX_HOOKS}")
     k = {name: base + offset for name, offset in
          (("table", _K_TABLE), ("frames", _K_FRAMES), ("hash", _K_HASH), ("return", _K_RETURN),
-          ("counters", _K_COUNTERS))}
+          ("counters", _K_COUNTERS), ("globals", _K_GLOBALS))}
     a = Asm()
     _emit_shadow_slot(a, geometry, table=k["table"], hash_k=k["hash"])
     _emit_return(a, geometry, table=k["table"], frames=k["frames"])
     _emit_restore(a, table=k["table"], frames=k["frames"], geometry=geometry, returns=k["return"])
-    _emit_rehook(a, table=k["table"], frames=k["frames"], geometry=geometry, returns=k["return"])
+    _emit_rehook(a, table=k["table"], frames=k["frames"], geometry=geometry, returns=k["return"],
+                 globals_=k["globals"])
     _emit_unwound(a, table=k["table"], frames=k["frames"], geometry=geometry, returns=k["return"])
     routines, labels = a.assemble(base + _CODE)
     stubs = base + _CODE + (len(routines) + STUB_SIZE - 1) // STUB_SIZE * STUB_SIZE
@@ -451,8 +469,8 @@ def generate_runtime(*, base: int, shadow: int, geometry: ShadowGeometry,
         body = encode_call(stubs + i * STUB_SIZE, labels["graph_restore"])
         body += encode_jmp(stubs + i * STUB_SIZE + len(body), callee)
         code[at : at + len(body)] = body
-    struct.pack_into("<QQQQQ", code, _CONSTANTS, shadow + geometry.table_offset, shadow + geometry.frames_offset,
-                     HASH_K, labels["graph_return"], shadow)
+    struct.pack_into("<6Q", code, _CONSTANTS, shadow + geometry.table_offset, shadow + geometry.frames_offset,
+                     HASH_K, labels["graph_return"], shadow, get_globals)
     _HEADER.pack_into(code, 0, RUNTIME_MAGIC, RUNTIME_VERSION, geometry.threads, geometry.depth, len(hooks),
                       shadow, labels["shadow_slot"], labels["graph_return"], labels["graph_restore"],
                       labels["graph_rehook"], labels["graph_unwound"], stubs)
@@ -530,7 +548,8 @@ class GraphRuntime:
         region = resident.map_shared(code_size=size, data_size=PAGE, near=near, name=RUNTIME_NAME)
         try:
             code, labels = generate_runtime(base=region.address, shadow=shadow, geometry=geometry,
-                                            hooks=[(site, callee) for site, _, callee in hooks])
+                                            hooks=[(site, callee) for site, _, callee in hooks],
+                                            get_globals=_cxx_function(process.pid, CXA_GET_GLOBALS))
             if len(code) > size:
                 raise InjectionError(f"the graph runtime is {len(code)} bytes, more than the {size} mapped")
             region.local[: len(code)] = code
@@ -581,6 +600,19 @@ def unwinder_calls(pid: int) -> list[tuple[int, bytes, int]]:
             target = rel32_target(s.address, original)
             found.append((s.address, original, target))
     return found
+
+
+def _cxx_function(pid: int, name: str) -> int:
+    """Runtime address of a function of the mapped C++ runtime, 0 when there is none."""
+    for library in CXX_RUNTIMES:
+        try:
+            obj, image = mapped_object(pid, path=library)
+        except TextpokeError:
+            continue
+        for function in image.functions:
+            if name in function.names:
+                return obj.base + function.address
+    return 0
 
 
 def _map_shadow(resident: Resident) -> tuple[int, ShadowGeometry]:
