@@ -301,3 +301,95 @@ def test_cxx_exceptions_through_traced_frames(cpp, tmp_path, case):
 def test_cxx_uncaught_exception_terminates_as_untraced(cpp, tmp_path):
     out, recording = run_both(cpp, tmp_path, "uncaught", status=-6)
     assert out == "throwing for nobody\n"
+
+
+@pytest.fixture
+def live(build_target):
+    from chaos.harness import Target
+
+    target = Target([str(build_target("graph_live"))])
+    yield target
+    target.kill()
+
+
+def check_pairs(recording: Recording) -> dict[str, collections.Counter]:
+    """Per function: frames closed by an exit, left open at the end. An exit never comes
+    without its entry, nothing unwinds in this program, and every batch has its 64 steps,
+    but the first and last of each thread, which may straddle the batch that switched
+    tracing on or off (a site switches a moment before or after its neighbours)."""
+    roots, calls = frames_of(recording)
+    assert not calls
+    how: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for tid in roots:
+        batches = [f for f in roots[tid] if f.function == "batch"]
+        for frame in walk(roots[tid]):
+            how[frame.function][frame.how] += 1
+        for frame in batches[1:-1]:
+            assert frame.how == "exit" and len(frame.children) == 64 and all(c.how == "exit" for c in frame.children)
+    return how
+
+
+def trace_live(live, seconds: float) -> Recording:
+    import threading
+    import time
+
+    from textpoke.capture import CaptureOptions, capture_pid
+
+    stop, armed, result = threading.Event(), threading.Event(), {}
+
+    def run() -> None:
+        result["recording"] = capture_pid(live.pid, CaptureOptions(functions=("batch", "step", "forever")),
+                                          stop_event=stop, on_progress=lambda _: armed.set())
+
+    tracer = threading.Thread(target=run)
+    tracer.start()
+    assert armed.wait(60)
+    time.sleep(seconds)
+    stop.set()
+    tracer.join(120)
+    return result["recording"]
+
+
+def test_attach_and_detach_with_frames_in_flight(live):
+    """trace -p on 4 busy threads, twice: forever() was running at attach: no entry, no
+    exit. Every batch/step entered gets its exit, but those cut off by the detach (at
+    most one batch and one step per thread, open at the end); the frames hooked at the
+    detach return to exactly the right place afterwards (the program checks every
+    batch), and a second session in the same process finds the runtime again."""
+    import time
+
+    for _ in range(2):
+        recording = trace_live(live, 0.05)
+        assert recording.lost == 0
+        how = check_pairs(recording)
+        assert "forever" not in how  # running at attach: never entered while traced
+        assert how["batch"]["exit"] > 10 and how["batch"]["unwound"] == how["step"]["unwound"] == 0
+        assert how["batch"]["open"] <= 4 and how["step"]["open"] <= 4
+        time.sleep(0.3)  # the hooked frames return after the detach
+    done = live.stop()
+    assert done["bad"] == 0 and done["batches"] > how["batch"]["exit"]
+
+
+def test_kill_9_with_frames_hooked(live, tmp_path):
+    """textpoke killed while frames are hooked: the program runs on and every hooked frame
+    returns where it should (the runtime and the frames stay in the process); the next
+    textpoke traces it again, exactly."""
+    import signal
+    import time
+
+    tool = subprocess.Popen([sys.executable, "-m", "textpoke", "trace", "-p", str(live.pid), "-f", "batch",
+                             "-f", "step", "-o", str(tmp_path / "killed.tpk")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    partial = tmp_path / "killed.tpk.partial"
+    while not (partial.exists() and partial.stat().st_size > 1 << 16):
+        assert time.monotonic() < deadline and tool.poll() is None
+        time.sleep(0.05)
+    tool.send_signal(signal.SIGKILL)
+    tool.wait()
+    time.sleep(0.5)
+    recording = trace_live(live, 0.05)  # recovery puts the killed session's sites back first
+    how = check_pairs(recording)
+    assert how["batch"]["exit"] > 10 and how["batch"]["open"] <= 4
+    done = live.stop()
+    assert done["bad"] == 0
