@@ -15,6 +15,9 @@ time, which slows both alike); rounds over all modes continue, within a
 time budget, until every row has 3 such runs. Modes:
 
 - entry tracer: fentry ``nop5`` of f -> stub -> record_entry, one record;
+- entry+exit tracer (function graph): fentry -> graph_entry (ENTER record, return
+  address hooked on the shadow stack) ... f returns to the graph runtime's trampoline
+  -> graph_exit (EXIT record) -> the real return address: two records per call;
 - call-site tracer: the ``call f`` in the loop -> stub -> record_call -> f;
 - counter (rseq per-CPU): fentry -> stub -> plain ``inc`` on this CPU's row;
 - counter (shared lock inc): trampolines.counter's ``lock inc`` per site;
@@ -57,6 +60,7 @@ from textpoke.ring.format import RAW_DTYPE, RECORD_DTYPE, write_ring_header  # n
 from textpoke.ring.reader import Decoder, RingReader, SiteTable  # noqa: E402
 from textpoke.sites import SiteKind, sites_in_process  # noqa: E402
 from textpoke.trampolines.counter import Counters  # noqa: E402
+from textpoke.trampolines.graph import GraphRuntime  # noqa: E402
 from textpoke.trampolines.tracer import Mode, StubKind, ThreadAbi, TracedSite, Tracer, probe_thread_abi  # noqa: E402
 from textpoke.x86.insn import NOP5, encode_call  # noqa: E402
 
@@ -141,7 +145,8 @@ int main(void) {
 BATCH = 8192  # calls per timed batch
 PERCENTILE = 50
 CLEAN_MARGIN = 1.15  # a run is clean if its untraced batches ran within 15% of the best seen
-GOALS = {"entry tracer": 12.0, "call-site tracer": 15.0, "counter": 3.0}  # ns added per call, T=1
+GOALS = {"entry tracer": 12.0, "entry+exit tracer": 25.0, "call-site tracer": 15.0,
+         "counter": 3.0}  # ns added per call, T=1
 READER_GOAL = 80.0  # M records/s
 READER_TRIES = 8  # best of: the VM's speed drifts
 
@@ -226,9 +231,15 @@ def _sites(target: Target) -> dict[StubKind, TracedSite]:
 
 
 def tracer_instrument(name: str, goal: str | None, *, mode: Mode, site: TracedSite, abi: ThreadAbi,
-                      ring_records: int) -> Instrument:
+                      ring_records: int, graph: bool = False) -> Instrument:
+    records_per_call = 2 if graph else 1
+
     def install(session: Session):
-        tracer = Tracer(session.resident, [site], mode=mode, abi=abi, ring_records=ring_records)
+        runtime = None
+        if graph:
+            runtime = GraphRuntime.find(session.process) or GraphRuntime.install(session.resident)
+        tracer = Tracer(session.resident, [site], mode=mode, abi=abi, ring_records=ring_records * records_per_call,
+                        runtime=runtime)
         state: dict[str, object] = {"previous": 0}
         if tracer.ring is not None:
             write_ring_header(tracer.data, tracer.ring)
@@ -238,7 +249,7 @@ def tracer_instrument(name: str, goal: str | None, *, mode: Mode, site: TracedSi
         def after() -> int:
             reader = state.get("reader")
             if isinstance(reader, RingReader):
-                got = reader.drain(state["staging"]).count  # type: ignore[arg-type]
+                got = reader.drain(state["staging"]).count // records_per_call  # type: ignore[arg-type]
                 if reader.lost():
                     raise SystemExit(f"{name}: {reader.lost()} records lost; the ring is too small")
                 return got
@@ -318,24 +329,31 @@ def reader_throughput(session: Session, abi: ThreadAbi, target: Target, site: Tr
     return rates
 
 
-def uftrace_line(binary: Path, calls: int, textpoke_added: float) -> str:
-    """``uftrace record`` on the same workload (same binary, the fentry nop5 of f patched by -P)."""
+def uftrace_lines(binary: Path, calls: int, added: dict[str, float]) -> list[str]:
+    """``uftrace record`` on the same workload (same binary, the fentry nop5 of f patched by
+    -P): entries only (-e), beside textpoke's entry tracer, and entries and exits (its
+    default), beside textpoke's entry+exit tracer."""
     uftrace = shutil.which("uftrace")
     if uftrace is None:
-        return "uftrace: not installed here, skipped"
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            proc = subprocess.run([uftrace, "record", "-e", "-d", tmp, "-P", "^f$", "--", str(binary)],
-                                  input=f"run 1 {calls} {BATCH}\n", capture_output=True, text=True, timeout=120)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            return f"uftrace: record failed ({exc})"
+        return ["uftrace: not installed here, skipped"]
+    lines = []
+    for flags, label, ours in ((["-e"], "uftrace record -e -P f (entries)", "entry tracer"),
+                               ([], "uftrace record -P f (entries and exits)", "entry+exit tracer")):
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                proc = subprocess.run([uftrace, "record", *flags, "-d", tmp, "-P", "^f$", "--", str(binary)],
+                                      input=f"run 1 {calls} {BATCH}\n", capture_output=True, text=True, timeout=120)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                lines.append(f"{label}: failed ({exc})")
+                continue
         fields = dict(kv.split("=", 1) for kv in proc.stdout.split() if "=" in kv)
         if fields.get("ok") != "1":
-            return f"uftrace: record failed ({proc.stderr.strip()[:100]})"
+            lines.append(f"{label}: failed ({proc.stderr.strip()[:100]})")
+            continue
         plain, traced = (np.array(fields[k].split(","), dtype=np.float64) / BATCH for k in ("plain", "traced"))
-        added = float(np.percentile(traced, PERCENTILE) - np.percentile(plain, PERCENTILE))
-        return (f"uftrace record -e -P f: {added:.1f} ns/call added, "
-                f"{added / max(textpoke_added, 0.01):.1f}x the textpoke entry tracer")
+        cost = float(np.percentile(traced, PERCENTILE) - np.percentile(plain, PERCENTILE))
+        lines.append(f"{label}: {cost:.1f} ns/call added, {cost / max(added[ours], 0.01):.1f}x the textpoke {ours}")
+    return lines
 
 
 def _enough_clean(samples: dict[tuple[str, int], Samples], thread_counts: list[int], *, wanted: int = 3) -> bool:
@@ -375,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
             instruments = [
                 tracer_instrument("entry tracer", "entry tracer", mode=Mode.TRACE, site=entry, abi=abi,
                                   ring_records=ring),
+                tracer_instrument("entry+exit tracer", "entry+exit tracer", mode=Mode.TRACE, site=entry, abi=abi,
+                                  ring_records=ring, graph=True),
                 tracer_instrument("call-site tracer", "call-site tracer", mode=Mode.TRACE, site=call, abi=abi,
                                   ring_records=ring),
                 tracer_instrument("counter (rseq per-CPU)", "counter", mode=Mode.COUNT, site=entry, abi=abi,
@@ -423,7 +443,9 @@ def main(argv: list[str] | None = None) -> int:
     print("(ns per call per thread; at T=2 both threads call at once)")
     print()
     entry_added = summary["entry tracer", 1][2]
-    print(uftrace_line(binary, calls, entry_added))
+    for line in uftrace_lines(binary, calls, {"entry tracer": entry_added,
+                                              "entry+exit tracer": summary["entry+exit tracer", 1][2]}):
+        print(line)
     for buffers, (drain, decoding) in reader_rates.items():
         print(f"reader, 1M records in {buffers} buffer{'s' if buffers > 1 else ''}: drain {drain:.0f} M records/s, "
               f"decode {decoding:.0f} M records/s")

@@ -14,7 +14,7 @@ def test_demo_end_to_end():
     out = result.stdout
     assert re.search(r"patched (\d+) fentry sites in one batch", out)
     # Lossless, with the demo's threads unpinned at normal priority on every CPU.
-    assert re.search(r"traced pid \d+ for [\d.]+ s: [\d,]+ records, 0 lost", out), out
+    assert re.search(r"traced pid \d+ for [\d.]+ s: [\d,]+ calls \([\d,]+ records\), 0 lost", out), out
     assert "lossless" in out
     # summary rows: calls, calls/s, share, function, ...
     counts = {m.group(2): int(m.group(1).replace(",", ""))

@@ -56,7 +56,8 @@ def test_record_then_report(target, tmp_path):
     assert result.returncode == 3, result.stderr
     assert re.fullmatch(r"alpha=1000 beta=250 gamma=3 sum=\d+ ok\n", result.stdout)
     (line,) = result.stderr.splitlines()
-    assert re.fullmatch(rf"textpoke: recorded pid \d+ for [\d.]+ s: 1,253 records, 0 lost, 4 sites -> {path}", line)
+    assert re.fullmatch(rf"textpoke: recorded pid \d+ for [\d.]+ s: 1,253 calls \(2,506 records\), 0 lost, "
+                        rf"4 sites -> {path}", line)
 
     report = textpoke("report", str(path))
     assert report.returncode == 0, report.stderr
@@ -129,8 +130,8 @@ def test_trace_duration(target, looping):
     result = textpoke("trace", "-p", str(looping.proc.pid), "-f", "work_*", "--duration", "1")
     assert result.returncode == 0, result.stderr
     check_trace_summary(result.stdout)
-    assert re.fullmatch(rf"textpoke: traced pid {looping.proc.pid} for [\d.]+ s: [\d,]+ records, 0 lost, 3 sites\n",
-                        result.stderr)
+    assert re.fullmatch(rf"textpoke: traced pid {looping.proc.pid} for [\d.]+ s: [\d,]+ calls \([\d,]+ records\), "
+                        rf"0 lost, 3 sites\n", result.stderr)
     # detached: every byte back, the target still running and still right
     assert looping.proc.poll() is None
     assert all(looping.code(site) == NOP5 for site in sites)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..ring.file import ChunkKind, RecordingWriter
-from ..ring.format import RAW_DTYPE, RECORD_DTYPE
+from ..ring.format import RAW_DTYPE, RECORD_DTYPE, RecordKind
 from ..ring.reader import Decoder, Drained, RingReader, SiteTable
 from ..ring.recording import ThreadInfo, threads_to_json
 
@@ -50,6 +50,7 @@ FINAL_DRAINS = 4
 #: Wait for a free staging array in slices this long (to push the deadline on meanwhile).
 _SLICE_S = 0.05
 _STOP = None
+CALL_BITS = int(RecordKind.ENTER)  # ENTER (3) has both kind bits; CALL (0) none
 
 
 @dataclass
@@ -58,6 +59,7 @@ class PipelineStats:
 
     drained: int = 0  # records taken out of the ring
     written: int = 0  # records in the file
+    calls: int = 0  # of them, the calls (entries: CALL and ENTER records)
     unwritten: int = 0  # records drained but not written (the file failed)
     chunks: int = 0
     drains: int = 0
@@ -231,6 +233,8 @@ class Pipeline:
             self._fail(exc)
             return
         self.stats.written += len(records)
+        self.stats.calls += int(np.count_nonzero(records["kind"] & CALL_BITS == CALL_BITS)) + int(
+            np.count_nonzero(records["kind"] == RecordKind.CALL))
         self.stats.chunks = self.writer.chunks
         if self.name_threads:
             self._name_new_threads(records["tid"])

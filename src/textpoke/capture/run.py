@@ -168,7 +168,7 @@ def _capture(
             late = int(reader.committed().sum()) - reader.records  # committed after the last drain
             stats = pipeline.stats
             lost = reader.lost() + late + stats.unwritten
-            metadata.update(lost_full=reader.lost(), lost_late=late, lost_unwritten=stats.unwritten,
+            metadata.update(calls=stats.calls, lost_full=reader.lost(), lost_late=late, lost_unwritten=stats.unwritten,
                             writer_wakes=reader.wakes, drains=stats.drains, merged_drains=stats.merges,
                             threads_unsettled=quiet.waiting)
             pipeline.reader = None  # type: ignore[assignment]  # drop its views before the tracer closes

@@ -57,6 +57,7 @@ EXIT_CODES: dict[int, str] = {
     12: "function, symbol or glob not found, or the binary is stripped",
     13: "unsafe target (a thread blocks SIGTRAP)",
     14: "the target is stopped (SIGSTOP, a debugger)",
+    15: "the recording file could not be written (what was written is kept as FILE.partial)",
     130: "interrupted (Ctrl-C)",
 }
 

@@ -269,6 +269,9 @@ def recording_totals(recording: Recording) -> tuple[str, int]:
     """("N records" or "N calls counted", lost) for one-line summaries."""
     if recording.counts is not None:
         return f"{_plural(int(recording.counts.sum()), 'call')} counted", int(recording.lost)
+    calls = recording.metadata.get("calls")
+    if recording.metadata.get("graph") and calls is not None:  # entries and exits: two records a call
+        return f"{_plural(int(calls), 'call')} ({_plural(recording.record_count, 'record')})", int(recording.lost)
     return _plural(recording.record_count, "record"), int(recording.lost)
 
 
@@ -318,14 +321,14 @@ class RingSize(click.ParamType):
 
 def capture_options(
     *, functions: tuple[str, ...], calls_to: tuple[str, ...], count: bool, ring: int | None,
-    drop: bool = False, wait_limit: float | None = None, no_compress: bool = False,
+    drop: bool = False, wait_limit: float | None = None, no_compress: bool = False, entry_only: bool = False,
     duration: float | None = None, library: str | None = None,
 ) -> CaptureOptions:
     capture = capture_module()
     options: dict[str, Any] = {"functions": functions, "calls_to": calls_to, "mode": "count" if count else "trace",
                                "duration": duration, "library": library,
                                "overflow": capture.Overflow.DROP if drop else capture.Overflow.WAIT,
-                               "compress": not no_compress}
+                               "compress": not no_compress, "entry_only": entry_only}
     if ring is not None:
         options["ring_records"] = ring
     if wait_limit is not None:
@@ -343,6 +346,9 @@ def selection_options(command: Callable[..., object]) -> Callable[..., object]:
                      help="Trace the call sites whose callee matches SYM, e.g. malloc (a glob; repeatable). "
                           "Works on any binary, no -pg build needed."),
         click.option("--count", is_flag=True, help="Only count calls per function (cheapest; no callers or times)."),
+        click.option("--entry-only", is_flag=True,
+                     help="At fentry sites, record entries only: no exits, durations or call graph (about half "
+                          "the cost per call). Default: every call's entry and exit (call sites: entries)."),
         click.option("--ring", type=RingSize(), metavar="N",
                      help="Records the ring holds, at least (e.g. 4M; default 768k, split per CPU and rounded up "
                           "to powers of two). A bigger ring makes traced threads wait less often."),

@@ -40,8 +40,8 @@ def exit_status(returncode: int) -> int:
               help="Where to save the recording (written while tracing, as FILE.partial until it is whole).")
 @click.option("--lib", "library", metavar="NAME", help="Trace in a shared library of the program (path or name, e.g. libc.so).")
 @click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD [ARGS]...")
-def command(functions: tuple[str, ...], calls_to: tuple[str, ...], count: bool, ring: int | None, drop: bool,
-            wait_limit: float | None, no_compress: bool, output: str, library: str | None,
+def command(functions: tuple[str, ...], calls_to: tuple[str, ...], count: bool, entry_only: bool, ring: int | None,
+            drop: bool, wait_limit: float | None, no_compress: bool, output: str, library: str | None,
             argv: tuple[str, ...]) -> None:
     """Start CMD, trace it until it exits, and save the recording to FILE.
 
@@ -65,7 +65,8 @@ def command(functions: tuple[str, ...], calls_to: tuple[str, ...], count: bool, 
     """
     check_writable(output)
     options = capture_options(functions=functions, calls_to=calls_to, count=count, ring=ring, drop=drop,
-                              wait_limit=wait_limit, no_compress=no_compress, library=library)
+                              wait_limit=wait_limit, no_compress=no_compress, entry_only=entry_only,
+                              library=library)
     stop, abandon = threading.Event(), threading.Event()
     program: list[int] = []
     name = os.path.basename(argv[0])

@@ -31,8 +31,8 @@ from ._capture import (
 @click.option("--lib", "library", metavar="NAME", help="Trace in a library mapped by the process (path or name, e.g. libc.so).")
 @click.option("--sort", type=click.Choice([k.value for k in SortKey]), default=SortKey.CALLS.value,
               show_default=True, help="Order of the summary's rows.")
-def command(pid: int, functions: tuple[str, ...], calls_to: tuple[str, ...], count: bool, ring: int | None,
-            drop: bool, wait_limit: float | None, no_compress: bool, duration: float | None,
+def command(pid: int, functions: tuple[str, ...], calls_to: tuple[str, ...], count: bool, entry_only: bool,
+            ring: int | None, drop: bool, wait_limit: float | None, no_compress: bool, duration: float | None,
             output: str | None, library: str | None, sort: str) -> None:
     """Trace calls in running process PID until Ctrl-C, SIGTERM or --duration.
 
@@ -51,7 +51,8 @@ def command(pid: int, functions: tuple[str, ...], calls_to: tuple[str, ...], cou
     if output is not None:
         check_writable(output)
     options = capture_options(functions=functions, calls_to=calls_to, count=count, ring=ring, drop=drop,
-                              wait_limit=wait_limit, no_compress=no_compress, duration=duration, library=library)
+                              wait_limit=wait_limit, no_compress=no_compress, entry_only=entry_only,
+                              duration=duration, library=library)
     stop = threading.Event()
     with (
         os_errors(f"cannot trace pid {pid}"),

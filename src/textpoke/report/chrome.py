@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from ._chunks import chunks
-from ._view import CALL, RecordingLike, RecordingView, is_count_mode
+from ._view import is_call, RecordingLike, RecordingView, is_count_mode
 from .ftrace import count_mode_refusal
 
 
@@ -44,7 +44,7 @@ class ChromeReporter:
                 f'"pid":{processes[tid]},"tid":{tid},"args":{{"caller":{caller}}}}}'
                 for rel, tid, kind, function, caller in zip(chunk.rel_ns, chunk.tid, chunk.kind, chunk.function,
                                                            chunk.caller)
-                if kind == CALL
+                if is_call(kind)
             ]
             out.write("".join(parts))
         other = {"textpoke": {"pid": pid, "command": recording.command, "records": recording.record_count,

@@ -21,7 +21,7 @@ from typing import TextIO
 from .._errors import UsageError
 from ..ring.format import UNKNOWN_CPU
 from ._chunks import chunks
-from ._view import CALL, RecordingLike, RecordingView, is_count_mode, recording_notes
+from ._view import is_call, RecordingLike, RecordingView, is_count_mode, recording_notes
 
 
 def count_mode_refusal(what: str) -> UsageError:
@@ -59,7 +59,7 @@ class FtraceReporter:
             lines = []
             for rel, tid, cpu, kind, function, caller in zip(chunk.rel_ns, chunk.tid, chunk.cpu, chunk.kind,
                                                              chunk.function, chunk.caller):
-                if kind != CALL:
+                if not is_call(kind):
                     continue
                 task = tasks.get(tid)
                 if task is None:

@@ -23,7 +23,7 @@ import numpy as np
 
 from ._chunks import chunks
 from ..ring.format import UNKNOWN_CPU
-from ._view import CALL, RecordingLike, RecordingView, is_count_mode
+from ._view import is_call, RecordingLike, RecordingView, is_count_mode
 
 
 def header_object(recording: RecordingLike, view: RecordingView) -> dict[str, object]:
@@ -74,5 +74,5 @@ class JsonLinesReporter:
                 for rel, tid, cpu, kind, site, function, caller, caller_address, callee_address, arg0 in zip(
                     chunk.rel_ns, chunk.tid, chunk.cpu, chunk.kind, chunk.site, chunk.function, chunk.caller,
                     chunk.caller_address, chunk.callee_address, chunk.arg0)
-                if kind == CALL
+                if is_call(kind)
             ))

@@ -207,7 +207,7 @@ def _emit_return(a: Asm, geometry: ShadowGeometry, *, table: int, frames: int) -
        routine with an UNWOUND word, the depth still above them;
     4. read the frame's fields, clear the slots of it and above, lower the depth;
     5. its exit routine records the EXIT (return value as arg0, the real return
-       address as the caller word); return there.
+       address as the caller word); jump there (``jmp``, not ``ret``: see the code).
     Every register the return leaves live is kept (rax, rdx, and the callee-saved)."""
     a.label("graph_return")
     a.op("SUB_RM64_IMM8", R.RSP, 8)  # [rsp] = slot S: the real return address goes here
@@ -274,7 +274,10 @@ def _emit_return(a: Asm, geometry: ShadowGeometry, *, table: int, frames: int) -
     a.label("return_done")
     a.op("POP_R64", R.RDX)
     a.op("POP_R64", R.RAX)
-    a.op("RETNQ")
+    # Not `ret`: the return predictor already lost the entry this return was paired with
+    # (the function's own ret came here); a jmp leaves the next one for the caller's ret.
+    a.op("LEA_R64_M", R.RSP, mem(R.RSP, 8))
+    a.op("JMP_RM64", mem(R.RSP, -8))
     a.label("return_lost")
     a.op("UD2")
 

@@ -64,7 +64,7 @@ import enum
 import mmap
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -157,9 +157,10 @@ _CONST_ENABLED = 168  # u64: address of the session's flag page (see _emit_enabl
 #: shadow_slot, the table, the frames, graph_return, the counters, graph_restore,
 #: graph_rehook, and this region's own graph_exit.
 _CONST_GRAPH = 176
-_G_SLOT, _G_TABLE, _G_FRAMES, _G_RETURN, _G_COUNTERS, _G_RESTORE, _G_REHOOK, _G_EXIT, _G_UNWOUND = (
-    _CONST_GRAPH + 8 * i for i in range(9))
+_G_SLOT, _G_TABLE, _G_FRAMES, _G_RETURN, _G_COUNTERS, _G_RESTORE, _G_REHOOK, _G_EXIT, _G_UNWOUND, _G_HASH = (
+    _CONST_GRAPH + 8 * i for i in range(10))
 _ROUTINES = 256
+assert _CONST_GRAPH + 8 * 10 <= _ROUTINES
 _STUBS = PAGE
 #: Registers the routines borrow (record: rdtsc's rax/rdx, a block and a slot pointer).
 _RECORD_REGS = (R.RAX, R.RCX, R.RDX, R.RSI)
@@ -492,21 +493,28 @@ def _emit_record(a: Asm, *, name: str, shape: RecordShape, abi: ThreadAbi, ring:
     stub + 5, which gives the site id; its caller is the site itself (known
     from the id), so no caller word is stored. Both store rdi as arg0. See
     :func:`_emit_record_body` for the steps."""
+    cold: list[Callable[[], None]] = []
     a.label(name)
     _save(a, _RECORD_REGS)
     _emit_enabled_check(a, enabled_constant=enabled_constant, scratch=R.RAX, skip=f"{name}_post")
     _emit_record_body(a, name=name, shape=shape, abi=abi, ring=ring, blocks=blocks, blocks_constant=blocks_constant,
                       stub_return=stub_return, descriptor=descriptor, pushed=8 * len(_RECORD_REGS),
-                      done=f"{name}_post")
+                      done=f"{name}_post", cold=cold)
     a.label(f"{name}_post")
     _restore(a, _RECORD_REGS)
     a.op("RETNQ")
+    for emit in cold:
+        emit()
 
 
 def _emit_record_body(a: Asm, *, name: str, shape: RecordShape, abi: ThreadAbi, ring: RingGeometry, blocks: int,
-                      blocks_constant: int, stub_return: int, descriptor: int, pushed: int, done: str) -> None:
-    """Write one record, then jump to ``done``; the enclosing routine has saved rax, rcx,
-    rdx, rsi (clobbered here) and pushed ``pushed`` bytes since it was entered.
+                      blocks_constant: int, stub_return: int, descriptor: int, pushed: int, done: str,
+                      cold: list[Callable[[], None]]) -> None:
+    """Write one record and go on at ``done``, which the enclosing routine places right
+    after this (the hot path falls through to it); the paths taken rarely (bell, full,
+    rseq arm and abort, fallback) are appended to ``cold``, for the routine to emit
+    after its ``ret``. The routine has saved rax, rcx, rdx, rsi (clobbered here) and
+    pushed ``pushed`` bytes since it was entered.
 
     rseq path, steps (restartable from ``<name>_start`` up to the commit):
     1. ts = rdtsc; cpu = rseq->cpu_id; out of range (no rseq): fallback;
@@ -573,10 +581,16 @@ def _emit_record_body(a: Asm, *, name: str, shape: RecordShape, abi: ThreadAbi, 
         # head is a multiple of half of them): ring the reader's bell, out of line.
         a.op("TEST_RM32_IMM32", R.EDX, ring.bytes // 2 - 1)
         a.jump("JE_REL32_64", f"{name}_bell")
-        a.jump("JMP_REL32_64", done)
     else:
         a.jump("JMP_REL32_64", f"{name}_fallback")
+    cold.append(lambda: _emit_record_cold(a, name=name, fill=fill, abi=abi, ring=ring, fallback=fallback,
+                                          mask=mask, pushed=pushed, done=done))
 
+
+def _emit_record_cold(a: Asm, *, name: str, fill: Callable[[int, int, int, int], None], abi: ThreadAbi,
+                      ring: RingGeometry, fallback: int, mask: int, pushed: int, done: str) -> None:
+    """The rare paths of :func:`_emit_record_body`: the bell, a full buffer, the rseq
+    arm and abort handler, the fallback buffer."""
     a.label(f"{name}_bell")
     a.jump("CALL_REL32_64", "ring_bell")
     a.jump("JMP_REL32_64", done)
@@ -771,68 +785,66 @@ def _entry_stub_template() -> tuple[bytes, int, int]:
     return code, offsets.immediate_offset, offsets.immediate_size
 
 
+def _emit_shadow_lookup(a: Asm, *, base: int, shift: int, entry: int, scratch: int, miss: str) -> None:
+    """The fast path of the runtime's ``shadow_slot``, inline: rax = the thread pointer
+    (fs:0); ``entry`` = its table entry if the first probe finds it, else a jump to
+    ``miss`` (which calls shadow_slot: rax still holds the thread pointer)."""
+    a.op("MOV_R64_RM64", R.RAX, fs(TCB_SELF))
+    a.op("MOV_R64_RM64", entry, R.RAX)
+    a.op("IMUL_R64_RM64", entry, mem(R.RIP, base + _G_HASH))
+    a.op("SHR_RM64_IMM8", entry, shift)
+    a.op("SHL_RM64_IMM8", entry, 4)
+    a.op("ADD_R64_RM64", entry, mem(R.RIP, base + _G_TABLE))
+    a.op("CMP_RM64_R64", mem(entry, graph.E_TP), R.RAX)
+    a.jump("JNE_REL32_64", miss)
+
+
 def _emit_graph_entry(a: Asm, *, abi: ThreadAbi, ring: RingGeometry, blocks: int, base: int, descriptor: int,
-                      depth: int) -> None:
+                      geometry: graph.ShadowGeometry) -> None:
     """``graph_entry``: an fentry site's entry, recorded and, where it can be, hooked.
 
     Reached like ``record_entry`` (``mov r11, id << 32; jmp graph_entry``: [rsp]
     is site + 5, [rsp + 8] the function's return address, its slot S). Steps:
 
-    1. this thread's shadow entry (trampolines.graph ``shadow_slot``); the caller
-       word is the return address, or, where a hooked function tail-called this
-       one (S holds the trampoline already), the real one from that function's
-       frame (the top frame, whose slot is S);
-    2. room in the table and on the shadow stack: the record is an ENTER; else a
-       CALL (entry only, counted in the runtime's counters);
-    3. the record (:func:`_emit_record_body`);
-    4. an ENTER is hooked: reserve the frame (depth + 1), write its return
-       address, site word, exit routine and, last, its slot; then put the
-       trampoline in S. A signal handler running in between pushes above it.
+    1. this thread's shadow entry (r8; the runtime's ``shadow_slot``, its first
+       probe inline) and its first frame (r10); the caller word (r9) is the return
+       address, or, where a hooked function tail-called this one (S holds the
+       trampoline already), the real one from that function's frame (the top
+       frame, whose slot is S);
+    2. a frame on top at or below S is gone (a longjmp left it): the runtime's
+       ``graph_unwound`` reports it first;
+    3. room in the table and on the shadow stack: the record is an ENTER; else a
+       CALL (entry only, counted in the ring header);
+    4. the record (:func:`_emit_record_body`);
+    5. an ENTER is hooked: reserve the frame (depth + 1), write its return
+       address, site word (with the thread, see graph_exit), exit routine and,
+       last, its slot; then put the trampoline in S. A signal handler running in
+       between pushes above it.
     """
-    regs = (R.RAX, R.RCX, R.RDX, R.RSI, R.R8, R.R9)
+    regs = (R.RAX, R.RCX, R.RDX, R.RSI, R.R8, R.R9, R.R10)
     slot_at = 8 * len(regs) + 8
     name = "graph_entry"
-
-    def frames_of(dest: int) -> None:
-        a.op("MOV_R64_RM64", dest, R.R8)
-        a.op("SUB_R64_RM64", dest, mem(R.RIP, base + _G_TABLE))
-        a.op("IMUL_R64_RM64_IMM32", dest, dest, depth * graph.FRAME_SIZE // graph.ENTRY_SIZE)
-        a.op("ADD_R64_RM64", dest, mem(R.RIP, base + _G_FRAMES))
+    depth = geometry.depth
+    cold: list[Callable[[], None]] = []
 
     a.label(name)
     _save(a, regs)
     _emit_enabled_check(a, enabled_constant=base + _CONST_ENABLED, scratch=R.RAX, skip=f"{name}_post")
-    a.op("MOV_R64_RM64", R.RAX, fs(TCB_SELF))
-    a.op("CALL_RM64", mem(R.RIP, base + _G_SLOT))  # r8 = this thread's entry, or 0
+    _emit_shadow_lookup(a, base=base, shift=geometry.shift, entry=R.R8, scratch=R.RCX, miss=f"{name}_slow_slot")
+    a.label(f"{name}_slot")
+    # r10 = the entry's first frame (table-relative: the entry's index times the stack size).
+    a.op("MOV_R64_RM64", R.R10, R.R8)
+    a.op("SUB_R64_RM64", R.R10, mem(R.RIP, base + _G_TABLE))
+    a.op("IMUL_R64_RM64_IMM32", R.R10, R.R10, depth * graph.FRAME_SIZE // graph.ENTRY_SIZE)
+    a.op("ADD_R64_RM64", R.R10, mem(R.RIP, base + _G_FRAMES))
     a.op("MOV_R64_RM64", R.R9, mem(R.RSP, slot_at))
-    a.op("CMP_R64_RM64", R.R9, mem(R.RIP, base + _G_RETURN))
-    a.jump("JNE_REL32_64", f"{name}_caller")
-    a.op("TEST_RM64_R64", R.R8, R.R8)
-    a.jump("JE_REL32_64", f"{name}_caller")
+    a.op("LEA_R64_M", R.RSI, mem(R.RSP, slot_at))
     a.op("MOV_R32_RM32", R.EDX, mem(R.R8, graph.E_DEPTH))
     a.op("SUB_RM32_IMM8", R.EDX, 1)
-    a.jump("JS_REL32_64", f"{name}_caller")
-    frames_of(R.RCX)
+    a.jump("JS_REL32_64", f"{name}_checked")  # nothing on the stack
     a.op("SHL_RM64_IMM8", R.RDX, 5)
-    a.op("ADD_R64_RM64", R.RCX, R.RDX)
-    a.op("LEA_R64_M", R.RSI, mem(R.RSP, slot_at))
-    a.op("CMP_RM64_R64", mem(R.RCX, graph.F_SLOT), R.RSI)
-    a.jump("JNE_REL32_64", f"{name}_caller")
-    a.op("MOV_R64_RM64", R.R9, mem(R.RCX, graph.F_RET))
-    a.label(f"{name}_caller")
-    a.op("TEST_RM64_R64", R.R8, R.R8)
-    a.jump("JE_REL32_64", f"{name}_no_table")
-    # A frame on top at or below our slot is gone (a longjmp left it): graph_unwound
-    # reports it before our entry is recorded (see there).
-    a.op("MOV_R32_RM32", R.EDX, mem(R.R8, graph.E_DEPTH))
-    a.op("SUB_RM32_IMM8", R.EDX, 1)
-    a.jump("JS_REL32_64", f"{name}_checked")
-    frames_of(R.RCX)
-    a.op("SHL_RM64_IMM8", R.RDX, 5)
-    a.op("LEA_R64_M", R.RSI, mem(R.RSP, slot_at))
-    a.op("CMP_RM64_R64", mem(R.RCX, index=R.RDX, displ=graph.F_SLOT), R.RSI)
-    a.jump("JA_REL32_64", f"{name}_checked")
-    a.op("CALL_RM64", mem(R.RIP, base + _G_UNWOUND))
+    a.op("CMP_RM64_R64", mem(R.R10, index=R.RDX, displ=graph.F_SLOT), R.RSI)
+    a.jump("JBE_REL32_64", f"{name}_top_at_or_below")  # rare: a tail call, or a frame left by longjmp
     a.label(f"{name}_checked")
     a.op("CMP_RM32_IMM32", mem(R.R8, graph.E_DEPTH), depth)
     a.jump("JAE_REL32_64", f"{name}_no_depth")
@@ -840,7 +852,7 @@ def _emit_graph_entry(a: Asm, *, abi: ThreadAbi, ring: RingGeometry, blocks: int
     a.op("BTS_RM64_IMM8", R.R11, graph.KIND_HI_BIT)
     _emit_record_body(a, name=name, shape=RecordShape(WordFrom.R11, R.R9, R.RDI), abi=abi, ring=ring,
                       blocks=blocks, blocks_constant=base + _CONST_BLOCKS, stub_return=base + _CONST_STUB_RETURN,
-                      descriptor=descriptor, pushed=8 * len(regs), done=f"{name}_recorded")
+                      descriptor=descriptor, pushed=8 * len(regs), done=f"{name}_recorded", cold=cold)
     a.label(f"{name}_recorded")
     a.op("BT_RM64_IMM8", R.R11, graph.KIND_HI_BIT)
     a.jump("JAE_REL32_64", f"{name}_post")  # recorded as a CALL: not hooked
@@ -849,28 +861,48 @@ def _emit_graph_entry(a: Asm, *, abi: ThreadAbi, ring: RingGeometry, blocks: int
     a.jump("JAE_REL32_64", f"{name}_post")
     a.op("LEA_R32_M", R.EAX, mem(R.RDX, 1))
     a.op("MOV_RM32_R32", mem(R.R8, graph.E_DEPTH), R.EAX)  # reserve
-    frames_of(R.RCX)
     a.op("SHL_RM64_IMM8", R.RDX, 5)
-    a.op("ADD_R64_RM64", R.RCX, R.RDX)
+    a.op("ADD_R64_RM64", R.RDX, R.R10)  # the frame
     a.op("MOV_R64_RM64", R.RAX, mem(R.RSP, slot_at))
-    a.op("MOV_RM64_R64", mem(R.RCX, graph.F_RET), R.RAX)
+    a.op("MOV_RM64_R64", mem(R.RDX, graph.F_RET), R.RAX)
     _emit_tid(a, abi, R.EAX)  # the frame's thread, beside its site word (see graph_exit)
     a.op("OR_R64_RM64", R.RAX, R.R11)
-    a.op("MOV_RM64_R64", mem(R.RCX, graph.F_SITE), R.RAX)
+    a.op("MOV_RM64_R64", mem(R.RDX, graph.F_SITE), R.RAX)
     a.op("MOV_R64_RM64", R.RAX, mem(R.RIP, base + _G_EXIT))
-    a.op("MOV_RM64_R64", mem(R.RCX, graph.F_EXIT), R.RAX)
+    a.op("MOV_RM64_R64", mem(R.RDX, graph.F_EXIT), R.RAX)
     a.op("LEA_R64_M", R.RAX, mem(R.RSP, slot_at))
-    a.op("MOV_RM64_R64", mem(R.RCX, graph.F_SLOT), R.RAX)  # the key, last
+    a.op("MOV_RM64_R64", mem(R.RDX, graph.F_SLOT), R.RAX)  # the key, last
     a.op("MOV_R64_RM64", R.RAX, mem(R.RIP, base + _G_RETURN))
     a.op("MOV_RM64_R64", mem(R.RSP, slot_at), R.RAX)  # hooked
     a.label(f"{name}_post")
     _restore(a, regs)
     a.op("RETNQ")
-    for label, counter in ((f"{name}_no_table", HDR_SHADOW_NO_THREAD), (f"{name}_no_depth", HDR_SHADOW_FULL)):
-        a.label(label)
-        a.op("MOV_R64_RM64", R.RAX, mem(R.RIP, base + _CONST_HEADER))
-        a.op("INC_RM64", mem(R.RAX, counter), lock=True)
-        a.jump("JMP_REL32_64", f"{name}_enter")
+
+    # -- the rare paths --
+    a.label(f"{name}_slow_slot")
+    a.op("CALL_RM64", mem(R.RIP, base + _G_SLOT))  # r8 = this thread's entry, or 0
+    a.op("TEST_RM64_R64", R.R8, R.R8)
+    a.jump("JNE_REL32_64", f"{name}_slot")
+    a.op("MOV_R64_RM64", R.R9, mem(R.RSP, slot_at))  # no entry: no hook, no frames to look at
+    a.op("MOV_R64_RM64", R.RAX, mem(R.RIP, base + _CONST_HEADER))
+    a.op("INC_RM64", mem(R.RAX, HDR_SHADOW_NO_THREAD), lock=True)
+    a.jump("JMP_REL32_64", f"{name}_enter")
+    a.label(f"{name}_top_at_or_below")  # rdx = the top frame's offset from r10, rsi = S
+    a.jump("JB_REL32_64", f"{name}_gone")
+    a.op("CMP_R64_RM64", R.R9, mem(R.RIP, base + _G_RETURN))
+    a.jump("JNE_REL32_64", f"{name}_gone")
+    # A tail call from the hooked function whose frame is on top: its caller is ours.
+    a.op("MOV_R64_RM64", R.R9, mem(R.R10, index=R.RDX, displ=graph.F_RET))
+    a.jump("JMP_REL32_64", f"{name}_checked")
+    a.label(f"{name}_gone")
+    a.op("CALL_RM64", mem(R.RIP, base + _G_UNWOUND))
+    a.jump("JMP_REL32_64", f"{name}_checked")
+    a.label(f"{name}_no_depth")
+    a.op("MOV_R64_RM64", R.RAX, mem(R.RIP, base + _CONST_HEADER))
+    a.op("INC_RM64", mem(R.RAX, HDR_SHADOW_FULL), lock=True)
+    a.jump("JMP_REL32_64", f"{name}_enter")
+    for emit in cold:
+        emit()
 
 
 def _emit_graph_exit(a: Asm, *, abi: ThreadAbi, ring: RingGeometry, blocks: int, base: int,
@@ -883,6 +915,7 @@ def _emit_graph_exit(a: Asm, *, abi: ThreadAbi, ring: RingGeometry, blocks: int,
     shadow stack, reused by a new one) is left unrecorded: its thread's records end
     there. Then as ``record_entry``; keeps every register."""
     name = "graph_exit"
+    cold: list[Callable[[], None]] = []
     a.label(name)
     _save(a, _RECORD_REGS)
     _emit_enabled_check(a, enabled_constant=base + _CONST_ENABLED, scratch=R.RAX, skip=f"{name}_post")
@@ -891,10 +924,12 @@ def _emit_graph_exit(a: Asm, *, abi: ThreadAbi, ring: RingGeometry, blocks: int,
     a.jump("JNE_REL32_64", f"{name}_post")
     _emit_record_body(a, name=name, shape=RecordShape(WordFrom.R11, R.R9, R.R10), abi=abi, ring=ring,
                       blocks=blocks, blocks_constant=base + _CONST_BLOCKS, stub_return=base + _CONST_STUB_RETURN,
-                      descriptor=descriptor, pushed=8 * len(_RECORD_REGS), done=f"{name}_post")
+                      descriptor=descriptor, pushed=8 * len(_RECORD_REGS), done=f"{name}_post", cold=cold)
     a.label(f"{name}_post")
     _restore(a, _RECORD_REGS)
     a.op("RETNQ")
+    for emit in cold:
+        emit()
 
 
 def generate(
@@ -950,7 +985,7 @@ def generate(
         if mode is not Mode.TRACE or ring is None:
             raise UsageError("function-graph tracing records; it does not count")
         _emit_graph_entry(a, abi=abi, ring=ring, blocks=zero, base=base,
-                          descriptor=base + _DESCRIPTORS + RSEQ_CS_SIZE * 2, depth=runtime.geometry.depth)
+                          descriptor=base + _DESCRIPTORS + RSEQ_CS_SIZE * 2, geometry=runtime.geometry)
         _emit_graph_exit(a, abi=abi, ring=ring, blocks=zero, base=base,
                          descriptor=base + _DESCRIPTORS + RSEQ_CS_SIZE * 3)
         sequences += ["graph_entry", "graph_exit"]
@@ -962,9 +997,10 @@ def generate(
     code[_ROUTINES : _ROUTINES + len(routine_code)] = routine_code
     if runtime is not None:
         shadow = runtime.geometry
-        struct.pack_into("<9Q", code, _CONST_GRAPH, runtime.shadow_slot, runtime.shadow + shadow.table_offset,
+        struct.pack_into("<10Q", code, _CONST_GRAPH, runtime.shadow_slot, runtime.shadow + shadow.table_offset,
                          runtime.shadow + shadow.frames_offset, runtime.graph_return, runtime.counters,
-                         runtime.graph_restore, runtime.graph_rehook, labels["graph_exit"], runtime.graph_unwound)
+                         runtime.graph_restore, runtime.graph_rehook, labels["graph_exit"], runtime.graph_unwound,
+                         graph.HASH_K)
     if abi.rseq_offset is not None:
         for slot, name in enumerate(sequences):
             start = labels[f"{name}_start"]
