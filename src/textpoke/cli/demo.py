@@ -58,7 +58,8 @@ def command(duration: float) -> None:
             raise TextpokeError(f"the demo program died (exit {proc.returncode})", hint="this is a textpoke bug")
         console.print(f"read back from the running process: {_restored(proc.pid, sites)} of {len(sites)} "
                       "sites hold their nop5 again")
-        console.print(final_line(recording, verb="traced", output=None), markup=False, highlight=False)
+        console.print(final_line(recording, verb="traced", output=None), markup=False, highlight=False,
+                      soft_wrap=True)
         console.print()
         console.file.flush()
         with recording:
