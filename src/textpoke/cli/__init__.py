@@ -22,6 +22,7 @@ _COMMAND_MODULES = (
     "record",
     "trace",
     "report",
+    "graph",
     "dump",
     "demo",
     "recover",
