@@ -49,7 +49,8 @@ def records(rows: Sequence[tuple[int, int, str, str]], *, functions: Sequence[st
 
 def recording(rows: Sequence[tuple[int, int, str, str]], *, end: int, functions: Sequence[str] = FUNCTIONS,
               metadata: dict | None = None, **fields) -> Recording:
-    return Recording(records=records(rows, functions=functions), sites=sites(functions), lost=0, pid=100,
+    fields.setdefault("lost", 0)
+    return Recording(records=records(rows, functions=functions), sites=sites(functions), pid=100,
                      command="./prog -v", start_ns=BASE, end_ns=BASE + end, symbols=symbols(functions),
                      metadata={"graph": True, **(metadata or {})}, **fields)
 
@@ -114,7 +115,8 @@ END = 10_000
 def program(**fields) -> Recording:
     threads = {100: ThreadInfo(100, "prog"), 200: ThreadInfo(100, "worker"), 300: ThreadInfo(100, "short")}
     fields.setdefault("threads", threads)
-    return recording(PROGRAM, end=END, metadata={"shadow_full": 1}, **fields)
+    fields.setdefault("metadata", {"shadow_full": 1})
+    return recording(PROGRAM, end=END, **fields)
 
 
 @dataclass(frozen=True)
@@ -213,3 +215,45 @@ def reference(rows: np.ndarray, names: Sequence[str], *, end_ns: int) -> dict[st
         while stack:
             close(tid, max(end, stack[-1][1]), CUT)
     return {"frames": frames, "orphans": orphans, "calls": calls, "ignored": ignored, "indent": indent}
+
+
+# -- a big one, in closed form -----------------------------------------------------------------
+BIG_FUNCTIONS = ("main", "a", "b", "c")
+
+
+def big_program(threads: int, iterations: int) -> tuple[Recording, int]:
+    """Each thread runs main (cut off by the end) looping ``iterations`` times over
+    a() { b(); c(); }: a lasts 90 ns, b 5 + i % 7 ns, c 20 + t % 3 ns (thread t,
+    iteration i).  Iteration i of thread t starts at 1000 + 100 i + t ns; thread t
+    runs on CPU t.  Returns the recording and its end (relative ns)."""
+    t = np.arange(threads, dtype=np.int64)[:, None]
+    i = np.arange(iterations, dtype=np.int64)[None, :]
+    start = 1000 + 100 * i + t
+    b_dur = 5 + i % 7 + 0 * t
+    c_dur = 20 + t % 3 + 0 * i
+    # per iteration: a E, b E, b X, c E, c X, a X
+    times = np.stack([start, start + 10, start + 10 + b_dur, start + 40, start + 40 + c_dur, start + 90], axis=-1)
+    sites = np.array([1, 2, 2, 3, 3, 1], dtype=np.uint32)
+    kinds = np.array([ENTER, ENTER, EXIT, ENTER, EXIT, EXIT], dtype=np.uint8)
+    n = threads * (iterations * 6 + 1)
+    out = np.zeros(n, dtype=RECORD_DTYPE)
+    body = threads * iterations * 6
+    out["ts_ns"][:body] = (BASE + times).reshape(-1)
+    out["tid"][:body] = np.repeat(1000 + np.arange(threads), iterations * 6)
+    out["site"][:body] = np.tile(sites, threads * iterations)
+    out["kind"][:body] = np.tile(kinds, threads * iterations)
+    out["ts_ns"][body:] = BASE + np.arange(threads)  # main's entries (sorted below)
+    out["tid"][body:] = 1000 + np.arange(threads)
+    out["site"][body:] = 0
+    out["kind"][body:] = ENTER
+    out["cpu"] = out["tid"] - 1000
+    out["caller"] = 0x400000
+    out = out[np.lexsort((np.arange(n), out["ts_ns"]))]  # time order, each thread's order kept
+    end = 1000 + 100 * iterations + 50
+    rec = Recording(records=out, sites=sites_of(BIG_FUNCTIONS), lost=0, pid=1000, command="./big", start_ns=BASE,
+                    end_ns=BASE + end, symbols=symbols(BIG_FUNCTIONS), metadata={"graph": True})
+    return rec, end
+
+
+def sites_of(functions: Sequence[str]) -> tuple[SiteInfo, ...]:
+    return sites(functions)

@@ -13,7 +13,9 @@ TIME is seconds since the recording started; CPU the CPU whose buffer took the
 record (``???``: the shared buffer); DURATION the frame's time, with ftrace's
 marks for long ones (``+`` over 10 us, ``!`` 100 us, ``#`` 1 ms, ``*`` 10 ms,
 ``@`` 100 ms, ``$`` 1 s).  A call whose exit is its thread's very next record
-is one leaf line ``work();``, as in ftrace.  Lines are in time order, threads
+is one leaf line ``work();``, as in ftrace (the dump streams a chunk of the
+file at a time and looks one chunk ahead: an exit further away than that, in a
+thread silent for a whole chunk, shows as ``work() {`` and ``}``).  Lines are in time order, threads
 interleaved; each thread is indented by its own depth, and a CPU that switches
 threads gets ftrace's ``=>`` marker.  How a frame ended, when not by a return,
 is said in its closing line's comment; entry-only calls are ``f(); /* entry only */``.
