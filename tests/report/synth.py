@@ -47,10 +47,12 @@ def records(rows: Sequence[tuple[int, int, str, str]], *, functions: Sequence[st
     return out
 
 
-def recording(rows: Sequence[tuple[int, int, str, str]], *, end: int, functions: Sequence[str] = FUNCTIONS,
-              metadata: dict | None = None, **fields) -> Recording:
+def recording(rows: Sequence[tuple[int, int, str, str]] | np.ndarray, *, end: int,
+              functions: Sequence[str] = FUNCTIONS, metadata: dict | None = None, **fields) -> Recording:
+    """A function-graph recording of ``rows`` (see :func:`records`, or records already made)."""
     fields.setdefault("lost", 0)
-    return Recording(records=records(rows, functions=functions), sites=sites(functions), pid=100,
+    made = rows if isinstance(rows, np.ndarray) else records(rows, functions=functions)
+    return Recording(records=made, sites=sites(functions), pid=100,
                      command="./prog -v", start_ns=BASE, end_ns=BASE + end, symbols=symbols(functions),
                      metadata={"graph": True, **(metadata or {})}, **fields)
 

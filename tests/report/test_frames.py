@@ -9,9 +9,8 @@ import pytest
 
 from textpoke.report._frames import CUT, ENTER, EXIT, IGNORED, RESYNC, UNWOUND, FramePass, stable_order
 from textpoke.report._view import RecordingView
-from textpoke.ring import RECORD_DTYPE
 
-from .synth import BASE, CALL, END, FUNCTIONS, Chunked, Frame, program, recording, reference
+from .synth import BASE, CALL, END, FUNCTIONS, Chunked, Frame, program, recording, records, reference
 
 
 def run_pass(rec, *, slice_rows: int = 1 << 20, paths: bool = True, leaves: bool = True):
@@ -81,13 +80,11 @@ def random_program(seed: int, *, threads: int = 4, steps: int = 400, damage: flo
     gaps = rng.integers(0, 50, len(events))  # equal times happen (0 gaps)
     times = np.cumsum(gaps)
     rows = [(int(ts), tid, kind, fn) for ts, (tid, kind, fn) in zip(times, events)]
-    from .synth import records
     return records(rows)
 
 
 def check_against_reference(rec_array: np.ndarray, *, end: int, slice_rows: int) -> FramePass:
-    rec = recording([], end=end)
-    rec._records = rec_array  # the same recording with these records
+    rec = recording(rec_array, end=end)
     frames, chunks = run_pass(rec, slice_rows=slice_rows)
     ref = reference(rec_array, FUNCTIONS, end_ns=BASE + end)
     got = frames_of(frames, chunks)
@@ -155,8 +152,9 @@ def test_leaves_across_chunks():
 def test_unknown_kinds_and_stray_exits_are_counted_not_fatal():
     rows = [(0, 1, "E", "main"), (10, 1, "X", "lex"), (20, 1, "E", "parse"), (30, 1, "X", "main"),
             (40, 1, "X", "main")]
-    rec = recording(rows, end=100)
-    rec._records["kind"][2] = 9  # a kind no tracer writes
+    made = records(rows)
+    made["kind"][2] = 9  # a kind no tracer writes
+    rec = recording(made, end=100)
     frames, chunks = run_pass(rec)
     kinds = [int(k) for c in chunks for k in c.records["kind"]]
     # lex's exit matches no open frame (ignored); the unknown record is ignored; main's

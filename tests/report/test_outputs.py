@@ -26,7 +26,7 @@ from textpoke.report import (
 from textpoke.report._text import duration_text
 from textpoke.report.funcgraph import duration_cell
 
-from .synth import BASE, END, EXPECTED, PROGRAM, Chunked, big_program, program, recording
+from .synth import END, EXPECTED, PROGRAM, Chunked, big_program, program, recording
 
 
 def table(text: str) -> list[list[str]]:
@@ -123,17 +123,17 @@ call graph of fib: every call path through it, merged at it (threads merged)
 '''
 
 FOLDED = '''\
-idle 8000
 main 2600
 main;emit 4000
+main;parse 700
+main;parse;lex 700
 main;fib 600
 main;fib;fib 300
 main;fib;fib;fib 100
-main;parse 700
-main;parse;lex 700
 main;run 600
 main;run;deep1 100
 main;run;deep1;deep2 300
+idle 8000
 thread_fn 100
 thread_fn;inner 500
 work 500
@@ -383,3 +383,23 @@ def test_million_records_exactly():
     # per thread: main() {, per iteration a() { b(); c(); }, and main's cut-off close
     assert len(body) == threads * (4 * iterations + 2)
     assert sum(line.endswith("|      b();") for line in body) == threads * iterations
+
+
+def test_recursion_ten_thousand_deep():
+    """fib calls itself 10,000 deep: frame j (0 outermost) enters at 10 j and returns at
+    200,000 - 10 j, so each frame's self time is 20 ns but the innermost's (10 ns)."""
+    depth = 10_000
+    rows = [(10 * j, 7, "E", "fib") for j in range(depth)]
+    rows += [(200_000 - 10 * j, 7, "X", "fib") for j in reversed(range(depth))]
+    rec = Chunked(recording(rows, end=300_000), range(2_999, 2 * depth, 3_001))
+    (row,) = summarize_times(rec).rows
+    assert (row.calls, row.frames, row.total_ns, row.self_ns) == (depth, depth, 200_000, 200_000)
+    assert (row.min_ns, row.max_ns) == (200_000 - 20 * (depth - 1), 200_000)
+    folded = render(FoldedReporter(), rec).splitlines()
+    assert len(folded) == depth
+    assert folded[0] == "fib 20" and folded[-1] == ";".join(["fib"] * depth) + f" {200_000 - 20 * (depth - 1)}"
+    graph = table(render(GraphReporter(depth=3), rec))
+    assert [r[:3] for r in graph] == [["200.000 us", "20 ns", "1"], ["199.980 us", "20 ns", "1"],
+                                      ["199.960 us", "20 ns", "1"]]
+    lines = render(FtraceReporter(), rec).splitlines()
+    assert lines[5 + depth - 1].endswith("  " * (depth - 1) + "fib();")  # the innermost: a leaf

@@ -54,8 +54,9 @@ RESYNC = 0x81  # a frame a damaged stretch left open, closed where a later exit 
 IGNORED = 0x82  # a record that opens and closes nothing: an exit matching no open frame, an unknown kind
 CLOSES = (EXIT, UNWOUND, CUT, RESYNC)
 
-#: Rows per slice the pass works on (a bigger chunk is cut into slices).
-SLICE = 1 << 20
+#: Rows per slice the pass works on (a bigger chunk is cut into slices): its
+#: temporaries take a few hundred bytes per row, so this bounds the pass's memory.
+SLICE = 1 << 18
 
 #: A thread's open frame, carried from one chunk to the next.
 OPEN_DTYPE = np.dtype([
@@ -238,6 +239,9 @@ class FramePass:
                 if pending is not None:
                     yield pending
                 pending = paired
+                if not self.leaves:  # only leaves look a slice ahead
+                    yield pending
+                    pending = None
         final = self._cut_at_end()
         if len(final):
             paired = self._pair(final, pending)

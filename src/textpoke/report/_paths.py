@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._frames import CALL, CUT, ENTER, UNWOUND, FrameCounts, FramePass
+from ._frames import CALL, CUT, ENTER, UNWOUND, FrameCounts, FramePass, PairedChunk
 from ._view import RecordingLike, RecordingView
 
 _COLUMNS = ("calls", "frames", "total", "self", "entry_only", "unwound", "cut_end")
@@ -86,14 +86,12 @@ class PathTimes:
     def counts(self) -> FrameCounts:
         return self.frames.counts
 
-    def collect(self, on_chunk=None) -> PathTimes:  # type: ignore[no-untyped-def]
+    def collect(self) -> PathTimes:
         for chunk in self.frames.chunks():
             self.add(chunk)
-            if on_chunk is not None:
-                on_chunk(chunk)
         return self
 
-    def add(self, chunk) -> None:  # type: ignore[no-untyped-def]
+    def add(self, chunk: PairedChunk) -> None:
         nodes = len(self.frames.tree)
         if self.stats.shape[1] < nodes:
             grown = np.zeros((len(_COLUMNS), max(nodes, 2 * self.stats.shape[1])), dtype=np.int64)
@@ -102,6 +100,7 @@ class PathTimes:
         s = self.stats
         kind = chunk.records["kind"]
         node = chunk.node
+        assert node is not None  # a pass with paths
         timed = chunk.timed
         np.add.at(s[0], node[(kind == ENTER) | (kind == CALL)], 1)
         np.add.at(s[1], node[timed], 1)

@@ -5,7 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 from ._frames import FrameCounts
-from ._view import RecordingLike
+from ._view import RecordingLike, RecordingView
+
+_KIND_ORDER = {"fentry": 0, "call": 1, "jmp": 2}
+
+
+def site_kinds(view: RecordingView) -> tuple[tuple[str, int], ...]:
+    """(kind, sites of that kind), fentry first."""
+    kinds: dict[str, int] = {}
+    for site in view.sites:
+        kinds[site.kind] = kinds.get(site.kind, 0) + 1
+    return tuple(sorted(kinds.items(), key=lambda kv: (_KIND_ORDER.get(kv[0], len(_KIND_ORDER)), kv[0])))
 
 
 def plural(n: int, noun: str) -> str:

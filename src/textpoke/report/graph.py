@@ -21,7 +21,7 @@ from typing import TextIO
 from .._errors import UsageError
 from ._frames import is_graph_recording
 from ._paths import PathTimes, Tree
-from ._text import columns, duration_text, frame_lines, plural, recording_head
+from ._text import columns, duration_text, frame_lines, plural, recording_head, site_kinds
 from ._view import RecordingLike, recording_notes
 
 
@@ -99,7 +99,7 @@ class GraphReporter:
         times.collect()
         tree, backtraces = times.tree(threads=self.threads, function=self.function)
         records = times.frames.counts
-        lines = recording_head(recording, records=recording.record_count, site_kinds=_site_kinds(times))
+        lines = recording_head(recording, records=recording.record_count, site_kinds=site_kinds(times.view))
         lines += recording_notes(recording)
         lines += frame_lines(records, recording.metadata)
         what = "threads apart" if self.threads else "threads merged"
@@ -116,10 +116,3 @@ class GraphReporter:
         lines += tree_lines(tree, depth=self.depth)
         out.write("\n".join(lines) + "\n")
 
-
-def _site_kinds(times: PathTimes) -> tuple[tuple[str, int], ...]:
-    kinds: dict[str, int] = {}
-    for site in times.view.sites:
-        kinds[site.kind] = kinds.get(site.kind, 0) + 1
-    order = {"fentry": 0, "call": 1}
-    return tuple(sorted(kinds.items(), key=lambda kv: (order.get(kv[0], 2), kv[0])))

@@ -20,7 +20,6 @@ are counted, never timed.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -31,11 +30,8 @@ import numpy as np
 from .._errors import UsageError
 from ._frames import CALL, CUT, ENTER, RESYNC, UNWOUND, FrameCounts, FramePass, PairedChunk
 from ._paths import PathTimes
-from ._text import columns, duration_text, frame_lines, plural, recording_head
+from ._text import columns, duration_text, frame_lines, plural, recording_head, site_kinds
 from ._view import RecordingLike, RecordingView, StableIds, recording_notes
-
-_KIND_ORDER = {"fentry": 0, "call": 1, "jmp": 2}
-
 
 class TimeKey(str, Enum):
     TOTAL = "total"
@@ -185,9 +181,7 @@ def summarize_times(recording: RecordingLike, *, sort: TimeKey | str = TimeKey.T
             rows.append(stats.row(i, names[i], None))
     called = {r.name for r in rows if r.calls or r.cut_start}
     traced = {names[f] for f in view.function_of_site[: len(view.sites)].tolist()}
-    kinds = Counter(site.kind for site in view.sites)
-    site_kinds = tuple(sorted(kinds.items(), key=lambda kv: (_KIND_ORDER.get(kv[0], len(_KIND_ORDER)), kv[0])))
-    head = recording_head(recording, records=records, site_kinds=site_kinds)
+    head = recording_head(recording, records=records, site_kinds=site_kinds(view))
     lost = int(recording.lost)
     if lost:
         head.append(f"LOST {plural(lost, 'record')} ({100 * lost / (records + lost):.1f}% of all records): "
