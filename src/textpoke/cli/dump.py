@@ -18,7 +18,8 @@ from ._capture import ProgressReading, load_recording, output_stream
                    "flamegraph.pl and speedscope.")
 @click.option("-o", "--output", metavar="OUT", help="Write to OUT instead of stdout (as OUT.partial until whole).")
 def command(file: str, fmt: str, output: str | None) -> None:
-    """Print every call of a recording, in time order (streamed: any size).
+    """Print every call of a recording in time order (ftrace, json, chrome), or its
+    call stacks with their self time (folded).  Streamed: any size.
 
     \b
     Example:

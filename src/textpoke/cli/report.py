@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .._errors import UsageError
-from ..report import FlameReporter, SortKey, SummaryReporter, TimedReporter, TimeKey, is_graph_recording
+from ..report import FlameReporter, Reporter, SortKey, SummaryReporter, TimedReporter, TimeKey, is_graph_recording
 from ._capture import ProgressReading, load_recording, output_stream
 
 _ENTRY_ONLY_SORTS = {k.value for k in SortKey}
@@ -52,11 +52,11 @@ def command(file: str, sort: str | None, threads: bool, limit: int | None, html_
                 FlameReporter(sort=TimeKey(sort or TimeKey.TOTAL)).render(reading, out)
             return
         if timed:
-            reporter: object = TimedReporter(sort=TimeKey(sort or TimeKey.TOTAL), threads=threads, limit=limit)
+            reporter: Reporter = TimedReporter(sort=TimeKey(sort or TimeKey.TOTAL), threads=threads, limit=limit)
         else:
             if sort is not None and sort not in _ENTRY_ONLY_SORTS:
                 raise UsageError(f"--sort {sort} needs times, and this recording has no function exits",
                                  hint="sort by calls or name (or record with exits)")
             reporter = SummaryReporter(sort=SortKey(sort or SortKey.CALLS), limit=limit, threads=threads)
         with output_stream(None) as out:
-            reporter.render(reading, out)  # type: ignore[attr-defined]
+            reporter.render(reading, out)

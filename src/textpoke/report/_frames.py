@@ -41,13 +41,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..ring.format import RECORD_DTYPE, RecordKind
-from ._view import RecordingLike, RecordingView, group
+from ._view import CALL, ENTER, RecordingLike, RecordingView, group
 
-CALL = int(RecordKind.CALL)
 EXIT = int(RecordKind.EXIT)
 UNWOUND = int(RecordKind.UNWOUND)
-#: A call whose EXIT or UNWOUND follows (the ring's RecordKind.ENTER).
-ENTER = int(getattr(RecordKind, "ENTER", 3))
 # Rows the pass makes itself (never in a file: the ring's kinds are small numbers).
 CUT = 0x80  # a frame still open when the recording ended, closed at its end
 RESYNC = 0x81  # a frame a damaged stretch left open, closed where a later exit proved it gone
@@ -297,14 +294,18 @@ class FramePass:
         )
 
     def _pair(self, records: np.ndarray, pending: PairedChunk | None) -> PairedChunk:
-        while True:
-            result = self._try_pair(records, pending)
-            if isinstance(result, PairedChunk):
-                return result
-            records = self._repair(records, result)
+        result = self._try_pair(records, pending, strict=True)
+        if isinstance(result, PairedChunk):
+            return result
+        # A repaired slice matches by construction; pairing it by depth alone is only a
+        # guard against looping on a case the replay did not foresee.
+        result = self._try_pair(self._repair(records, result), pending, strict=False)
+        assert isinstance(result, PairedChunk)
+        return result
 
-    def _try_pair(self, records: np.ndarray, pending: PairedChunk | None) -> PairedChunk | np.ndarray:
-        """Pair one slice, or return the tids whose exits do not match (to repair)."""
+    def _try_pair(self, records: np.ndarray, pending: PairedChunk | None, *,
+                  strict: bool) -> PairedChunk | np.ndarray:
+        """Pair one slice, or (strict) return the tids whose exits do not match, to repair."""
         carried = self._open
         nc, n = len(carried), len(records)
         s = self._sort(records)
@@ -349,7 +350,7 @@ class FramePass:
         close_s = ge[closes_g]
         enter_s = partner[close_s]
         mismatch = (k[close_s] == EXIT) & (s.site[close_s] != s.site[enter_s])
-        if mismatch.any():
+        if strict and mismatch.any():
             return s.tids[np.unique(s.thread[close_s[mismatch]])]
 
         # Parents: the last event of the group one level down (same thread) before each ENTER.

@@ -65,6 +65,8 @@ UNKNOWN_SITE = "<unknown site>"
 #: Linux keeps 15 characters of a thread's name (TASK_COMM_LEN - 1); ftrace shows that.
 _COMM_LEN = 15
 CALL = int(RecordKind.CALL)
+#: A call whose exit follows (RecordKind.ENTER in function-graph recordings).
+ENTER = int(getattr(RecordKind, "ENTER", 3))
 
 
 def comm_of(command: str) -> str:
@@ -343,11 +345,11 @@ def first_timestamp(recording: RecordingLike) -> int | None:
 
 
 def calls_only(records: np.ndarray) -> np.ndarray:
-    """The records that count a call (entries and call sites, not exits)."""
+    """The records that count a call (entries, entry-only calls and call sites; not exits)."""
     kind = records["kind"]
     if not len(kind) or not kind.any():
         return records
-    return records[kind == CALL]
+    return records[(kind == CALL) | (kind == ENTER)]
 
 
 def pair_counts(major: np.ndarray, minor: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
