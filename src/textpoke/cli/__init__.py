@@ -30,8 +30,9 @@ except KeyboardInterrupt:  # Ctrl-C while Python loads the CLI: say so, no trace
 COMMANDS: dict[str, str] = {
     "record": "Start a program, trace it until it exits, save the recording.",
     "trace": "Attach to a running process, trace it for a while, detach.",
-    "report": "Summarize a recording: calls, callers and threads per function.",
-    "dump": "Print every call of a recording: ftrace text, JSON, Perfetto.",
+    "report": "Summarize a recording: calls, times, callers per function; --html flame graph.",
+    "dump": "Print every call of a recording: ftrace text, JSON, Perfetto, folded stacks.",
+    "graph": "Show a recording's call tree with times per call path.",
     "sites": "List the patchable 5-byte sites of a binary or a process.",
     "patch": "Change sites of a running process; the change stays.",
     "recover": "Put back every site textpoke changed in a process.",

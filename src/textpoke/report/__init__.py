@@ -1,4 +1,4 @@
-"""report stage of textpoke (see DEVELOPERS.md): text, JSON and Chrome/Perfetto output.
+"""report stage of textpoke (see DEVELOPERS.md): what a recording says, as text, JSON, HTML.
 
 Every output is a *reporter* with one method, ``render(recording, out)`` (the
 memray shape), so the CLI picks one by name and writes to any text stream::
@@ -7,8 +7,21 @@ memray shape), so the CLI picks one by name and writes to any text stream::
     with open("trace.json", "w") as out:
         reporter.render(recording, out)
 
-Reporters read a recording in bulk with numpy (see ``_view``): a 10-million-record
-recording summarizes in seconds; the per-call dumps stream in bounded chunks.
+Modules, one per output:
+
+- ``summary``: ``textpoke report`` of an entry-only recording (calls, callers, threads);
+- ``timed``: ``textpoke report`` of a function-graph recording (total, self, avg, min, max);
+- ``graph``: ``textpoke graph``, the call tree per call path with times;
+- ``ftrace`` / ``funcgraph``: ftrace's function and function_graph text layouts;
+- ``chrome``: Chrome Trace Event JSON (instants, or nested slices per thread);
+- ``jsonl``: JSON Lines, one object per record;
+- ``folded``: folded stacks weighted by self time (flamegraph.pl, speedscope);
+- ``flame``: the self-contained HTML page (flame graph and table).
+
+They share ``_view`` (names, ids and thread labels in bulk), ``_frames`` (the
+one vectorized pass that pairs entries with exits, chunk by chunk), ``_paths``
+(time per call path) and ``_text``.  Every reporter streams: a recording far
+larger than memory is read one chunk at a time.
 """
 
 from __future__ import annotations
@@ -16,11 +29,17 @@ from __future__ import annotations
 from typing import Protocol, TextIO
 
 from .._errors import UsageError
+from ._frames import FrameCounts, FramePass, is_graph_recording
 from ._view import RecordingLike
 from .chrome import ChromeReporter
+from .flame import FlameReporter
+from .folded import FoldedReporter
 from .ftrace import FtraceReporter
+from .funcgraph import FunctionGraphReporter
+from .graph import GraphReporter
 from .jsonl import JsonLinesReporter
 from .summary import Summary, SortKey, SummaryReporter, render_summary, summarize
+from .timed import TimedReporter, TimedSummary, TimeKey, summarize_times
 
 
 class Reporter(Protocol):
@@ -29,14 +48,16 @@ class Reporter(Protocol):
 
 #: ``textpoke dump --format NAME`` -> reporter class.
 DUMP_FORMATS: dict[str, type[Reporter]] = {
-    "text": FtraceReporter,
+    "ftrace": FtraceReporter,
+    "text": FtraceReporter,  # the name ftrace's layout had before function graphs
     "json": JsonLinesReporter,
     "chrome": ChromeReporter,
+    "folded": FoldedReporter,
 }
 
 
 def make_reporter(name: str) -> Reporter:
-    """The per-call reporter for a ``dump`` format name (``summary`` is :class:`SummaryReporter`)."""
+    """The reporter for a ``dump`` format name (``summary`` is :class:`SummaryReporter`)."""
     if name == "summary":
         return SummaryReporter()
     try:
@@ -47,16 +68,27 @@ def make_reporter(name: str) -> Reporter:
 
 
 __all__ = [
-    "Reporter",
-    "RecordingLike",
-    "SummaryReporter",
-    "FtraceReporter",
-    "JsonLinesReporter",
     "ChromeReporter",
-    "Summary",
-    "SortKey",
-    "summarize",
-    "render_summary",
-    "make_reporter",
     "DUMP_FORMATS",
+    "FlameReporter",
+    "FoldedReporter",
+    "FrameCounts",
+    "FramePass",
+    "FtraceReporter",
+    "FunctionGraphReporter",
+    "GraphReporter",
+    "JsonLinesReporter",
+    "RecordingLike",
+    "Reporter",
+    "SortKey",
+    "Summary",
+    "SummaryReporter",
+    "TimeKey",
+    "TimedReporter",
+    "TimedSummary",
+    "is_graph_recording",
+    "make_reporter",
+    "render_summary",
+    "summarize",
+    "summarize_times",
 ]

@@ -65,7 +65,8 @@ UNKNOWN_SITE = "<unknown site>"
 #: Linux keeps 15 characters of a thread's name (TASK_COMM_LEN - 1); ftrace shows that.
 _COMM_LEN = 15
 CALL = int(RecordKind.CALL)
-ENTER = int(RecordKind.ENTER)
+#: A call whose exit follows (RecordKind.ENTER in function-graph recordings).
+ENTER = int(getattr(RecordKind, "ENTER", 3))
 
 
 def comm_of(command: str) -> str:
@@ -343,13 +344,8 @@ def first_timestamp(recording: RecordingLike) -> int | None:
     return None
 
 
-def is_call(kind: int) -> bool:
-    """Whether a record of this kind counts a call (an entry: CALL or ENTER, not an exit)."""
-    return kind == CALL or kind == ENTER
-
-
 def calls_only(records: np.ndarray) -> np.ndarray:
-    """The records that count a call (entries and call sites, not exits)."""
+    """The records that count a call (entries, entry-only calls and call sites; not exits)."""
     kind = records["kind"]
     if not len(kind) or not kind.any():
         return records

@@ -1,4 +1,8 @@
-"""``textpoke dump --format text``: one line per call, as ftrace's function tracer prints.
+"""``textpoke dump --format ftrace``: the ftrace layout that fits the recording.
+
+A function-graph recording (entries and exits) is laid out as ftrace's
+function_graph tracer prints (see :mod:`.funcgraph`); an entry-only one as its
+function tracer prints, one line per call (``--format text`` is the same)::
 
     # tracer: function (textpoke)
     ...
@@ -21,7 +25,9 @@ from typing import TextIO
 from .._errors import UsageError
 from ..ring.format import UNKNOWN_CPU
 from ._chunks import chunks
-from ._view import is_call, RecordingLike, RecordingView, is_count_mode, recording_notes
+from ._frames import is_graph_recording
+from ._view import CALL, RecordingLike, RecordingView, is_count_mode, recording_notes
+from .funcgraph import FunctionGraphReporter
 
 
 def count_mode_refusal(what: str) -> UsageError:
@@ -41,6 +47,9 @@ class FtraceReporter:
     def render(self, recording: RecordingLike, out: TextIO) -> None:
         if is_count_mode(recording):
             raise count_mode_refusal("individual calls")
+        if is_graph_recording(recording):
+            FunctionGraphReporter().render(recording, out)
+            return
         view = RecordingView(recording)
         records = recording.record_count
         # ftrace reports overwritten events the same way: written = kept + lost.
@@ -59,7 +68,7 @@ class FtraceReporter:
             lines = []
             for rel, tid, cpu, kind, function, caller in zip(chunk.rel_ns, chunk.tid, chunk.cpu, chunk.kind,
                                                              chunk.function, chunk.caller):
-                if not is_call(kind):
+                if kind != CALL:
                     continue
                 task = tasks.get(tid)
                 if task is None:

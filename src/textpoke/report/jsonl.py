@@ -6,10 +6,13 @@ and ``head``.  Every line has a ``type``:
 
 - the first line, ``"recording"``: pid, command, start_ns, end_ns, records,
   lost, mode (``"trace"`` or ``"count"``) and the site table;
-- then, in a trace, one ``"call"`` per record: ``t_ns`` (since start_ns),
-  ``ts_ns`` (CLOCK_MONOTONIC), tid, cpu (null when unknown), site (id), function,
-  caller (symbolized), caller_address and callee_address (``"0x..."`` strings:
-  exact in every JSON reader), and arg0 (rdi at the call: the first integer argument);
+- then, in a trace, one object per record: ``"call"`` (an entry-only call),
+  or in a function-graph recording ``"enter"``, ``"exit"`` and ``"unwound"``
+  (``textpoke report``/``graph`` pair them into frames): ``t_ns`` (since
+  start_ns), ``ts_ns`` (CLOCK_MONOTONIC), tid, cpu (null when unknown), site
+  (id), function, caller (symbolized), caller_address and callee_address
+  (``"0x..."`` strings: exact in every JSON reader), and arg0 (rdi at the call:
+  the first integer argument; for an exit, rax: the return value);
 - or, in a count-mode recording, one ``"count"`` per site: site, function, calls.
 """
 
@@ -23,7 +26,10 @@ import numpy as np
 
 from ._chunks import chunks
 from ..ring.format import UNKNOWN_CPU
-from ._view import is_call, RecordingLike, RecordingView, is_count_mode
+from ._view import RecordingLike, RecordingView, is_count_mode
+
+#: RecordKind -> the line's type (0 CALL, 1 EXIT, 2 UNWOUND, 3 ENTER).
+_TYPES = {0: "call", 1: "exit", 2: "unwound", 3: "enter"}
 
 
 def header_object(recording: RecordingLike, view: RecordingView) -> dict[str, object]:
@@ -66,7 +72,7 @@ class JsonLinesReporter:
         base = view.time_base_ns
         for chunk in chunks(view, text=json.dumps):
             out.write("".join(
-                f'{{"type":"call","t_ns":{rel},"ts_ns":{rel + base},"tid":{tid},'
+                f'{{"type":"{_TYPES[kind]}","t_ns":{rel},"ts_ns":{rel + base},"tid":{tid},'
                 f'"cpu":{"null" if cpu == UNKNOWN_CPU else cpu},"site":{site},'
                 f'"function":{function},"caller":{caller},'
                 f'"caller_address":"{caller_address:#x}","callee_address":"{callee_address:#x}",'
@@ -74,5 +80,5 @@ class JsonLinesReporter:
                 for rel, tid, cpu, kind, site, function, caller, caller_address, callee_address, arg0 in zip(
                     chunk.rel_ns, chunk.tid, chunk.cpu, chunk.kind, chunk.site, chunk.function, chunk.caller,
                     chunk.caller_address, chunk.callee_address, chunk.arg0)
-                if is_call(kind)
+                if kind in _TYPES
             ))

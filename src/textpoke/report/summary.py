@@ -9,6 +9,7 @@ computed in bulk by :func:`summarize` (a value a caller may also use directly);
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import TextIO
@@ -68,6 +69,7 @@ class Summary:
     not_called: int  # traced functions never called
     threads: tuple[ThreadRow, ...]  # most calls first
     notes: tuple[str, ...] = ()  # the recording mode, losses by cause, a cut file
+    per_thread: tuple[tuple[int, str, int], ...] = ()  # with threads: (tid, function, calls) by tid, calls
 
     @property
     def sites(self) -> int:
@@ -77,7 +79,8 @@ class Summary:
         return next((row.calls for row in self.functions if row.name == name), 0)
 
 
-def summarize(recording: RecordingLike, *, sort: SortKey | str = SortKey.CALLS, top: int = TOP) -> Summary:
+def summarize(recording: RecordingLike, *, sort: SortKey | str = SortKey.CALLS, top: int = TOP,
+              threads_apart: bool = False) -> Summary:
     """Count calls per function, per caller and per thread, chunk after chunk, with numpy."""
     view = RecordingView(recording)
     names = view.function_names
@@ -87,6 +90,7 @@ def summarize(recording: RecordingLike, *, sort: SortKey | str = SortKey.CALLS, 
     threads: list[tuple[list[tuple[int, int]], int]]
     thread_rows: tuple[ThreadRow, ...] = ()
     records = 0
+    per_thread_rows: list[tuple[int, str, int]] = []
     caller_names: list[str] = []
     sorted_tids = np.zeros(0, dtype=np.int64)
     if is_count_mode(recording):
@@ -111,6 +115,10 @@ def summarize(recording: RecordingLike, *, sort: SortKey | str = SortKey.CALLS, 
         tid_values = np.array(tids.values, dtype=np.int64)
         tid_rank = np.argsort(np.argsort(tid_values, kind="stable"), kind="stable")
         majors, minors, counts_ = by_thread.arrays()
+        if threads_apart:
+            per_thread_rows = sorted(((int(tid_values[t]), names[f], int(c)) for f, t, c in
+                                      zip(majors.tolist(), minors.tolist(), counts_.tolist())),
+                                     key=lambda row: (row[0], -row[2] if SortKey(sort) is SortKey.CALLS else 0, row[1]))
         threads = top_per_major(*pair_counts(majors, tid_rank[minors] if len(minors) else minors, counts_),
                                 n_major=n_functions, k=top)
         per_thread = np.zeros(len(tid_values), dtype=np.int64)
@@ -150,6 +158,7 @@ def summarize(recording: RecordingLike, *, sort: SortKey | str = SortKey.CALLS, 
         not_called=sum(1 for f in traced if per_function[f] == 0),
         threads=thread_rows,
         notes=recording_notes(recording),
+        per_thread=tuple(per_thread_rows),
     )
 
 
@@ -213,7 +222,8 @@ def header_lines(summary: Summary) -> list[str]:
     return lines
 
 
-def render_summary(summary: Summary, out: TextIO, *, limit: int | None = None) -> None:
+def render_summary(summary: Summary, out: TextIO, *, limit: int | None = None,
+                   label: Callable[[int], str] = str) -> None:
     lines = header_lines(summary)
     lines.append("")
     shown = summary.functions if limit is None else summary.functions[:limit]
@@ -246,6 +256,15 @@ def render_summary(summary: Summary, out: TextIO, *, limit: int | None = None) -
         lines += ["", *_columns(("calls", "share", "thread"),
                                 [(f"{t.calls:,}", _share(t.calls, summary.records), str(t.tid))
                                  for t in summary.threads], right=2)]
+    if summary.per_thread:
+        seen: dict[int, int] = {}
+        shown_rows = []
+        for row in summary.per_thread:  # --limit applies per thread
+            seen[row[0]] = seen.get(row[0], 0) + 1
+            if limit is None or seen[row[0]] <= limit:
+                shown_rows.append(row)
+        lines += ["", *_columns(("calls", "thread", "function"),
+                                [(f"{calls:,}", label(tid), name) for tid, name, calls in shown_rows], right=1)]
     out.write("\n".join(lines) + "\n")
 
 
@@ -255,6 +274,8 @@ class SummaryReporter:
 
     sort: SortKey = SortKey.CALLS
     limit: int | None = None
+    threads: bool = False  # also a row per thread and function
 
     def render(self, recording: RecordingLike, out: TextIO) -> None:
-        render_summary(summarize(recording, sort=self.sort), out, limit=self.limit)
+        render_summary(summarize(recording, sort=self.sort, threads_apart=self.threads), out, limit=self.limit,
+                       label=RecordingView(recording).thread_label)
