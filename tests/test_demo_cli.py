@@ -16,9 +16,15 @@ def test_demo_end_to_end():
     # Lossless, with the demo's threads unpinned at normal priority on every CPU.
     assert re.search(r"traced pid \d+ for [\d.]+ s: [\d,]+ calls \([\d,]+ records\), 0 lost", out), out
     assert "lossless" in out
-    # summary rows: calls, calls/s, share, function, ...
-    counts = {m.group(2): int(m.group(1).replace(",", ""))
-              for m in re.finditer(r"^\s+([\d,]+)\s+\S+\s+\S+%\s+(\w+)", out, re.M)}
+    # summary rows: total, self, avg, min, max (each "N unit"), calls, function
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["total", "self"])
+    counts = {}
+    for line in lines[start + 1:]:
+        cells = re.split(r"\s{2,}", line.strip())
+        if len(cells) < 7:
+            break
+        counts[cells[6]] = int(cells[5].replace(",", ""))
     # Every order goes through parse_order -> validate -> price -> compute_tax,
     # so the four counts agree up to the batch edges: a batch switches its
     # sites one pwrite after another (as the kernel's does), and orders run

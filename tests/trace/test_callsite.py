@@ -55,7 +55,9 @@ def test_call_sites_exact(target, exact_calls, mode):
     [
         CaptureOptions(calls_to=("check6", "check8", "vsum")),
         CaptureOptions(calls_to=("check6", "check8", "vsum"), mode="count"),
-        CaptureOptions(functions=("check6", "check8", "vsum")),
+        # Entries only: check6 reads its own return address, which a hooked function finds
+        # to be the trampoline (the README says so).
+        CaptureOptions(functions=("check6", "check8", "vsum"), entry_only=True),
         CaptureOptions(functions=("check6", "check8", "vsum"), mode="count"),
     ],
     ids=["call-trace", "call-count", "entry-trace", "entry-count"],

@@ -10,7 +10,7 @@ import pytest
 
 from textpoke.poke import attach
 from textpoke.capture import CaptureOptions, Overflow
-from textpoke.ring import RingReader, SiteTable
+from textpoke.ring import RecordKind, RingReader, SiteTable
 from textpoke.ring import decode
 from textpoke.ring.format import RAW_DTYPE, UNKNOWN_CPU, write_ring_header
 from textpoke.sites import SiteKind, sites_in_process
@@ -23,24 +23,29 @@ THREADS = 4
 
 
 def test_every_call_recorded_once(target):
-    """4 threads x N calls of f: 4N records, 0 lost, from exactly those threads."""
+    """4 threads x N calls of f: an entry and an exit each, 8N records, 0 lost, from
+    exactly those threads, each thread's alternating enter/exit in its own order."""
     with capturing(target.pid, CaptureOptions(functions=("f",))) as capture:
         answer = target.ask(f"calls {N}")
     recording = capture.recording
     assert recording.lost == 0
-    assert len(recording.records) == THREADS * N
+    assert len(recording.records) == 2 * THREADS * N
     assert [s.function for s in recording.sites] == ["f"]
     assert recording.metadata["rseq"] and recording.metadata["thread_ids"] == "kernel tid"
     records = recording.records
     assert set(np.unique(records["tid"]).tolist()) == tids_of(answer)
     assert (records["site"] == 0).all()
-    assert (records["kind"] == 0).all()
-    # Per thread, in time order, arg0 is 0..N-1: the order the thread made the calls.
+    # Per thread, in time order: enter f(i), exit with f(i) = i + 1, for i = 0..N-1.
     for tid in tids_of(answer):
         mine = records[records["tid"] == tid]
-        assert len(mine) == N
-        assert (mine["arg0"] == np.arange(N)).all()
+        assert len(mine) == 2 * N
+        assert (mine["kind"][0::2] == RecordKind.ENTER).all() and (mine["kind"][1::2] == RecordKind.EXIT).all()
+        assert (mine["arg0"][0::2] == np.arange(N)).all() and (mine["arg0"][1::2] == np.arange(N) + 1).all()
         assert (np.diff(mine["ts_ns"].astype(np.int64)) >= 0).all()
+    with capturing(target.pid, CaptureOptions(functions=("f",), entry_only=True)) as capture:
+        target.ask(f"calls {N}")
+    entries = capture.recording.records
+    assert len(entries) == THREADS * N and (entries["kind"] == RecordKind.CALL).all()
     # The caller word is the return address into worker(), the function calling f.
     assert set(recording.symbolize(np.unique(records["caller"]))) == {"worker"}
     assert recording.start_ns <= int(records["ts_ns"].min()) <= int(records["ts_ns"].max()) <= recording.end_ns
@@ -52,10 +57,12 @@ def test_tiny_ring_loses_nothing_threads_wait(target):
     with capturing(target.pid, CaptureOptions(functions=("f",), ring_records=64 * 3)) as capture:
         answer = target.ask(f"calls {N}")
     recording = capture.recording
-    assert recording.lost == 0 and len(recording.records) == THREADS * N
+    assert recording.lost == 0 and len(recording.records) == 2 * THREADS * N
     assert recording.metadata["overflow"] == "wait" and recording.metadata["writer_wakes"] > 0
+    records = recording.records
     for tid in tids_of(answer):
-        assert (recording.records["arg0"][recording.records["tid"] == tid] == np.arange(N)).all()
+        mine = records[records["tid"] == tid]
+        assert (mine["arg0"][mine["kind"] == RecordKind.ENTER] == np.arange(N)).all()
 
 
 def test_drop_mode_counts_every_loss(target):
@@ -65,7 +72,7 @@ def test_drop_mode_counts_every_loss(target):
         target.ask(f"calls {N}")
     recording = capture.recording
     assert recording.lost > 0
-    assert len(recording.records) + recording.lost == THREADS * N
+    assert len(recording.records) + recording.lost == 2 * THREADS * N  # an entry and an exit a call
     assert recording.metadata["lost_full"] == recording.lost and recording.metadata["writer_wakes"] == 0
 
 
@@ -92,12 +99,12 @@ def test_without_rseq_every_call_takes_the_fallback(exact_calls, mode):
         if mode == "count":
             assert recording.counts.tolist() == [THREADS * N]
         else:
-            assert recording.lost == 0 and len(recording.records) == THREADS * N
+            assert recording.lost == 0 and len(recording.records) == 2 * THREADS * N
             assert set(np.unique(recording.records["tid"]).tolist()) == tids_of(answer)
         with capturing(target.pid, CaptureOptions(functions=("f",), ring_records=64)) as capture:
             target.ask(f"calls {N}")
-        assert len(capture.recording.records) == THREADS * N and capture.recording.lost == 0
-        options = CaptureOptions(functions=("f",), ring_records=64, overflow=Overflow.DROP)
+        assert len(capture.recording.records) == 2 * THREADS * N and capture.recording.lost == 0
+        options = CaptureOptions(functions=("f",), ring_records=64, overflow=Overflow.DROP, entry_only=True)
         with capturing(target.pid, options) as capture:
             target.ask(f"calls {N}")
         assert len(capture.recording.records) + capture.recording.lost == THREADS * N

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from textpoke import UsageError
-from textpoke.ring import Recording
+from textpoke.ring import Recording, RecordKind
 from textpoke.ring.file import ChunkKind, RecordingFile
 
 N = 200_000
@@ -39,22 +39,25 @@ def program_counts(stdout: str) -> dict[int, int]:
 
 @pytest.mark.parametrize("threads", [1, 2, 4])
 def test_record_flat_out_loses_nothing(tmp_path, hot, threads):
-    """The issue's command, with no option: N calls per thread, every one recorded,
-    in each thread's own order, counts equal to the program's own."""
+    """The issue's command, with no option: N calls per thread, every one recorded (its
+    entry and its exit), in each thread's own order, counts equal to the program's own."""
     out = tmp_path / "run.tpk"
     result = textpoke("record", "-f", "work", "-o", str(out), "--", str(hot), str(N), str(threads))
     assert result.returncode == 0, result.stderr
-    assert f"{N * threads:,} records, 0 lost" in result.stderr
+    assert f"{N * threads:,} calls ({2 * N * threads:,} records), 0 lost" in result.stderr
     counts = program_counts(result.stdout)
     assert len(counts) == threads and sum(counts.values()) == N * threads
     with Recording.load(out) as recording:
         assert recording.lost == 0 and recording.cut is None
         records = recording.records
-        assert len(records) == N * threads
-        tids, per_tid = np.unique(records["tid"], return_counts=True)
+        assert len(records) == 2 * N * threads
+        entries = records[records["kind"] == RecordKind.ENTER]
+        tids, per_tid = np.unique(entries["tid"], return_counts=True)
         assert dict(zip(tids.tolist(), per_tid.tolist())) == counts
         for tid in counts:
-            assert (records["arg0"][records["tid"] == tid] == np.arange(N)).all()
+            mine = records[records["tid"] == tid]
+            assert (mine["arg0"][0::2] == np.arange(N)).all()  # enter work(i)
+            assert (mine["arg0"][1::2] == np.arange(N) ^ 0x5A).all()  # its exit: work's result
         assert (np.diff(records["ts_ns"].astype(np.int64)) >= 0).all()
 
 
@@ -129,7 +132,7 @@ def test_stalled_textpoke_program_drops_after_the_limit(tmp_path, hot):
     total = int(re.search(r"total (\d+)", stdout).group(1))
     with Recording.load(out) as recording:
         assert recording.lost > 0 and recording.metadata["lost_full"] == recording.lost
-        assert recording.record_count + recording.lost == total
+        assert recording.record_count + recording.lost == 2 * total  # an entry and an exit a call
     report = textpoke("report", str(out))
     assert "found the buffer full" in report.stdout and "LOST" in report.stdout
 
@@ -152,9 +155,9 @@ def test_memory_stays_bounded(tmp_path, hot):
     print(f"{total:,} calls recorded; textpoke's peak RSS {maxrss_mb:.0f} MB; file {out.stat().st_size >> 20} MiB")
     assert maxrss_mb < 300
     with Recording.load(out) as recording:
-        assert recording.lost == 0 and recording.record_count == total
-        seen = 0
+        assert recording.lost == 0 and recording.record_count == 2 * total
+        entries = 0
         for chunk in recording.chunks():
-            seen += len(chunk)
+            entries += int(np.count_nonzero(chunk["kind"] == RecordKind.ENTER))
             assert (chunk["site"] == 0).all()
-        assert seen == total
+        assert entries == total

@@ -50,7 +50,7 @@ def test_save_load_round_trip(tmp_path, target):
     original = capture.recording
     assert not os.path.exists(str(path) + ".partial")  # renamed once whole
     loaded = Recording.load(path)
-    assert loaded.records.dtype == RECORD_DTYPE and len(loaded.records) == 4000
+    assert loaded.records.dtype == RECORD_DTYPE and len(loaded.records) == 2 * 4000  # entries and exits
     assert np.array_equal(loaded.records, original.records)
     assert loaded.sites == original.sites
     for name in ("lost", "pid", "command", "start_ns", "end_ns", "mode", "counts", "cut"):
@@ -193,7 +193,7 @@ def test_capture_command_returns_exit_status(exact_calls):
         os.close(read_fd)
     recording, status = result["value"]
     assert status == 7
-    assert len(recording.records) == 3 and recording.lost == 0
+    assert len(recording.records) == 2 * 3 and recording.lost == 0  # tick 3: entries and exits
     assert "exact_calls" in recording.command
     assert recording.metadata["stopped"] == "exited"
 

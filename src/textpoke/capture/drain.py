@@ -95,7 +95,7 @@ class Pipeline:
         # The write thread's record buffers, used over and over (fresh ones would cost a
         # page fault per 100 records): a drain decodes into a free one, which then holds
         # the carry until the next drain (see _merge).
-        self._decoded = [np.empty(size, dtype=RECORD_DTYPE) for _ in range(2)]
+        self._decoded = [np.zeros(size, dtype=RECORD_DTYPE) for _ in range(2)]  # pad bytes stay 0
         self._decoder = Decoder(size, sites, cpus=cpus)
         self._closing = threading.Event()
         self._settled: Callable[[], bool] = lambda: True

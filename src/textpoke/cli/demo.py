@@ -18,7 +18,7 @@ from rich.console import Console
 
 from .._errors import TextpokeError
 from ..demo import build_demo
-from ..report import SummaryReporter
+from ..report import summary_reporter
 from ..target.process import Process
 from ..x86.insn import NOP5
 from . import _capture
@@ -63,7 +63,7 @@ def command(duration: float) -> None:
         console.print()
         console.file.flush()
         with recording:
-            SummaryReporter().render(recording, sys.stdout)
+            summary_reporter(recording).render(recording, sys.stdout)
         sys.stdout.flush()
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=10)

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .._errors import UsageError
-from ..report import FlameReporter, Reporter, SortKey, SummaryReporter, TimedReporter, TimeKey, is_graph_recording
+from ..report import FlameReporter, TimeKey, summary_reporter
 from ._capture import ProgressReading, load_recording, output_stream
-
-_ENTRY_ONLY_SORTS = {k.value for k in SortKey}
 
 
 @click.command("report")
@@ -46,17 +43,10 @@ def command(file: str, sort: str | None, threads: bool, limit: int | None, html_
     """
     with load_recording(file) as recording:
         reading = ProgressReading(recording, "reading")
-        timed = recording.counts is None and is_graph_recording(recording)
         if html_out is not None:
             with output_stream(html_out) as out:
                 FlameReporter(sort=TimeKey(sort or TimeKey.TOTAL)).render(reading, out)
             return
-        if timed:
-            reporter: Reporter = TimedReporter(sort=TimeKey(sort or TimeKey.TOTAL), threads=threads, limit=limit)
-        else:
-            if sort is not None and sort not in _ENTRY_ONLY_SORTS:
-                raise UsageError(f"--sort {sort} needs times, and this recording has no function exits",
-                                 hint="sort by calls or name (or record with exits)")
-            reporter = SummaryReporter(sort=SortKey(sort or SortKey.CALLS), limit=limit, threads=threads)
+        reporter = summary_reporter(reading, sort=sort, threads=threads, limit=limit)
         with output_stream(None) as out:
             reporter.render(reading, out)

@@ -6,7 +6,7 @@ import threading
 
 import click
 
-from ..report import SortKey, SummaryReporter
+from ..report import TimeKey, summary_reporter
 from . import _capture
 from ._capture import (
     LiveCounter,
@@ -29,11 +29,11 @@ from ._capture import (
               help="Stop after S seconds (default: at Ctrl-C, SIGTERM or SIGHUP).")
 @click.option("-o", "--output", metavar="FILE", help="Save the recording to FILE instead of printing the summary.")
 @click.option("--lib", "library", metavar="NAME", help="Trace in a library mapped by the process (path or name, e.g. libc.so).")
-@click.option("--sort", type=click.Choice([k.value for k in SortKey]), default=SortKey.CALLS.value,
-              show_default=True, help="Order of the summary's rows.")
+@click.option("--sort", type=click.Choice([k.value for k in TimeKey]), default=None,
+              help="Order of the summary's rows (as `textpoke report --sort`).")
 def command(pid: int, functions: tuple[str, ...], calls_to: tuple[str, ...], count: bool, entry_only: bool,
             ring: int | None, drop: bool, wait_limit: float | None, no_compress: bool, duration: float | None,
-            output: str | None, library: str | None, sort: str) -> None:
+            output: str | None, library: str | None, sort: str | None) -> None:
     """Trace calls in running process PID until Ctrl-C, SIGTERM or --duration.
 
     Stopping restores every patched byte and detaches; the process keeps running
@@ -64,5 +64,6 @@ def command(pid: int, functions: tuple[str, ...], calls_to: tuple[str, ...], cou
     with recording:
         echo_err(final_line(recording, verb="traced", output=output, note_exit=True))
         if output is None:
+            reporter = summary_reporter(recording, sort=sort)
             with output_stream(None) as out:
-                SummaryReporter(sort=SortKey(sort)).render(recording, out)
+                reporter.render(recording, out)

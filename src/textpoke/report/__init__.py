@@ -56,6 +56,22 @@ DUMP_FORMATS: dict[str, type[Reporter]] = {
 }
 
 
+#: ``--sort`` keys that make sense without times (an entry-only recording).
+ENTRY_ONLY_SORTS = frozenset(k.value for k in SortKey)
+
+
+def summary_reporter(recording: RecordingLike, *, sort: str | None = None, threads: bool = False,
+                     limit: int | None = None) -> Reporter:
+    """What ``textpoke report`` (and ``trace`` without -o) prints for ``recording``:
+    times per function when it has exits, else calls, callers and threads."""
+    if recording.counts is None and is_graph_recording(recording):
+        return TimedReporter(sort=TimeKey(sort or TimeKey.TOTAL), threads=threads, limit=limit)
+    if sort is not None and sort not in ENTRY_ONLY_SORTS:
+        raise UsageError(f"--sort {sort} needs times, and this recording has no function exits",
+                         hint="sort by calls or name (or record with exits)")
+    return SummaryReporter(sort=SortKey(sort or SortKey.CALLS), limit=limit, threads=threads)
+
+
 def make_reporter(name: str) -> Reporter:
     """The reporter for a ``dump`` format name (``summary`` is :class:`SummaryReporter`)."""
     if name == "summary":
@@ -68,6 +84,8 @@ def make_reporter(name: str) -> Reporter:
 
 
 __all__ = [
+    "ENTRY_ONLY_SORTS",
+    "summary_reporter",
     "ChromeReporter",
     "DUMP_FORMATS",
     "FlameReporter",

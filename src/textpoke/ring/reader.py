@@ -159,7 +159,7 @@ class Decoder:
 def decode(raw: np.ndarray, drained: Drained, sites: SiteTable, *, cpus: int) -> np.ndarray:
     """One drain's raw slots -> RECORD_DTYPE records in time order (see :class:`Decoder`;
     this one allocates what it needs: for tests and one-off use)."""
-    return Decoder(drained.count, sites, cpus=cpus).decode(raw, drained, np.empty(drained.count, RECORD_DTYPE))
+    return Decoder(drained.count, sites, cpus=cpus).decode(raw, drained, np.zeros(drained.count, RECORD_DTYPE))
 
 
 #: A clock segment is at least this long (shorter ones would make a noisy slope),

@@ -24,7 +24,7 @@ import numpy as np
 
 from .._errors import UsageError
 from .file import NOT_A_RECORDING_HINT, ChunkKind, Codec, RecordingFile, RecordingWriter
-from .format import RECORD_DTYPE
+from .format import RECORD_DTYPE, RecordKind
 
 
 @dataclass(frozen=True)
@@ -193,12 +193,13 @@ class Recording:
         return max(0, self.end_ns - self.start_ns)
 
     def per_site(self) -> np.ndarray:
-        """Calls per site id: the counts, or the records tallied (entries only)."""
+        """Calls per site id: the counts, or the records tallied (entries: CALL and ENTER)."""
         if self.counts is not None:
             return self.counts
         total = np.zeros(len(self.sites), dtype=np.uint64)
         for chunk in self.chunks():
-            calls = chunk["site"][chunk["kind"] == 0]
+            kind = chunk["kind"]
+            calls = chunk["site"][(kind == RecordKind.CALL) | (kind == RecordKind.ENTER)]
             total += np.bincount(calls, minlength=len(self.sites))[: len(self.sites)].astype(np.uint64)
         return total
 
