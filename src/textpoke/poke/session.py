@@ -21,8 +21,9 @@ from ..target.spawn import spawn as target_spawn
 from ..x86.insn import SITE_SIZE
 from .protocol import BatchResult, Patch, Step, apply_batch
 from .recover import Recovery, Restore, prepare
-from .resident import CODE_SIZE, DEFAULT_CAPACITY, Resident, ResidentStats, find_regions, our_threads
-from .safety import MapsCache, attach_guard, check_addresses, ensure_handler, refuse_sigtrap_blockers, settle_traps
+from .resident import DEFAULT_CAPACITY, Resident, ResidentStats
+from .guard import BatchGuard
+from .safety import MapsCache, attach_guard, check_addresses, ensure_handler, settle_traps
 
 
 class Session:
@@ -38,6 +39,8 @@ class Session:
         self.recovery: Recovery | None = None
         #: Times a batch found the program had replaced our SIGTRAP handler.
         self.handler_reinstalls = 0
+        #: Threads held (they block SIGTRAP) over all batches, one per thread and batch.
+        self.held_threads = 0
         self._maps = MapsCache(process)
         self._closed = False
 
@@ -74,9 +77,16 @@ class Session:
             if on_step is not None:
                 on_step(done)
 
+        guard = BatchGuard(self.resident, [patch.site for patch in batch if isinstance(patch, Patch)])
+
+        def guarded(done: Step) -> None:
+            guard.step(done)
+            step(done)
+
         try:
-            result = apply_batch(batch, text=self.process, sync=self.resident.sync,
-                                 table=self.resident.table, on_step=step)
+            with guard:
+                result = apply_batch(batch, text=self.process, sync=self.resident.sync,
+                                     table=self.resident.table, on_step=guarded)
         except BaseException:
             # Past the int3 sync a failed batch is not rolled back: threads
             # execute the new instructions (emulated), so revert() must know.
@@ -85,6 +95,7 @@ class Session:
             raise
         self._remember(batch)
         self.batches += 1
+        self.held_threads += guard.held_total
         if result.syncs:
             settle_traps(self.process, exclude=frozenset({self.resident.agent_tid}))
         return result
@@ -97,15 +108,13 @@ class Session:
     def _preflight(self, batch: list[Patch]) -> None:
         """Refuse a batch that could hurt the target, before anything is written
         (see poke/safety.py): sites outside the program's code or calls to
-        non-code, a thread blocking SIGTRAP; and put our SIGTRAP handler back in
-        front if the program installed its own since the last batch."""
+        non-code; and put our SIGTRAP handler back in front if the program
+        installed its own since the last batch. (Threads that block SIGTRAP are
+        held by the batch's guard, poke/guard.py.)"""
         patches = [patch for patch in batch if isinstance(patch, Patch)]
         if not patches or len(patches) != len(batch):
             return  # nothing to write, or apply_batch refuses the batch itself
         check_addresses(self.process, patches, maps=self._maps)
-        resident = self.resident
-        refuse_sigtrap_blockers(self.process, exclude=frozenset({resident.agent_tid}),
-                                ours=[range(resident.base, resident.base + CODE_SIZE)])
         if ensure_handler(self.resident):
             self.handler_reinstalls += 1
 
@@ -184,8 +193,7 @@ def attach(pid: int, *, capacity: int = DEFAULT_CAPACITY, timeout_s: float = 10.
 
     1. check the process, writing nothing: a live user-space x86-64 process
        we may trace (Process, check_architecture), not stopped (its agent could
-       not run), no thread blocking SIGTRAP (unless ``refuse_unsafe`` is False:
-       recovery then only finishes what is already in flight);
+       not run);
     2. under attach_guard (one tool at a time), adopt or install the resident
        part, taking the session lock (BusyError if another session holds it);
     3. recover.prepare: copy the state a fork child inherited, finish a cut-short
@@ -194,7 +202,9 @@ def attach(pid: int, *, capacity: int = DEFAULT_CAPACITY, timeout_s: float = 10.
        killed tool left; None: leave sites as they are). See ``session.recovery``.
 
     ``timeout_s`` bounds every wait on the agent, including for a process that
-    gets stopped (SIGSTOP) while we work (TargetStopped)."""
+    gets stopped (SIGSTOP) while we work (TargetStopped). ``refuse_unsafe`` is
+    kept for callers of the time threads blocking SIGTRAP were refused; they
+    are held during batches now (poke/guard.py), so it changes nothing."""
     if isinstance(pid, bool) or not isinstance(pid, int):
         raise UsageError(f"pid must be an int, not {pid!r}")
     process = Process(pid)
@@ -202,11 +212,6 @@ def attach(pid: int, *, capacity: int = DEFAULT_CAPACITY, timeout_s: float = 10.
         check_architecture(pid)
         if process.stopped():
             raise TargetStopped(f"process {pid} is stopped (SIGSTOP or a debugger); textpoke needs it running")
-        if refuse_unsafe:
-            regions = find_regions(process)
-            refuse_sigtrap_blockers(process, exclude=frozenset(r.agent_tid for r in regions if r.owned)
-                                    | our_threads(process),
-                                    ours=[range(r.base, r.base + CODE_SIZE) for r in regions])
         with attach_guard(pid):
             resident = Resident.attach(process, capacity=capacity)
             try:
