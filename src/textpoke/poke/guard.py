@@ -41,7 +41,7 @@ from ..target.hold import HeldThread, interruptible_quietly
 from ..x86.insn import INT3_BYTE, SITE_SIZE
 from .protocol import Patch, Step, _read_sites, apply_batch
 from .resident import CODE_SIZE, Resident, our_threads
-from .safety import _blocks_sigtrap, _thread_name
+from .safety import _SIGTRAP_BIT, _blocks_sigtrap, _thread_name
 
 
 class BatchGuard:
@@ -116,10 +116,13 @@ class BatchGuard:
         if not thread.held:
             return  # it exited
         code = self.resident.base
-        if code <= thread.position.rip < code + CODE_SIZE:
-            # In our handler (SIGTRAP is blocked while it runs), which returns to
-            # the emulated site with the program's mask: never a blocker. Let go
-            # at once: a held thread also holds up an exec in another thread.
+        if not thread.mask & _SIGTRAP_BIT or code <= thread.position.rip < code + CODE_SIZE:
+            # Not blocking SIGTRAP any more (the mask of a stopped thread is what
+            # counts; /proc was read a moment before), or in our handler (which
+            # blocks it while it runs, and returns to the emulated site with the
+            # program's mask): not a blocker. Let go at once: a held thread holds
+            # up an exec in another thread, and a gated one with a SIGTRAP of ours
+            # pending would take it at the gate.
             thread.release()
             return
         if not self.held:

@@ -1363,9 +1363,13 @@ class Resident:
             self.syscall(sc.SYS_close, fd)
 
     def arm(self) -> None:
-        """From now on the agent finishes the batch if this tool dies (before the first int3)."""
+        """From now on the agent finishes the batch if this tool dies (before the first int3).
+
+        The agent may be asleep without a timeout (it was idle): one request
+        (getpid) moves it on past its next look at WATCH_STATE, into timed sleeps."""
         if self._watch:
             struct.pack_into("<I", self.ctl, WATCH_STATE, WATCH_ARMED)
+            self.syscall(sc.SYS_getpid)
 
     def disarm(self, timeout_s: float = 10.0) -> bool:
         """After the batch's last sync (or its rollback): the agent stops watching;

@@ -76,6 +76,7 @@ class HeldThread:
         self.signal = 0  # held at the delivery of this signal of the program
         self.reissued = False  # its syscall got -ERESTARTNOHAND for -EINTR
         self.gated = False
+        self.mask = 0  # its blocked signals, as the stop found them
         self._regs: Regs | None = None  # what the thread resumes with
 
     def hold(self) -> None:
@@ -101,6 +102,7 @@ class HeldThread:
             self.held = True
             if status >> 16 == 0:
                 self.signal = os.WSTOPSIG(status)  # a signal-delivery stop: passed on at the release
+            self.mask = _ptrace.get_sigmask(self.tid)
             regs = _ptrace.get_regs(self.tid)
             nr = regs.orig_rax if regs.orig_rax < 2**63 else -1
             if nr in REISSUE_AFTER_EINTR and regs.rax == _EINTR:
