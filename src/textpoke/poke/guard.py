@@ -53,14 +53,23 @@ class BatchGuard:
         self.sites = sorted(sites)
         self.patience_s = patience_s
         self.held: dict[int, HeldThread] = {}
+        self._ignored: frozenset[int] | None = None
         self.began = False
         self.written = False  # int3s may be in place
         #: Threads held, and of them those that started blocking SIGTRAP during the batch.
         self.held_total = 0
         self.late = 0
-        #: Seconds from the first hold to the release (what the held threads lost).
+        #: Seconds from the first hold to the release (what the held threads lost),
+        #: and from arming (before the first int3) to the end (after the last sync):
+        #: how long int3s may have been in place.
         self.held_s = 0.0
+        self.armed_s = 0.0
         self._held_at = 0.0
+        self._armed_at = 0.0
+        #: Seconds between consecutive looks for threads that start blocking SIGTRAP
+        #: (the window a late blocker has to run into an in-flight site: the longest).
+        self.look_gap_s = 0.0
+        self._looked_at = 0.0
 
     # -- the steps -------------------------------------------------------------------
     def step(self, done: Step) -> None:
@@ -71,11 +80,10 @@ class BatchGuard:
         elif done is Step.HEAD:
             self._end(failed=False)
 
-    def _ignored(self) -> frozenset[int]:
-        return frozenset({self.resident.agent_tid}) | our_threads(self.process)
-
     def _blockers(self) -> list[int]:
-        ignored = self._ignored()
+        if self._ignored is None:  # our agent and install threads (named once, at birth)
+            self._ignored = frozenset({self.resident.agent_tid}) | our_threads(self.process)
+        ignored = self._ignored
         pid = self.process.pid
         return [tid for tid in self.process.threads()
                 if tid not in ignored and tid not in self.held and _blocks_sigtrap(pid, tid)]
@@ -83,6 +91,7 @@ class BatchGuard:
     def _begin(self) -> None:
         """Before the first int3: arm, then hold every thread that blocks SIGTRAP."""
         self.began = True
+        self._armed_at = time.monotonic()
         resident = self.resident
         if resident.open_watch():
             resident.arm()
@@ -90,12 +99,11 @@ class BatchGuard:
         deadline = time.monotonic() + self.patience_s
         while True:
             blockers = self._blockers()
+            self._looked_at = time.monotonic()
             if not blockers:
                 return
             loud = [tid for tid in blockers if not interruptible_quietly(self.process, tid)]
-            for tid in blockers:
-                if tid not in loud:
-                    self._hold(tid, check=True)
+            self._hold_all([tid for tid in blockers if tid not in loud], check=True)
             if loud and time.monotonic() > deadline:
                 self.written = False
                 self._end(failed=True)
@@ -110,11 +118,29 @@ class BatchGuard:
             if loud:
                 time.sleep(0.001)
 
-    def _hold(self, tid: int, *, check: bool) -> None:
-        thread = HeldThread(self.process, tid)
-        thread.hold()
+    def _hold_all(self, tids: Sequence[int], *, check: bool) -> int:
+        """Hold those of ``tids`` that really block SIGTRAP (all stopped at once); how many."""
+        threads = []
+        try:
+            for tid in tids:
+                thread = HeldThread(self.process, tid)
+                threads.append(thread)
+                thread.start()
+            kept = 0
+            for thread in threads:
+                thread.finish()
+                kept += self._keep(thread, check=check)
+            return kept
+        except BaseException:
+            for thread in threads:
+                if thread.tid not in self.held:
+                    thread.release()
+            raise
+
+    def _keep(self, thread: HeldThread, *, check: bool) -> bool:
+        """Keep a stopped thread if it really blocks SIGTRAP, else let it go; whether kept."""
         if not thread.held:
-            return  # it exited
+            return False  # it exited
         code = self.resident.base
         if not thread.mask & _SIGTRAP_BIT or code <= thread.position.rip < code + CODE_SIZE:
             # Not blocking SIGTRAP any more (the mask of a stopped thread is what
@@ -124,10 +150,10 @@ class BatchGuard:
             # up an exec in another thread, and a gated one with a SIGTRAP of ours
             # pending would take it at the gate.
             thread.release()
-            return
+            return False
         if not self.held:
             self._held_at = time.monotonic()
-        self.held[tid] = thread
+        self.held[thread.tid] = thread
         self.held_total += 1
         if check:
             self._check_position(thread)
@@ -135,6 +161,7 @@ class BatchGuard:
             thread.arm_gate(self.resident.labels["gate"])
         except TextpokeError:
             pass  # no room on its stack: held all the same, only not gated should the tool die
+        return True
 
     def _check_position(self, thread: HeldThread) -> None:
         """A thread stopped inside a site (not at its start) would resume in the
@@ -161,9 +188,11 @@ class BatchGuard:
     def _look_again(self) -> None:
         """Between syncs: hold threads that started blocking SIGTRAP since the last look.
         With int3s in place, one in a loud syscall is held too (an EINTR beats death)."""
-        for tid in self._blockers():
-            self.late += 1
-            self._hold(tid, check=False)
+        blockers = self._blockers()
+        now = time.monotonic()
+        self.look_gap_s = max(self.look_gap_s, now - self._looked_at)
+        self._looked_at = now
+        self.late += self._hold_all(blockers, check=False)
 
     # -- the end ---------------------------------------------------------------------
     def _in_flight(self) -> list[int]:
@@ -197,6 +226,10 @@ class BatchGuard:
         if not self.began:
             return
         self.began = False
+        end = time.monotonic()
+        self.armed_s = end - self._armed_at
+        if self._looked_at:
+            self.look_gap_s = max(self.look_gap_s, end - self._looked_at)
         if failed and self.written and not self._finish():
             # Left at the gate, watch armed: they go on once the batch is finished
             # by the agent (this tool's exit) or a later batch of this session.

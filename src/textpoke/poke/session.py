@@ -39,8 +39,11 @@ class Session:
         self.recovery: Recovery | None = None
         #: Times a batch found the program had replaced our SIGTRAP handler.
         self.handler_reinstalls = 0
-        #: Threads held (they block SIGTRAP) over all batches, one per thread and batch.
+        #: Threads held (they block SIGTRAP) over all batches, one per thread and batch;
+        #: of them, those that started blocking SIGTRAP while a batch was under way.
         self.held_threads = 0
+        self.late_held = 0
+        self.last_guard: BatchGuard | None = None  # the last batch's guard (its timings)
         self._maps = MapsCache(process)
         self._closed = False
 
@@ -96,6 +99,8 @@ class Session:
         self._remember(batch)
         self.batches += 1
         self.held_threads += guard.held_total
+        self.late_held += guard.late
+        self.last_guard = guard
         if result.syncs:
             settle_traps(self.process, exclude=frozenset({self.resident.agent_tid}))
         return result

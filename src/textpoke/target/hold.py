@@ -77,10 +77,17 @@ class HeldThread:
         self.reissued = False  # its syscall got -ERESTARTNOHAND for -EINTR
         self.gated = False
         self.mask = 0  # its blocked signals, as the stop found them
+        self._seized = False
         self._regs: Regs | None = None  # what the thread resumes with
 
     def hold(self) -> None:
         """Step 1. TargetError subclasses if it cannot be held (a debugger traces it, ...)."""
+        self.start()
+        self.finish()
+
+    def start(self) -> None:
+        """Seize and interrupt (:meth:`finish` waits for the stop): several
+        threads started first stop together, not one after the other."""
         try:
             _ptrace.seize(self.tid)
         except OSError as exc:
@@ -93,11 +100,24 @@ class HeldThread:
                     f"{why_not_traceable(self.process.pid)}"
                 ) from exc
             raise InjectionError(f"ptrace seize of thread {self.tid} failed: {exc.strerror}") from exc
+        self._seized = True
         try:
             _ptrace.interrupt(self.tid)
+        except OSError as exc:
+            self._detach()
+            if exc.errno == errno.ESRCH:
+                self.gone = True
+                return
+            raise InjectionError(f"could not interrupt thread {self.tid}: {exc.strerror}") from exc
+
+    def finish(self) -> None:
+        """Wait for the stop :meth:`start` asked for; the thread is held after it (or gone)."""
+        if self.gone or not self._seized:
+            return
+        try:
             _, status = _ptrace.wait_thread(self.tid)
             if os.WIFEXITED(status) or os.WIFSIGNALED(status):
-                self.gone = True
+                self.gone, self._seized = True, False
                 return
             self.held = True
             if status >> 16 == 0:
@@ -150,8 +170,12 @@ class HeldThread:
 
     def release(self) -> None:
         """Step 3 (idempotent): the thread runs on as if never stopped."""
-        if not self.held:
+        if not self._seized:
             return
+        if not self.held:
+            self.finish()  # started, not yet waited for: detach needs it stopped
+            if not self._seized:
+                return
         try:
             if self.gated:
                 assert self._regs is not None
@@ -166,7 +190,7 @@ class HeldThread:
     def abandon(self) -> None:
         """Detach leaving the thread where the gate put it: it waits there until
         the batch is finished (the batch could not be, yet)."""
-        if self.held:
+        if self._seized:
             self.gated = False
             self._detach()
 
@@ -178,7 +202,7 @@ class HeldThread:
                 raise InjectionError(f"could not release thread {self.tid}: {exc.strerror}") from exc
             self._reap()
         finally:
-            self.held = False
+            self.held = self._seized = False
 
     def _reap(self) -> None:
         """The thread died while held (the process exited): as its tracer we
