@@ -17,6 +17,7 @@
  *   poke N    write N bytes to the epoller's and the reader's pipes; "poked"
  *   late MS   start a thread that blocks every signal, sleeps MS ms, then
  *             calls in a loop like a spinner; "late TID"
+ *   count     "made=N" (calls so far)
  *   stop      "made=N a=NA b=NB bad=K eintr=E epolled=P read=R slept=S"
  */
 #define _GNU_SOURCE
@@ -143,6 +144,8 @@ int main(int argc, char **argv) {
                 if (write(epoll_pipe[1], "x", 1) != 1 || write(read_pipe[1], "x", 1) != 1) return 3;
             }
             printf("poked\n");
+        } else if (strncmp(line, "count", 5) == 0) {
+            printf("made=%ld\n", atomic_load(&made));
         } else if (strncmp(line, "late ", 5) == 0 && n < 128) {
             int before = atomic_load(&started);
             pthread_create(&tids[n++], NULL, spinner, (void *)atol(line + 5));

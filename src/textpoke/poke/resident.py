@@ -400,7 +400,8 @@ def _emit_heal(a: Asm, *, capacity: int) -> None:
     (/proc/self/mem: it bypasses page protection as the tool's writes do, and
     an address unmapped meanwhile fails the call instead of faulting).
 
-    0. MEM_FD must still be the file it was (st_ino), else nothing is written;
+    0. MEM_FD must still be the file it was (st_ino), else nothing is written
+       and the state becomes TAKEN: the next tool finishes the batch;
     pass 0: count the in-flight sites; none: done, no sync;
        sync (the tool may have died before its int3 sync);
     pass 1: each in-flight site gets its entry's bytes 1..4; sync;
@@ -415,10 +416,10 @@ def _emit_heal(a: Asm, *, capacity: int) -> None:
     a.op("SYSCALL")
     a.op("XOR_R32_RM32", R.R14D, R.R14D)  # sites in flight
     a.op("TEST_RM64_R64", R.RAX, R.RAX)
-    a.jump("JNE_REL32_64", "heal_done")
+    a.jump("JNE_REL32_64", "heal_refused")
     a.op("MOV_R64_RM64", R.RAX, mem(R.R12, AGENT_STAT + sc.STAT_INO))
     a.op("CMP_R64_RM64", R.RAX, mem(R.R12, MEM_INO))
-    a.jump("JNE_REL32_64", "heal_done")
+    a.jump("JNE_REL32_64", "heal_refused")
     a.op("XOR_R32_RM32", R.R13D, R.R13D)  # the pass
     a.label("heal_pass")
     a.op("XOR_R32_RM32", R.R15D, R.R15D)  # the slot
@@ -489,6 +490,11 @@ def _emit_heal(a: Asm, *, capacity: int) -> None:
     a.op("MOV_R32_IMM32", R.EDX, 0x7FFF_FFFF)
     a.op("MOV_R32_IMM32", R.EAX, sc.SYS_futex)
     a.op("SYSCALL")
+    a.jump("JMP_REL32_64", "agent_loop")
+    a.label("heal_refused")
+    # MEM_FD is not our file any more: nothing written; the next tool finishes the
+    # batch (TAKEN keeps the gate closed until it has).
+    a.op("MOV_RM32_IMM32", mem(R.R12, WATCH_STATE), WATCH_TAKEN)
     a.jump("JMP_REL32_64", "agent_loop")
 
 

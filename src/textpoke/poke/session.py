@@ -44,6 +44,7 @@ class Session:
         self.held_threads = 0
         self.late_held = 0
         self.last_guard: BatchGuard | None = None  # the last batch's guard (its timings)
+        self.current_guard: BatchGuard | None = None  # the guard of the batch under way (for on_step)
         self._maps = MapsCache(process)
         self._closed = False
 
@@ -86,6 +87,7 @@ class Session:
             guard.step(done)
             step(done)
 
+        self.current_guard = guard
         try:
             with guard:
                 result = apply_batch(batch, text=self.process, sync=self.resident.sync,
