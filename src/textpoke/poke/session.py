@@ -18,8 +18,8 @@ from .._errors import TargetStopped, UsageError
 from ..target.process import Process
 from ..target.security import check_architecture
 from ..target.spawn import spawn as target_spawn
-from ..x86.insn import SITE_SIZE
-from .protocol import BatchResult, Patch, Step, apply_batch
+from ..x86.insn import INT3_BYTE, SITE_SIZE
+from .protocol import BatchResult, Patch, Step, _read_sites, apply_batch
 from .recover import Recovery, Restore, prepare
 from .resident import DEFAULT_CAPACITY, Resident, ResidentStats
 from .guard import BatchGuard
@@ -43,6 +43,8 @@ class Session:
         #: of them, those that started blocking SIGTRAP while a batch was under way.
         self.held_threads = 0
         self.late_held = 0
+        #: Sites batches left out because they hold someone else's int3 (skip_foreign).
+        self.foreign_sites: set[int] = set()
         self.last_guard: BatchGuard | None = None  # the last batch's guard (its timings)
         self.current_guard: BatchGuard | None = None  # the guard of the batch under way (for on_step)
         self._maps = MapsCache(process)
@@ -65,8 +67,13 @@ class Session:
         return {site: old for site, old in self._original.items() if self._current.get(site) != old}
 
     # -- patching -------------------------------------------------------------------
-    def apply(self, patches: Iterable[Patch], *, on_step: Callable[[Step], None] | None = None) -> BatchResult:
-        """Apply one batch (three syncs whatever its size); see protocol.apply_batch."""
+    def apply(self, patches: Iterable[Patch], *, on_step: Callable[[Step], None] | None = None,
+              skip_foreign: bool = False) -> BatchResult:
+        """Apply one batch (three syncs whatever its size); see protocol.apply_batch.
+
+        ``skip_foreign``: sites holding someone else's int3 (a debugger's, a
+        uprobe's) are left out instead of refusing the batch (ForeignTrap); the
+        result's ``foreign`` names them, and so does :attr:`foreign_sites`."""
         batch = list(patches)
         self._preflight(batch)
         ledger = self.resident.ledger
@@ -74,8 +81,13 @@ class Session:
 
         def step(done: Step) -> None:
             if done is Step.VERIFIED:
-                # Verified, nothing published yet: the bytes each site returns to.
-                for patch in batch:
+                # Verified, nothing published yet: the bytes each site returns to
+                # (not for a site left out as foreign: it is not ours to return).
+                table = self.resident.table
+                current = _read_sites(self.process, [p.site for p in batch]) if skip_foreign else None
+                for i, patch in enumerate(batch):
+                    if current and current[i][0] == INT3_BYTE and patch.site not in table:
+                        continue
                     ledger.record(patch.site, patch.old)
             reached.append(done)
             if on_step is not None:
@@ -91,14 +103,16 @@ class Session:
         try:
             with guard:
                 result = apply_batch(batch, text=self.process, sync=self.resident.sync,
-                                     table=self.resident.table, on_step=guarded)
+                                     table=self.resident.table, on_step=guarded, skip_foreign=skip_foreign)
         except BaseException:
             # Past the int3 sync a failed batch is not rolled back: threads
             # execute the new instructions (emulated), so revert() must know.
             if Step.INT3 in reached:
                 self._remember(batch)
             raise
-        self._remember(batch)
+        left_out = set(result.foreign)
+        self._remember([patch for patch in batch if patch.site not in left_out])
+        self.foreign_sites.update(left_out)
         self.batches += 1
         self.held_threads += guard.held_total
         self.late_held += guard.late
