@@ -211,9 +211,11 @@ def close_leaked_fds(resident: Resident) -> int:
     resident region keeps (a later session opens the region through it).
 
     map_shared closes its descriptor right after mapping; a tool killed in
-    between leaves one open (harmless, close-on-exec, but it is ours). Only
-    called under the session lock, so no live tool is between those two steps."""
+    between leaves one open (harmless, close-on-exec, but it is ours). Those of
+    regions kept for reuse (map_shared(reuse=True)) stay. Only called under
+    the session lock, so no live tool is between those two steps."""
     pid = resident.process.pid
+    kept = resident.reusable_inodes()
     closed = 0
     try:
         names = os.listdir(f"/proc/{pid}/fd")
@@ -225,7 +227,7 @@ def close_leaked_fds(resident: Resident) -> int:
             inode = os.stat(f"/proc/{pid}/fd/{name}").st_ino
         except OSError:
             continue
-        if link.startswith(OUR_PREFIX) and inode != resident.inode:
+        if link.startswith(OUR_PREFIX) and inode != resident.inode and inode not in kept:
             resident.syscall(sc.SYS_close, int(name))
             closed += 1
     return closed
@@ -332,6 +334,7 @@ def prepare(resident: Resident, *, restore: Restore | None = Restore.BASELINE) -
     """
     heal = resident.settle_watch()
     inherited = adopt_inherited(resident)
+    resident.reclaim_released()
     closed = 0
     if not resident.created:
         closed = close_leaked_fds(resident)

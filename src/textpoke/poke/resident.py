@@ -36,7 +36,7 @@ from ..target import _ptrace
 from ..target import syscalls as sc
 from ..target.inject import BorrowedThread, choose_thread
 from ..target.process import Process
-from ..target.maps import find_free_near
+from ..target.maps import DEFAULT_REACH, find_free_near
 from ..x86.asm import Asm, Imm64, R, mem
 from ..x86.insn import CALL_OPCODE, CALL_SIZE, INT3_BYTE, JMP_OPCODE
 from .ledger import Ledger
@@ -166,6 +166,19 @@ class SharedRegion:
     size: int
     local: mmap.mmap
     data_address: int
+    #: Its record in the control region's list of reusable regions (map_shared(reuse=True)), else -1.
+    slot: int = -1
+    #: It was mapped by an earlier session and given back (release_shared): its code
+    #: pages may still be named by a thread's rseq_cs; write them with write_code.
+    reused: bool = False
+
+
+# Records of RELEASED: regions a session gave back for a later one (map_shared(reuse=True)).
+_REC_STATE, _REC_FD, _REC_ADDRESS, _REC_CODE, _REC_DATA, _REC_DATA_ADDRESS, _REC_INODE, _REC_APART = (
+    0, 4, 8, 16, 24, 32, 40, 48)
+_FREE, _RELEASED, _IN_USE = 0, 1, 2
+#: rseq_cs descriptors are 32-byte aligned; post_commit_offset is their third word.
+_RSEQ_CS_ALIGN, _RSEQ_POST_COMMIT = 32, 16
 
 
 # ---------------------------------------------------------------------------
@@ -742,6 +755,38 @@ def region_size(capacity: int) -> int:
 # ---------------------------------------------------------------------------
 
 
+def _rec(slot: int) -> int:
+    """Offset of record ``slot`` of the reusable regions in the control area."""
+    return RELEASED + slot * RELEASED_RECORD
+
+
+def _post_commit_words(offset: int, size: int) -> list[int]:
+    """Offsets of the 8-byte words in [offset, offset + size) that would be the
+    post_commit_offset of a 32-byte aligned rseq_cs descriptor."""
+    first = offset - offset % _RSEQ_CS_ALIGN + _RSEQ_POST_COMMIT
+    if first < offset:
+        first += _RSEQ_CS_ALIGN
+    return list(range(first, offset + size - 7, _RSEQ_CS_ALIGN))
+
+
+def _without_post_commit(code: bytes, offset: int) -> bytes:
+    out = bytearray(code)
+    for at in _post_commit_words(offset, len(code)):
+        out[at - offset : at - offset + 8] = bytes(8)
+    return bytes(out)
+
+
+def _zero_code(local: mmap.mmap, code_size: int) -> None:
+    """Zero a reused region's code part: post_commit words first (8-byte stores),
+    so each descriptor an old rseq_cs may name is valid at every instant (see
+    Resident.write_code), then everything."""
+    words = memoryview(local).cast("Q")
+    for at in _post_commit_words(0, code_size):
+        words[at // 8] = 0
+    del words
+    local[:code_size] = bytes(code_size)
+
+
 def _u64(buf: mmap.mmap, off: int) -> int:
     return struct.unpack_from("<Q", buf, off)[0]
 
@@ -1264,7 +1309,7 @@ class Resident:
 
     # -- more shared regions ---------------------------------------------------------
     def map_shared(self, *, code_size: int, data_size: int, near: int | None = None,
-                   name: str = "textpoke-tramp", apart: bool = False) -> SharedRegion:
+                   name: str = "textpoke-tramp", apart: bool = False, reuse: bool = False) -> SharedRegion:
         """A new memfd region in the target, mapped by the tool too, via the agent.
 
         The first ``code_size`` bytes are RX in the target (the tool's view is
@@ -1273,15 +1318,29 @@ class Resident:
         (trampolines called from sites). The data follows the code, so code
         reaches it rip-relatively, unless ``apart``: then it is a mapping of
         its own wherever the kernel puts it (big record buffers: the address
-        space within reach of the program's code is scarce, and a region is
-        never unmapped), and code must address it absolutely."""
+        space within reach of the program's code is scarce), and code must
+        address it absolutely.
+
+        ``reuse``: first try a region of the same sizes that an earlier session
+        gave back (:meth:`release_shared`) and that nothing can still use
+        (:meth:`_unused`): its code and data are zeroed (the code rseq-safe),
+        at the same addresses. A region mapped
+        anew is recorded so that it can be given back in its turn (its memfd
+        descriptor stays open in the target for that). A region is never
+        unmapped: a thread may be inside one, or its rseq_cs name one."""
         size = code_size + data_size
         if code_size % PAGE or data_size % PAGE or size == 0 or (apart and not (code_size and data_size)):
             raise UsageError("shared region sizes must be whole pages")
+        if reuse:
+            found = self._reuse(code_size=code_size, data_size=data_size, near=near, apart=apart)
+            if found is not None:
+                return found
+        slot = self._free_slot() if reuse else -1
         raw = name.encode() + b"\0"
         self.ctl[SCRATCH : SCRATCH + len(raw)] = raw
         fd = self.syscall(sc.SYS_memfd_create, self.ctl_address + SCRATCH, sc.MFD_CLOEXEC)
         pid = self.process.pid
+        keep = False
         try:
             inode = os.stat(f"/proc/{pid}/fd/{fd}").st_ino
         except OSError as exc:
@@ -1306,10 +1365,135 @@ class Resident:
             if mapped != inode:
                 raise InjectionError(f"the memory textpoke mapped in process {pid} is not its memfd")
             local = _open_checked(pid, f"/proc/{pid}/fd/{fd}", size, inode)
+            if slot >= 0:
+                # Kept open: a later session opens the region through it to reuse it.
+                self._record(slot, _IN_USE, fd=fd, address=address, code_size=code_size, data_size=data_size,
+                             data_address=data_address, inode=inode, apart=apart)
+                keep = True
         finally:
-            if _still_ours(pid, fd, inode):
+            if not keep and _still_ours(pid, fd, inode):
                 self.syscall(sc.SYS_close, fd)
-        return SharedRegion(address, size, local, data_address)
+        return SharedRegion(address, size, local, data_address, slot=slot)
+
+    def release_shared(self, region: SharedRegion) -> bool:
+        """Give back a region mapped with ``reuse=True``, once its session ended:
+        every site that led into it reverted. Its data pages' memory is returned
+        (hole-punched: they read as zeros), and a later map_shared(reuse=True) of
+        the same sizes may take it. False if it was not mapped for reuse."""
+        if region.slot < 0:
+            return False
+        code_size = _u64(self.ctl, _rec(region.slot) + _REC_CODE)
+        try:
+            if region.size > code_size:
+                region.local.madvise(mmap.MADV_REMOVE, code_size, region.size - code_size)
+        except (OSError, ValueError):
+            pass  # the memory stays allocated; the region is still reusable
+        struct.pack_into("<I", self.ctl, _rec(region.slot) + _REC_STATE, _RELEASED)
+        return True
+
+    def released_regions(self) -> int:
+        """Regions given back and not reused yet."""
+        return sum(1 for k in range(RELEASED_SLOTS) if _u32(self.ctl, _rec(k)) == _RELEASED)
+
+    def reusable_inodes(self) -> frozenset[int]:
+        """Memfds of regions recorded for reuse (their descriptors stay open in the target)."""
+        return frozenset(_u64(self.ctl, _rec(k) + _REC_INODE) for k in range(RELEASED_SLOTS)
+                         if _u32(self.ctl, _rec(k)) != _FREE)
+
+    def reclaim_released(self) -> None:
+        """At attach: regions in use by a session that died are given back (the
+        reuse still checks, each time, that nothing can use them any more)."""
+        for k in range(RELEASED_SLOTS):
+            if _u32(self.ctl, _rec(k)) == _IN_USE:
+                struct.pack_into("<I", self.ctl, _rec(k) + _REC_STATE, _RELEASED)
+
+    @staticmethod
+    def write_code(region: SharedRegion, code: bytes, offset: int = 0) -> None:
+        """Write code into a region's code part in an order the kernel's rseq checks
+        accept at every instant: a thread's rseq_cs may still name a descriptor of
+        an earlier session in a reused region (the kernel reads it when that thread
+        is preempted and sends SIGSEGV if it is malformed). Every post_commit_offset
+        word (third word of a 32-byte aligned descriptor) is written last, each as
+        one 8-byte store; before that they hold zero (set when the region was
+        reused), and a descriptor with a zero post_commit_offset is valid and
+        matches no instruction."""
+        local = region.local
+        local[offset : offset + len(code)] = code if not region.reused else _without_post_commit(code, offset)
+        if region.reused:
+            words = memoryview(local).cast("Q")
+            for at in _post_commit_words(offset, len(code)):
+                words[at // 8] = int.from_bytes(code[at - offset : at - offset + 8], "little")
+            del words
+
+    def _free_slot(self) -> int:
+        return next((k for k in range(RELEASED_SLOTS) if _u32(self.ctl, _rec(k)) == _FREE), -1)
+
+    def _record(self, slot: int, state: int, *, fd: int, address: int, code_size: int, data_size: int,
+                data_address: int, inode: int, apart: bool) -> None:
+        base = _rec(slot)
+        struct.pack_into("<IQQQQQI", self.ctl, base + _REC_FD, fd, address, code_size, data_size, data_address,
+                         inode, int(apart))
+        struct.pack_into("<I", self.ctl, base + _REC_STATE, state)  # last: the record counts
+
+    def _reuse(self, *, code_size: int, data_size: int, near: int | None, apart: bool) -> SharedRegion | None:
+        """A released region of these sizes within reach of ``near`` that nothing can use."""
+        pid = self.process.pid
+        for slot in range(RELEASED_SLOTS):
+            base = _rec(slot)
+            if _u32(self.ctl, base) != _RELEASED:
+                continue
+            fd, address, code, data, data_address, inode, was_apart = struct.unpack_from(
+                "<IQQQQQI", self.ctl, base + _REC_FD)
+            if (code, data, bool(was_apart)) != (code_size, data_size, apart):
+                continue
+            if near is not None and max(abs(address - near), abs(address + code_size - near)) > DEFAULT_REACH:
+                continue
+            if not _still_ours(pid, fd, inode) or not self._unused(address, address + code_size):
+                continue
+            struct.pack_into("<I", self.ctl, base + _REC_STATE, _IN_USE)
+            local = _open_checked(pid, f"/proc/{pid}/fd/{fd}", code_size + data_size, inode)
+            region = SharedRegion(address, code_size + data_size, local, data_address, slot=slot, reused=True)
+            _zero_code(local, code_size)
+            if data_size:  # zeros, as a new region's (written to after its release, perhaps)
+                try:
+                    local.madvise(mmap.MADV_REMOVE, code_size, data_size)
+                except (OSError, ValueError):
+                    local[code_size:] = bytes(data_size)
+            return region
+        return None
+
+    def _unused(self, start: int, end: int, *, window_s: float = 0.05) -> bool:
+        """Whether nothing can still run code in [start, end): no site leads there
+        (no table entry, no baseline: what sites hold or return to), and every thread
+        of the program was seen outside it, blocked or stopped at another address
+        (/proc/PID/task/TID/syscall), once within ``window_s``. Having left it after
+        the sites stopped leading there, a thread cannot come back (the trampolines
+        leave no return address of theirs on a stack). Not covered: a thread whose
+        signal handler interrupted it inside the region and stays blocked through
+        the whole window (it returns into the region afterwards)."""
+        for site, insn in (*self.table.entries(), *self.ledger.baselines.entries()):
+            if insn[0] in (CALL_OPCODE, JMP_OPCODE):
+                target = site + CALL_SIZE + int.from_bytes(insn[1:CALL_SIZE], "little", signed=True)
+                if start <= target < end:
+                    return False
+        return self._threads_outside(start, end, window_s)
+
+    def _threads_outside(self, start: int, end: int, window_s: float) -> bool:
+        pid = self.process.pid
+        ours = {self.agent_tid} | set(our_threads(self.process))
+        pending = set(self.process.threads()) - ours
+        deadline = time.monotonic() + window_s
+        while True:
+            live = set(self.process.threads())
+            for tid in list(pending):
+                pc = thread_pc(pid, tid)
+                if tid not in live or (pc is not None and not start <= pc < end):
+                    pending.discard(tid)
+            if not pending:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.001)
 
     # -- the watch: the agent finishes a batch whose tool died (guard.py) -------------
     @property
