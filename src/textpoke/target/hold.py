@@ -39,6 +39,7 @@ from . import _ptrace, sigframe
 from ._ptrace import Regs
 from .inject import rseq_resume_point
 from .process import Process, why_not_traceable
+from .sigframe import SYS_restart_syscall
 from .syscalls import REISSUE_AFTER_EINTR, TRANSPARENT_RESTART
 
 _U64 = 0xFFFF_FFFF_FFFF_FFFF
@@ -52,7 +53,9 @@ def interruptible_quietly(process: Process, tid: int) -> bool:
     covered for REISSUE_AFTER_EINTR), or it is blocked in a syscall that
     restarts after a stop or that :class:`HeldThread` issues again."""
     nr = process.thread_syscall(tid)
-    return nr is None or nr in TRANSPARENT_RESTART or nr in REISSUE_AFTER_EINTR
+    # restart_syscall: resuming a call an earlier stop ended with -ERESTART_RESTARTBLOCK
+    # (nanosleep, poll, a timed futex): a stop ends it with the same again.
+    return nr is None or nr == SYS_restart_syscall or nr in TRANSPARENT_RESTART or nr in REISSUE_AFTER_EINTR
 
 
 @dataclass(frozen=True)
