@@ -81,8 +81,11 @@ class BatchGuard:
             self._end(failed=False)
 
     def _blockers(self) -> list[int]:
-        if self._ignored is None:  # our agent and install threads (named once, at birth)
-            self._ignored = frozenset({self.resident.agent_tid}) | our_threads(self.process)
+        if self._ignored is None:  # our agent and install threads (named once, at birth), and a
+            # spawned program's first thread, which we hold stopped already (Resident.held)
+            held = self.resident.held
+            self._ignored = (frozenset({self.resident.agent_tid}) | our_threads(self.process)
+                             | (frozenset({held.tid}) if held is not None else frozenset()))
         ignored = self._ignored
         pid = self.process.pid
         return [tid for tid in self.process.threads()
@@ -97,20 +100,26 @@ class BatchGuard:
             resident.arm()
         self.written = True  # from here on, int3s may be written
         deadline = time.monotonic() + self.patience_s
-        while True:
-            blockers = self._blockers()
-            self._looked_at = time.monotonic()
-            if not blockers:
-                return
-            loud = [tid for tid in blockers if not interruptible_quietly(self.process, tid)]
-            self._hold_all([tid for tid in blockers if tid not in loud], check=True)
+        blockers = self._blockers()
+        self._looked_at = time.monotonic()
+        # Each thread is looked at once (one in our handler, let go, may be back
+        # there at once while a dead tool's int3 is in place); only a thread in a
+        # loud syscall is waited for.
+        loud = [tid for tid in blockers if not interruptible_quietly(self.process, tid)]
+        self._hold_all([tid for tid in blockers if tid not in loud], check=True)
+        pid = self.process.pid
+        while loud:
+            loud = [tid for tid in loud if _blocks_sigtrap(pid, tid)]
+            quiet = [tid for tid in loud if interruptible_quietly(self.process, tid)]
+            self._hold_all(quiet, check=True)
+            loud = [tid for tid in loud if tid not in quiet]
             if loud and time.monotonic() > deadline:
                 self.written = False
                 self._end(failed=True)
                 tid = loud[0]
                 nr = self.process.thread_syscall(tid)
                 raise UnsafeTarget(
-                    f"thread {tid} ({_thread_name(self.process.pid, tid) or '?'}) of process {self.process.pid} "
+                    f"thread {tid} ({_thread_name(pid, tid) or '?'}) of process {pid} "
                     f"blocks SIGTRAP and waits in syscall {nr}, which textpoke's hold would end with EINTR; "
                     "nothing was written",
                     hint="retry when that thread is busy or waits in another call",

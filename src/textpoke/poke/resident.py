@@ -1628,7 +1628,7 @@ class Resident:
         """Release the tool's view and the session lock; the target keeps everything."""
         if self._lock_fd < 0:
             return
-        if self._watch and self.watch_state == WATCH_IDLE:
+        if self._watch and self.watch_state == WATCH_IDLE and not self.process.stopped():
             try:
                 self._close_pidfd()
             except TextpokeError:
