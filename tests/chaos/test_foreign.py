@@ -46,6 +46,8 @@ def test_foreign_int3_refused_by_count_and_address_or_skipped(build_target):
             assert (result.patched, result.foreign, session.foreign_sites) == ((hot,), (cold,), {cold})
             assert read_mem(target.pid, hot, 5) == batch[0].new
             assert cold not in session.resident.ledger  # not ours to put back
+            while fields(target.ask("count"))["b"] == 0:  # the workers now call B through the hot site
+                pass
         assert read_mem(target.pid, hot, 5) == batch[0].old  # reverted at close, the other left alone
         assert read_mem(target.pid, cold, 5) == cold_bytes
         result = fields(target.ask("stop"))

@@ -5,7 +5,7 @@
  *   cold_caller()  "call A" too, never called; argv[1] (hex) is the address of
  *                  its call, where main writes 0xcc (mprotect RW, write, RX)
  *
- * On "stop": "made=N a=NA b=NB bad=K", exit 0.
+ * "count": "b=NB" (calls of B so far); "stop": "made=N a=NA b=NB bad=K", exit 0.
  */
 #include <pthread.h>
 #include <stdatomic.h>
@@ -48,7 +48,10 @@ int main(int argc, char **argv) {
     while (atomic_load(&started) < 2) usleep(1000);
     printf("ready %d\n", getpid());
     fflush(stdout);
-    while (fgets(line, sizeof line, stdin) && strncmp(line, "stop", 4)) {}
+    while (fgets(line, sizeof line, stdin) && strncmp(line, "stop", 4)) {
+        printf("b=%ld\n", atomic_load(&b_calls));
+        fflush(stdout);
+    }
     atomic_store(&stop, 1);
     for (int i = 0; i < 2; i++) pthread_join(tids[i], NULL);
     printf("made=%ld a=%ld b=%ld bad=%ld\n", atomic_load(&made), atomic_load(&a_calls), atomic_load(&b_calls),

@@ -118,7 +118,7 @@ class HeldThread:
         if self.gone or not self._seized:
             return
         try:
-            _, status = _ptrace.wait_thread(self.tid)
+            status = self._wait_stop()
             if os.WIFEXITED(status) or os.WIFSIGNALED(status):
                 self.gone, self._seized = True, False
                 return
@@ -142,6 +142,21 @@ class HeldThread:
         except BaseException:
             self._detach()
             raise
+
+    def _wait_stop(self, timeout_s: float = 5.0) -> int:
+        """The status of the stop asked for; InjectionError if the thread does not
+        stop in ``timeout_s`` (uninterruptible in the kernel all that time)."""
+        deadline = time.monotonic() + timeout_s
+        delay = 0.0
+        while True:
+            tid, status = _ptrace.wait_thread(self.tid, nohang=True)
+            if tid:
+                return status
+            if time.monotonic() > deadline:
+                raise InjectionError(f"thread {self.tid} of process {self.process.pid} did not stop within "
+                                     f"{timeout_s:g} s (uninterruptible in the kernel)")
+            time.sleep(delay)
+            delay = min(delay + 0.00005, 0.001)
 
     @property
     def position(self) -> Position:
