@@ -117,6 +117,7 @@ def test_held_threads_wait_at_the_gate_until_the_batch_is_finished(build_target)
     site, to_a, to_b = _site(binary)
     target = Target([str(binary), "1", "1"])
     try:
+        before = _rate(target)
         seen = fork_and_kill(lambda out: _blind_tool(target.pid, site, to_a, to_b, out), _line, 0.05)
         assert seen.startswith("int3 held=4"), seen
         time.sleep(0.2)
@@ -127,11 +128,14 @@ def test_held_threads_wait_at_the_gate_until_the_batch_is_finished(build_target)
             waiting = [tid for tid in process.threads() if process.thread_syscall(tid) == sc.SYS_futex
                        and thread_pc(target.pid, tid) in range(gate, gate + 64)]
         assert len(waiting) == 4  # the spinner, epoller, reader and sleeper, alive, at the gate
+        trapping = _rate(target)  # every call through the site traps into the resident handler
         with attach(target.pid) as session:  # takes the batch over after the agent's grace
             assert session.recovery.in_flight == (site,) and session.recovery.agent_heal is None
         assert read_mem(target.pid, site, 5) == to_a
-        time.sleep(0.1)
+        after = _rate(target)
         result = fields(target.ask("stop"))
     finally:
         target.kill()
     _exact(result)
+    print(f"a batch nobody could finish (the agent blind): {before / 1e6:.1f}M calls/s before, "
+          f"{trapping / 1e6:.2f}M calls/s while its int3 stayed (one worker), {after / 1e6:.1f}M after the next attach")
