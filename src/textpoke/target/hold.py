@@ -47,15 +47,20 @@ _EINTR = -errno.EINTR & _U64
 _ERESTARTNOHAND = -sigframe.ERESTARTNOHAND & _U64
 
 
+#: Blocking syscalls outside TRANSPARENT_RESTART (the borrow's list) that a stop
+#: also ends with -ERESTART* (restarted as after any stop): rt_sigsuspend,
+#: futex_waitv, msgsnd, msgrcv, flock, fcntl (F_SETLKW), and restart_syscall
+#: (resuming a call an earlier stop ended with -ERESTART_RESTARTBLOCK).
+_ALSO_RESTARTED = frozenset({130, 449, 69, 70, 73, 72, SYS_restart_syscall})
+
+
 def interruptible_quietly(process: Process, tid: int) -> bool:
     """Whether a ptrace stop now would go unnoticed by thread ``tid``: it runs
     user code (the instant it may enter a syscall is a window of microseconds,
     covered for REISSUE_AFTER_EINTR), or it is blocked in a syscall that
     restarts after a stop or that :class:`HeldThread` issues again."""
     nr = process.thread_syscall(tid)
-    # restart_syscall: resuming a call an earlier stop ended with -ERESTART_RESTARTBLOCK
-    # (nanosleep, poll, a timed futex): a stop ends it with the same again.
-    return nr is None or nr == SYS_restart_syscall or nr in TRANSPARENT_RESTART or nr in REISSUE_AFTER_EINTR
+    return nr is None or nr in _ALSO_RESTARTED or nr in TRANSPARENT_RESTART or nr in REISSUE_AFTER_EINTR
 
 
 @dataclass(frozen=True)
