@@ -11,9 +11,13 @@ every blocking thread was held in every batch.
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 
+import pytest
+
+from textpoke import UnsafeTarget
 from textpoke.poke import Patch, Step, attach
 from textpoke.sites import SiteKind, find_sites
 from textpoke.x86.insn import encode_call
@@ -93,3 +97,27 @@ def test_thread_that_starts_blocking_mid_batch_is_held_at_the_next_look(build_ta
         target.kill()
     _exact(result)
     assert result["b"] > 0
+
+
+def test_blocking_thread_in_a_call_a_stop_would_end_with_eintr_is_refused(build_target):
+    """A thread that blocks every signal and waits in mq_receive (which a ptrace
+    stop ends with EINTR, visible to the program): it is not interrupted; after
+    a second's wait the batch is refused with one line, nothing written."""
+    binary = build_target("blockers")
+    site, to_a, to_b = _site(binary)
+    target = Target([str(binary), "1", "0"])
+    try:
+        assert target.ask("mq") == "mq"
+        with attach(target.pid) as session:
+            syncs = session.stats().syncs
+            with pytest.raises(UnsafeTarget) as info:
+                session.apply([Patch(site=site, old=to_a, new=to_b)])
+            assert info.value.exit_code == 13
+            assert re.fullmatch(rf"thread \d+ \(blockers-\w+\) of process {target.pid} blocks SIGTRAP and waits in "
+                                r"syscall 243, which textpoke's hold would end with EINTR; nothing was written",
+                                info.value.message)
+            assert (session.stats().syncs, read_mem(target.pid, site, 5)) == (syncs, to_a)
+        result = fields(target.ask("stop"))  # the mq thread is detached: main returns past it
+    finally:
+        target.kill()
+    _exact(result)  # eintr=0: the mq thread was never interrupted

@@ -17,6 +17,8 @@
  *   poke N    write N bytes to the epoller's and the reader's pipes; "poked"
  *   late MS   start a thread that blocks every signal, sleeps MS ms, then
  *             calls in a loop like a spinner; "late TID"
+ *   mq        start a thread that blocks every signal and waits in mq_receive for good
+ *             (a syscall a ptrace stop ends with EINTR); "mq"
  *   count     "made=N" (calls so far)
  *   stop      "made=N a=NA b=NB bad=K eintr=E epolled=P read=R slept=S"
  */
@@ -28,6 +30,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
+#include <mqueue.h>
 #include <sys/epoll.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -123,6 +127,23 @@ static void *sleeper(void *arg) {
     return NULL;
 }
 
+static atomic_int mq_started;
+
+static void *mq_waiter(void *arg) {
+    (void)arg;
+    block_all();
+    char name[64], buf[64];
+    snprintf(name, sizeof name, "/textpoke-test-%d", getpid());
+    struct mq_attr attr = {.mq_maxmsg = 1, .mq_msgsize = sizeof buf};
+    mqd_t q = mq_open(name, O_RDONLY | O_CREAT, 0600, &attr);
+    mq_unlink(name);
+    atomic_store(&mq_started, 1);
+    for (;;) {
+        if (mq_receive(q, buf, sizeof buf, NULL) < 0 && errno == EINTR) atomic_fetch_add(&eintr, 1);
+    }
+    return NULL;
+}
+
 int main(int argc, char **argv) {
     int workers = argc > 1 ? atoi(argv[1]) : 2, spinners = argc > 2 ? atoi(argv[2]) : 1;
     pthread_t tids[128];
@@ -144,6 +165,13 @@ int main(int argc, char **argv) {
                 if (write(epoll_pipe[1], "x", 1) != 1 || write(read_pipe[1], "x", 1) != 1) return 3;
             }
             printf("poked\n");
+        } else if (strncmp(line, "mq", 2) == 0) {
+            pthread_t t;
+            pthread_create(&t, NULL, mq_waiter, NULL);
+            pthread_detach(t);
+            while (!atomic_load(&mq_started)) usleep(100);
+            usleep(20000);
+            printf("mq\n");
         } else if (strncmp(line, "count", 5) == 0) {
             printf("made=%ld\n", atomic_load(&made));
         } else if (strncmp(line, "late ", 5) == 0 && n < 128) {
