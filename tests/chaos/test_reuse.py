@@ -48,7 +48,7 @@ def _session(pid: int, site: int, old: bytes, callee: int, *, reuse: bool) -> tu
         patch = Patch(site=site, old=old, new=encode_call(site, region.address))
         session.apply([patch])
         count = 0
-        while count < 20:  # the sleeper thread calls once per millisecond
+        while count < 20:  # the workers and the waiters call through the site
             count = struct.unpack_from("<Q", region.local, PAGE)[0]
         session.apply([patch.reverted()])
         count = struct.unpack_from("<Q", region.local, PAGE)[0]
@@ -62,7 +62,9 @@ def test_sessions_reuse_their_address_space(build_target):
     site, to_a, _ = _site(binary)
     callee = int.from_bytes(to_a[1:], "little", signed=True) + site + 5
     sessions = env_count("TEXTPOKE_REUSE_SESSIONS", 100)
-    target = Target([str(binary), "0", "0"])  # epoller, reader, sleeper: each blocks, calls, blocks
+    # 2 workers spinning through the site (never blocking: out once they ran 0.2 ms of CPU),
+    # and the epoller, reader and sleeper (blocking, calling, blocking)
+    target = Target([str(binary), "2", "0"])
     try:
         counted, reused = _session(target.pid, site, to_a, callee, reuse=True)
         first = _status(target.pid)

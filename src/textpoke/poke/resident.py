@@ -755,6 +755,20 @@ def region_size(capacity: int) -> int:
 # ---------------------------------------------------------------------------
 
 
+#: CPU time after which a running thread has surely left any trampoline routine
+#: (200x a routine's longest path without a wait).
+RAN_NS = 200_000
+
+
+def _cpu_ns(pid: int, tid: int) -> int | None:
+    """CPU time thread ``tid`` has run (/proc/PID/task/TID/schedstat), None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _rec(slot: int) -> int:
     """Offset of record ``slot`` of the reusable regions in the control area."""
     return RELEASED + slot * RELEASED_RECORD
@@ -1464,13 +1478,16 @@ class Resident:
 
     def _unused(self, start: int, end: int, *, window_s: float = 0.05) -> bool:
         """Whether nothing can still run code in [start, end): no site leads there
-        (no table entry, no baseline: what sites hold or return to), and every thread
-        of the program was seen outside it, blocked or stopped at another address
-        (/proc/PID/task/TID/syscall), once within ``window_s``. Having left it after
-        the sites stopped leading there, a thread cannot come back (the trampolines
-        leave no return address of theirs on a stack). Not covered: a thread whose
-        signal handler interrupted it inside the region and stays blocked through
-        the whole window (it returns into the region afterwards)."""
+        (no table entry, no baseline: what sites hold, are becoming or return to),
+        and every thread of the program was seen out of it within ``window_s``:
+        blocked or stopped at another address (/proc/PID/task/TID/syscall), or
+        running long enough to have finished any routine there (its CPU time grew
+        by RAN_NS; a routine's longest path without a wait is under a microsecond:
+        RCU-tasks' rule, with CPU time for the switches user space cannot see).
+        Having left after the sites stopped leading there, a thread cannot come
+        back (the trampolines leave no return address of theirs on a stack). Not
+        covered: a thread whose signal handler interrupted it inside the region and
+        runs or blocks elsewhere through the whole window."""
         for site, insn in (*self.table.entries(), *self.ledger.baselines.entries()):
             if insn[0] in (CALL_OPCODE, JMP_OPCODE):
                 target = site + CALL_SIZE + int.from_bytes(insn[1:CALL_SIZE], "little", signed=True)
@@ -1481,14 +1498,15 @@ class Resident:
     def _threads_outside(self, start: int, end: int, window_s: float) -> bool:
         pid = self.process.pid
         ours = {self.agent_tid} | set(our_threads(self.process))
-        pending = set(self.process.threads()) - ours
+        pending = {tid: _cpu_ns(pid, tid) for tid in set(self.process.threads()) - ours}
         deadline = time.monotonic() + window_s
         while True:
-            live = set(self.process.threads())
-            for tid in list(pending):
+            for tid, began in list(pending.items()):
                 pc = thread_pc(pid, tid)
-                if tid not in live or (pc is not None and not start <= pc < end):
-                    pending.discard(tid)
+                ran = _cpu_ns(pid, tid)
+                if ran is None or (pc is not None and not start <= pc < end) or (
+                        began is not None and ran - began >= RAN_NS):
+                    del pending[tid]
             if not pending:
                 return True
             if time.monotonic() > deadline:
