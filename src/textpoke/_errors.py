@@ -73,6 +73,18 @@ class SiteMismatch(SiteError):
     default_hint = "the code changed since the sites were found; list the sites again"
 
 
+class ForeignTrap(SiteMismatch):
+    """Sites hold an int3 that is not textpoke's (a debugger's breakpoint, a uprobe's):
+    ``sites`` lists them; nothing was written."""
+
+    default_hint = ("remove the breakpoints there (gdb, uprobes), or leave those sites out "
+                    "(Session.apply(..., skip_foreign=True) does)")
+
+    def __init__(self, message: str, *, sites: tuple[int, ...] = (), hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.sites = sites
+
+
 class NotABoundary(SiteError):
     default_hint = "give the address of an instruction start (see `textpoke sites`)"
 
@@ -146,6 +158,7 @@ __all__ = [
     "ElfError",
     "SiteError",
     "SiteMismatch",
+    "ForeignTrap",
     "NotABoundary",
     "PatchError",
     "BusyError",

@@ -9,7 +9,9 @@ delay of up to 3 ms, which lands inside that step's thousands of writes. After
 every kill the target must be alive. A last tool is killed right after a
 complete A -> B batch; the next attach must put all 2,000 sites back by itself
 and the text byte for byte, and the target's own counts and checksums must be
-exact.
+exact. After every kill, before any attach or recover, the resident agent must
+have finished the killed batch by itself: within a short wait no site holds an
+int3 (the target runs at full speed again, nothing trapping).
 
 Trials: TEXTPOKE_CHAOS_TRIALS (default 14, two per kill point), run beside
 TEXTPOKE_CHAOS_HOGS (default 1) processes spinning on the CPU.
@@ -25,6 +27,7 @@ from collections import Counter
 
 from textpoke.poke import Patch, Step, attach
 from textpoke.poke.resident import find_regions
+from textpoke.x86.insn import INT3_BYTE
 from textpoke.sites import SiteKind, find_sites
 from textpoke.x86.insn import encode_call
 
@@ -43,7 +46,9 @@ def _tool(pid: int, batches: tuple[list[Patch], list[Patch]], out: int, *, hold:
         os.write(out, b"start\n")
         session = attach(pid)
         found = session.recovery
-        os.write(out, f"attached in_flight={len(found.in_flight)} written={len(found.written)}\n".encode())
+        healed = found.agent_heal.sites if found.agent_heal else 0
+        os.write(out, f"attached in_flight={len(found.in_flight)} written={len(found.written)} healed={healed}\n"
+                 .encode())
 
         def report(step: Step) -> None:
             os.write(out, f"{step.value}\n".encode())
@@ -64,6 +69,39 @@ def _trial(pid: int, batches: tuple[list[Patch], list[Patch]], event: str, nth: 
     """Fork a tool, SIGKILL it ``delay`` s after its ``nth`` ``event``; the events it reported."""
     return fork_and_kill(lambda out: _tool(pid, batches, out, hold=hold),
                          lambda events: _events(events, event, nth), delay)
+
+
+_heal_time = 0.0
+
+
+def _watch(pid: int) -> str:
+    """The agent's watch fields, for a failure message."""
+    from textpoke.poke import resident as r
+    from textpoke.target.process import Process
+
+    with Process(pid) as process:
+        base = next(region.base for region in find_regions(process) if region.owned)
+        ctl = process.read(base + r.CODE_SIZE, 0x140)
+    word = lambda off, fmt="<I": __import__("struct").unpack_from(fmt, ctl, off)[0]  # noqa: E731
+    return (f"watch state {word(r.WATCH_STATE)} pidfd {word(r.WATCH_PIDFD)} pid {word(r.WATCH_PID)} "
+            f"mem fd {word(r.MEM_FD)} healed {word(r.HEAL_BATCHES, '<Q')} batches, last {word(r.HEAL_SITES, '<Q')} "
+            f"sites, failed {word(r.HEAL_FAILED)}")
+
+
+def _int3s_left(pid: int, sites: list[int], *, wait_s: float) -> list[int]:
+    """Sites whose first byte is an int3, waiting up to ``wait_s`` for the agent to finish them."""
+    global _heal_time
+    start = time.monotonic()
+    while True:
+        with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+            first, last = min(sites), max(sites) + 5
+            mem.seek(first)
+            text = mem.read(last - first)
+        left = [s for s in sites if text[s - first] == INT3_BYTE]
+        _heal_time = time.monotonic() - start
+        if not left or _heal_time > wait_s:
+            return left
+        time.sleep(0.0005)
 
 
 def _events(fd: int, until: str, nth: int, timeout: float = 60.0) -> list[str]:
@@ -97,6 +135,8 @@ def test_sigkill_at_any_point_the_target_survives(tmp_path):
     target = Target([str(binary), "4"])
     killed_after: Counter[str] = Counter()
     recovered_in_flight = 0
+    healed_in = 0.0
+    agent_healed = 0  # attaches told that the agent had finished the previous tool's batch
     try:
         # The resident part is installed here, before the trials: a tool killed
         # during the ~1 ms install (a thread borrowed through ptrace, its
@@ -112,11 +152,17 @@ def test_sigkill_at_any_point_the_target_survives(tmp_path):
                 attached = [line for line in seen if line.startswith("attached")]
                 if attached and "in_flight=0" not in attached[0]:
                     recovered_in_flight += 1
+                if attached and "healed=0" not in attached[0]:
+                    agent_healed += 1
                 assert target.alive(), f"trial {trial}: the target died (killed after {event} #{nth})"
                 status = open(f"/proc/{target.pid}/status").read()
                 assert "State:\tZ" not in status, (
                     f"trial {trial}: the target died with {target.proc.wait(5)} (killed after {event} #{nth}): {seen[-3:]}")
                 assert "State:\tT" not in status, f"trial {trial}: the target was left stopped (killed after {event})"
+                left = _int3s_left(target.pid, sites, wait_s=1.0)
+                assert not left, (f"trial {trial}: {len(left)} int3s left 1 s after a kill after {event} #{nth} "
+                                  f"(first at {left[0]:#x}); no recover ran; {_watch(target.pid)}; {seen[-3:]}")
+                healed_in = max(healed_in, _heal_time)
         # Last, a tool killed right after its A -> B batch: all 2,000 sites call B
         # for a session that will never revert them; the next attach must.
         _trial(target.pid, batches, "head", 1, 0.0, hold="head")
@@ -133,9 +179,12 @@ def test_sigkill_at_any_point_the_target_survives(tmp_path):
     check_result(result, SITES)
     assert result["b"] > 0  # the tools really patched
     if trials >= 2 * len(EVENTS):
-        assert recovered_in_flight > 0  # some kills left a batch in flight, and it was finished
-    summary = (f"kill -9 trials: {trials} beside {hogs} CPU hog(s), target alive after every one; "
-               f"killed after {dict(killed_after)}; {recovered_in_flight} attaches found a batch left in flight; the final attach put back "
+        assert agent_healed > 0  # some kills left a batch in flight, and the agent finished it
+        assert recovered_in_flight == 0  # ... before the next attach looked
+    summary = (f"kill -9 trials: {trials} beside {hogs} CPU hog(s), target alive after every one, no int3 left "
+               f"after any (the agent finished each killed batch within {healed_in * 1000:.1f} ms of the kill "
+               "being reaped, at most); "
+               f"killed after {dict(killed_after)}; {agent_healed} attaches were told the agent had finished a killed batch, {recovered_in_flight} found one in flight; the final attach put back "
                f"{len(left.written)} sites; calls made {result['made']}, A {result['a']}, B {result['b']}, bad 0")
     print(summary)
     (tmp_path.parent / "kill9-summary.txt").write_text(summary + "\n")

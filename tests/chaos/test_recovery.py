@@ -23,7 +23,11 @@ _KILLED_TOOL = r"""
 import sys, time
 from textpoke.poke import attach, Patch, Step
 from textpoke.x86.insn import encode_call
-pid, site, a, b, stop_at = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+pid, site, a, b, stop_at, watch = (int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]),
+                                   sys.argv[5], sys.argv[6] == "watch")
+if not watch:  # as if the agent could not tell this tool died: the batch stays in flight
+    from textpoke.poke.resident import Resident
+    Resident.open_watch = lambda self: False
 session = attach(pid)
 def hold(step):
     if step.value == stop_at:
@@ -33,10 +37,11 @@ session.apply([Patch(site=site, old=encode_call(site, a), new=encode_call(site, 
 """
 
 
-def _killed_at(pid: int, site: int, syms: dict[str, int], step: str) -> None:
-    """A tool that applies call A -> call B and is SIGKILLed right after ``step``."""
+def _killed_at(pid: int, site: int, syms: dict[str, int], step: str, *, watch: bool = False) -> None:
+    """A tool that applies call A -> call B and is SIGKILLed right after ``step``
+    (``watch``: with the agent watching it, as every tool does; else unwatched)."""
     tool = subprocess.Popen([sys.executable, "-c", _KILLED_TOOL, str(pid), str(site), str(syms["A"]),
-                             str(syms["B"]), step], stdout=subprocess.PIPE, text=True)
+                             str(syms["B"]), step, "watch" if watch else "-"], stdout=subprocess.PIPE, text=True)
     assert tool.stdout.readline().strip() == step
     tool.send_signal(signal.SIGKILL)
     tool.wait()
@@ -44,6 +49,29 @@ def _killed_at(pid: int, site: int, syms: dict[str, int], step: str) -> None:
 
 def _exact(result: dict[str, int]) -> None:
     assert result["bad"] == 0 and result["a"] + result["b"] == result["made"]
+
+
+def test_agent_finishes_the_batch_of_a_killed_tool_by_itself(life):
+    """A tool killed right after its int3 sync: the agent notices through its
+    pidfd and finishes the batch (the table's entry, call B), no recover run;
+    the next attach finds the text whole and reports who finished what."""
+    target = life("4")
+    syms = symbols(life.binary)
+    site = syms["site_caller"] + 9
+    _killed_at(target.pid, site, syms, "int3", watch=True)
+    deadline = time.monotonic() + 5
+    while read_mem(target.pid, site, 1)[0] == INT3_BYTE and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert read_mem(target.pid, site, 5) == encode_call(site, syms["B"])
+    with attach(target.pid) as session:
+        found = session.recovery
+        assert found.agent_heal is not None
+        assert (found.agent_heal.sites, found.agent_heal.batches, found.agent_heal.failed_writes) == (1, 1, 0)
+        assert found.in_flight == () and found.written == (site,)  # back to A, its baseline
+    with attach(target.pid) as session:
+        assert session.recovery.agent_heal is None  # reported once
+    assert read_mem(target.pid, site, 5) == encode_call(site, syms["A"])
+    _exact(target.stop())
 
 
 def test_recover_cli_finishes_a_batch_left_in_flight(life):

@@ -115,11 +115,15 @@ def test_shared_memory_is_private_and_has_no_path(build_target):
             tramp = [m for m in ours(maps) if m.path.startswith("/memfd:textpoke-counters")]
             assert sorted(m.perms for m in tramp) == ["r-xs", "rw-s"]
             added = {fd: link for fd, link in _fds(target.pid).items() if fds.get(fd) != link}
-            # One descriptor of ours: the resident region's, kept for later sessions; none of the trampolines'.
-            assert list(added.values()) == ["/memfd:textpoke (deleted)"]
+            # Ours: the resident region's (kept for later sessions), the agent's /proc/self/mem
+            # and this tool's pidfd (for healing a batch if the tool dies); none of the trampolines'.
+            assert sorted(added.values()) == sorted(["/memfd:textpoke (deleted)", f"/proc/{target.pid}/mem",
+                                                     "anon_inode:[pidfd]"])
             local = os.stat(f"/proc/{target.pid}/map_files/{tramp[0].start:x}-{tramp[0].end:x}")
             assert stat.S_IMODE(local.st_mode) == 0o600
         assert writable_and_executable(read_maps(target.pid)) == []
+        # The tool's pidfd goes with its session.
+        assert "anon_inode:[pidfd]" not in {link for fd, link in _fds(target.pid).items() if fds.get(fd) != link}
         for directory, entries in before.items():
             new = _entries(directory) - entries
             assert not [n for n in new if "textpoke" in n or directory == "/dev/shm"], (directory, new)

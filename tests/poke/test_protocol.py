@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from textpoke import PatchError, SiteError, SiteMismatch, UsageError
+from textpoke import ForeignTrap, PatchError, SiteError, SiteMismatch, UsageError
 from textpoke.poke.protocol import (
     BatchResult,
     Patch,
@@ -225,9 +225,23 @@ def test_a_foreign_int3_is_refused() -> None:
     text.memory[site - BASE] = INT3_BYTE  # a debugger's breakpoint
     before = bytes(text.memory)
     table = new_table()
-    with pytest.raises(SiteMismatch, match=f"{site:#x} holds an int3 that is not textpoke's"):
+    with pytest.raises(ForeignTrap, match=f"1 of 3 sites hold an int3 that is not textpoke's .*: {site:#x}") as info:
         apply_batch(scenario.patches, text=text, sync=FakeSync(), table=table)
+    assert info.value.sites == (site,) and isinstance(info.value, SiteMismatch)
     assert bytes(text.memory) == before and len(table) == 0
+
+
+def test_a_foreign_int3_is_skipped_on_request() -> None:
+    """skip_foreign: the other sites are patched, the foreign one is named and untouched."""
+    scenario = fixed_scenario()
+    text = scenario.text()
+    site = scenario.patches[1].site
+    text.memory[site - BASE] = INT3_BYTE
+    foreign_bytes = bytes(text.memory[site - BASE : site - BASE + 5])
+    table = new_table()
+    result = apply_batch(scenario.patches, text=text, sync=FakeSync(), table=table, skip_foreign=True)
+    assert result.foreign == (site,) and site not in result.patched and len(result.patched) == 2
+    assert bytes(text.memory[site - BASE : site - BASE + 5]) == foreign_bytes and site not in table
 
 
 def test_an_in_flight_site_to_something_else_is_refused() -> None:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from .._errors import PatchError, SiteError, SiteMismatch, UsageError
+from .._errors import ForeignTrap, PatchError, SiteError, SiteMismatch, UsageError
 from ..x86.insn import INT3, INT3_BYTE, SITE_SIZE, decode_site
 
 #: Reads of sites closer than this are merged into one read of the span. Text
@@ -111,6 +111,8 @@ class BatchResult:
     patched: tuple[int, ...]  # sites written (each with int3, tail, head)
     skipped: tuple[int, ...]  # sites needing no write: they hold ``new`` already
     syncs: int  # 3 if anything was written, else 0
+    #: Sites left alone because they hold someone else's int3 (``skip_foreign``).
+    foreign: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,7 @@ def apply_batch(
     table: InFlightTable,
     on_step: Callable[[Step], None] | None = None,
     resume: bool = False,
+    skip_foreign: bool = False,
 ) -> BatchResult:
     """Apply every patch of the batch, with three syncs in total.
 
@@ -142,8 +145,10 @@ def apply_batch(
        two overlap, the table has room, and the current bytes of *every* site
        match ``old``, all read before the first write; otherwise SiteMismatch
        (or SiteError/PatchError) and nothing is written or published. A site
-       whose first byte is an int3 the table does not know (a debugger's) is
-       refused; one the table knows is a site an interrupted batch left
+       whose first byte is an int3 the table does not know (a debugger's
+       breakpoint, a uprobe's) is foreign: the batch is refused (ForeignTrap,
+       naming every such site), or, with ``skip_foreign``, goes on without it
+       (``BatchResult.foreign``); one the table knows is a site an interrupted batch left
        in flight, whose effective instruction is its table entry: it is
        accepted if that entry is ``old`` or ``new``, and this batch finishes it.
        A site holding ``new`` already is skipped when ``old == new``, and also
@@ -178,13 +183,13 @@ def apply_batch(
     finishes the job, leaving exactly ``new`` or exactly ``old``.
     """
     batch = tuple(patches)
-    plan = _verify(batch, text=text, table=table, resume=resume)
+    plan, foreign = _verify(batch, text=text, table=table, resume=resume, skip_foreign=skip_foreign)
     _notify(on_step, Step.VERIFIED)
     work = [item for item in plan if item.write]
     skipped = tuple(item.site for item in plan if not item.write)
     _settle_skipped([item for item in plan if not item.write], table=table)
     if not work:
-        return BatchResult(patched=(), skipped=skipped, syncs=0)
+        return BatchResult(patched=(), skipped=skipped, syncs=0, foreign=foreign)
 
     _publish(work, table=table)
     _notify(on_step, Step.PUBLISHED)
@@ -194,7 +199,7 @@ def apply_batch(
     _notify(on_step, Step.TAIL)
     _poke_head(work, text=text, sync=sync)
     _notify(on_step, Step.HEAD)
-    return BatchResult(patched=tuple(item.site for item in work), skipped=skipped, syncs=3)
+    return BatchResult(patched=tuple(item.site for item in work), skipped=skipped, syncs=3, foreign=foreign)
 
 
 def _notify(on_step: Callable[[Step], None] | None, step: Step) -> None:
@@ -203,11 +208,12 @@ def _notify(on_step: Callable[[Step], None] | None, step: Step) -> None:
 
 
 def _verify(
-    batch: Sequence[Patch], *, text: TextAccess, table: InFlightTable, resume: bool
-) -> list[_Planned]:
+    batch: Sequence[Patch], *, text: TextAccess, table: InFlightTable, resume: bool, skip_foreign: bool = False
+) -> tuple[list[_Planned], tuple[int, ...]]:
     """Step 0: check the whole batch before anything is written.
 
-    Returns the plan of each patch, in batch order. The bytes are read and
+    Returns the plan of each patch, in batch order, and the foreign sites
+    (someone else's int3) left out with ``skip_foreign``. The bytes are read and
     compared here, and the writes of steps 2-4 assume them: this is the "read
     back and matched the expected old bytes" invariant of design.md.
     """
@@ -227,14 +233,12 @@ def _verify(
     current = _read_sites(text, [p.site for p in batch])
     plan: list[_Planned] = []
     problems: list[str] = []
+    foreign: list[int] = []
     for patch, now in zip(batch, current):
         if now[0] == INT3_BYTE:
             entry = table.lookup(patch.site)
             if entry is None:
-                problems.append(
-                    f"{patch.site:#x} holds an int3 that is not textpoke's "
-                    f"({now.hex(' ')}; a debugger breakpoint?)"
-                )
+                foreign.append(patch.site)
                 continue
             # Left in flight by an interrupted batch: threads execute the
             # entry (the handler emulates it), so that is the site's instruction.
@@ -256,10 +260,13 @@ def _verify(
     if problems:
         shown = "; ".join(problems[:8])
         more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
+        also = f"; {_foreign_text(foreign, len(batch))}" if foreign else ""
         raise SiteMismatch(
             f"{len(problems)} of {len(batch)} sites do not hold the expected bytes, "
-            f"nothing was written: {shown}{more}"
+            f"nothing was written: {shown}{more}{also}"
         )
+    if foreign and not skip_foreign:
+        raise ForeignTrap(f"{_foreign_text(foreign, len(batch))}; nothing was written", sites=tuple(foreign))
 
     new_sites = sum(1 for item in plan if item.write and table.lookup(item.site) is None)
     if new_sites > table.headroom:
@@ -269,7 +276,15 @@ def _verify(
             hint="patch fewer distinct sites per session, or start the session "
             "with a larger table",
         )
-    return plan
+    return plan, tuple(foreign)
+
+
+def _foreign_text(foreign: Sequence[int], total: int) -> str:
+    """How ForeignTrap and SiteMismatch name the sites that hold someone else's int3."""
+    shown = ", ".join(f"{site:#x}" for site in foreign[:8])
+    more = f" and {len(foreign) - 8} more" if len(foreign) > 8 else ""
+    return (f"{len(foreign)} of {total} sites hold an int3 that is not textpoke's (a debugger's breakpoint "
+            f"or a uprobe): {shown}{more}")
 
 
 def _settle_skipped(skipped: Sequence[_Planned], *, table: InFlightTable) -> None:

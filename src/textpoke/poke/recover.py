@@ -52,7 +52,9 @@ from .resident import (
     handler_label,
     ledger_offset,
 )
-from .safety import _store_action, ensure_handler, settle_traps, sigtrap_blockers
+from .guard import BatchGuard
+from .resident import AgentHeal
+from .safety import _store_action, ensure_handler, settle_traps
 from .table import SiteTable
 
 
@@ -101,7 +103,8 @@ class Recovery:
     #: Sites holding bytes that are neither theirs nor ours (someone else wrote
     #: there, a debugger's int3): left untouched.
     foreign: tuple[int, ...] = ()
-    #: Sites left as they are because a thread blocks SIGTRAP (no new int3 then).
+    #: Sites left as they are (kept for readers of the time threads blocking
+    #: SIGTRAP held recovery back; they are held during the batch now: always empty).
     held_back: tuple[int, ...] = ()
     #: Fork child: code address of the parent's region whose state was copied.
     inherited_from: int | None = None
@@ -109,6 +112,11 @@ class Recovery:
     fds_closed: int = 0
     #: Trampoline regions mapped (idle after recovery; never unmapped).
     trampoline_regions: int = 0
+    #: Batches the resident agent finished itself because their tool died,
+    #: since the previous attach looked (who died, how many sites).
+    agent_heal: AgentHeal | None = None
+    #: Threads held during the recovery batch (they block SIGTRAP).
+    held_threads: int = 0
 
     @property
     def changed_anything(self) -> bool:
@@ -162,20 +170,19 @@ def recover(resident: Resident, *, restore: Restore = Restore.BASELINE) -> Recov
     1. survey: the bytes of every site in the ledger or the table; under an
        int3 (a batch left in flight) the table's entry is what threads run;
     2. plan one patch per site, effective instruction -> goal; a site whose
-       bytes are not a site instruction (someone else's) is left alone, and
-       while a thread blocks SIGTRAP only in-flight sites are touched (they
-       already hold an int3; a new one could kill that thread);
-    3. ``apply_batch(..., resume=True)``: completes in-flight sites, skips
-       sites already at their goal (fixing stale table entries), 3 syncs if
-       anything is written, none otherwise;
+       bytes are not a site instruction (someone else's) is left alone;
+    3. ``apply_batch(..., resume=True)`` under a BatchGuard (threads that
+       block SIGTRAP held while int3s are in place): completes in-flight
+       sites, skips sites already at their goal (fixing stale table entries),
+       3 syncs if anything is written, none otherwise;
     4. for ORIGINAL, the originals become the baselines too.
     """
     process = resident.process
     states = survey(process, resident.table, resident.ledger)
-    blocked = bool(sigtrap_blockers(process, exclude=frozenset({resident.agent_tid}),
-                                    ours=[range(resident.base, resident.base + CODE_SIZE)]))
-    patches, foreign, held_back = plan_recovery(states, restore, sigtrap_blocked=blocked)
-    result = apply_batch(patches, text=process, sync=resident.sync, table=resident.table, resume=True)
+    patches, foreign, held_back = plan_recovery(states, restore)
+    with BatchGuard(resident, [patch.site for patch in patches]) as guard:
+        result = apply_batch(patches, text=process, sync=resident.sync, table=resident.table, resume=True,
+                             on_step=guard.step)
     if result.syncs:
         settle_traps(process, exclude=frozenset({resident.agent_tid}))
     if restore is Restore.ORIGINAL:
@@ -191,6 +198,7 @@ def recover(resident: Resident, *, restore: Restore = Restore.BASELINE) -> Recov
         foreign=tuple(foreign),
         held_back=tuple(held_back),
         trampoline_regions=_trampoline_regions(process),
+        held_threads=guard.held_total,
     )
 
 
@@ -203,9 +211,11 @@ def close_leaked_fds(resident: Resident) -> int:
     resident region keeps (a later session opens the region through it).
 
     map_shared closes its descriptor right after mapping; a tool killed in
-    between leaves one open (harmless, close-on-exec, but it is ours). Only
-    called under the session lock, so no live tool is between those two steps."""
+    between leaves one open (harmless, close-on-exec, but it is ours). Those of
+    regions kept for reuse (map_shared(reuse=True)) stay. Only called under
+    the session lock, so no live tool is between those two steps."""
     pid = resident.process.pid
+    kept = resident.reusable_inodes()
     closed = 0
     try:
         names = os.listdir(f"/proc/{pid}/fd")
@@ -217,7 +227,7 @@ def close_leaked_fds(resident: Resident) -> int:
             inode = os.stat(f"/proc/{pid}/fd/{name}").st_ino
         except OSError:
             continue
-        if link.startswith(OUR_PREFIX) and inode != resident.inode:
+        if link.startswith(OUR_PREFIX) and inode != resident.inode and inode not in kept:
             resident.syscall(sc.SYS_close, int(name))
             closed += 1
     return closed
@@ -313,13 +323,18 @@ def adopt_inherited(resident: Resident) -> int | None:
 def prepare(resident: Resident, *, restore: Restore | None = Restore.BASELINE) -> Recovery:
     """Everything an attach does before the session may write (see the module doc):
 
-    1. fork child: copy the inherited state (:func:`adopt_inherited`);
-    2. an adopted part: close leaked descriptors, register for membarrier
+    1. a batch whose tool died: let the agent finish it (Resident.settle_watch:
+       it may be doing so right now), or take it over if it cannot tell;
+    2. fork child: copy the inherited state (:func:`adopt_inherited`);
+    3. an adopted part: close leaked descriptors, register for membarrier
        SYNC_CORE again (idempotent; an install cut short may not have);
-    3. SIGTRAP reaches our handler (:func:`safety.ensure_handler`);
-    4. recover every site to ``restore`` (None: only survey).
+    4. SIGTRAP reaches our handler (:func:`safety.ensure_handler`);
+    5. recover every site to ``restore`` (None: only survey); then threads
+       that waited at the gate for the dead tool's batch go on (end_watch).
     """
+    heal = resident.settle_watch()
     inherited = adopt_inherited(resident)
+    resident.reclaim_released()
     closed = 0
     if not resident.created:
         closed = close_leaked_fds(resident)
@@ -332,7 +347,9 @@ def prepare(resident: Resident, *, restore: Restore | None = Restore.BASELINE) -
                          trampoline_regions=_trampoline_regions(resident.process))
     else:
         found = recover(resident, restore=restore)
-    return dataclasses.replace(found, inherited_from=inherited, handler_reinstalled=reinstalled, fds_closed=closed)
+    resident.end_watch()
+    return dataclasses.replace(found, inherited_from=inherited, handler_reinstalled=reinstalled, fds_closed=closed,
+                               agent_heal=heal)
 
 
 __all__ = [

@@ -30,19 +30,20 @@ import time
 from dataclasses import dataclass
 from types import TracebackType
 
-from .._errors import BusyError, InjectionError, TargetExited, TargetReplaced, TargetStopped, UsageError
+from .._errors import (BusyError, InjectionError, TargetError, TargetExited, TargetReplaced, TargetStopped, TextpokeError,
+                       UsageError)
 from ..target import _ptrace
 from ..target import syscalls as sc
 from ..target.inject import BorrowedThread, choose_thread
 from ..target.process import Process
-from ..target.maps import find_free_near
+from ..target.maps import DEFAULT_REACH, find_free_near
 from ..x86.asm import Asm, Imm64, R, mem
-from ..x86.insn import CALL_OPCODE, CALL_SIZE, JMP_OPCODE
+from ..x86.insn import CALL_OPCODE, CALL_SIZE, INT3_BYTE, JMP_OPCODE
 from .ledger import Ledger
 from .table import HASH_MULTIPLIER, SiteTable
 
 MAGIC = 0x31454B4F50545854  # b"TXTPOKE1" little-endian
-VERSION = 2  # 2: the ledger (originals, baselines) follows the table
+VERSION = 3  # 2: the ledger (originals, baselines) follows the table; 3: the agent heals a killed batch
 REGION_NAME = "textpoke"
 AGENT_NAME = "textpoke-agent"  # the agent thread's name (comm), as ps -T and top show it
 PAGE = 4096
@@ -66,6 +67,19 @@ HDR_INSTALL_FD = 0x058  # u32: the target's descriptor of this memfd, kept open 
 #                           later session opens the region through /proc/PID/fd, no privilege needed
 HDR_INSTALL_TID = 0x05C  # u32: the new thread
 HDR_INSTALL_MAGIC = 0x060  # u64: MAGIC once the fields above are written
+# The watch (poke/guard.py): while a batch has int3s in place the agent watches
+# the tool through a pidfd and, if the tool dies, finishes the batch itself.
+WATCH_STATE = 0x068  # u32 futex: one of the WATCH_* states below
+WATCH_PIDFD = 0x06C  # u32: the target's pidfd of the tool that arms the watch
+WATCH_PID = 0x070  # u32: that tool's pid
+MEM_FD = 0x074  # u32: the target's descriptor of /proc/self/mem (the agent's way to write text)
+WATCH_PIDFD_INO = 0x0C8  # u64: st_ino of WATCH_PIDFD when it was opened (the agent checks it)
+MEM_INO = 0x0D0  # u64: st_ino of MEM_FD when it was opened
+HEAL_BATCHES = 0x0D8  # u64: batches the agent finished for a tool that died
+HEAL_SITES = 0x0E0  # u64: sites the last of them had in flight
+HEAL_PID = 0x0E8  # u32: the tool that died (the last one the agent finished for)
+HEAL_FAILED = 0x0EC  # u32: writes of the agent that failed (a site unmapped meanwhile)
+HEAL_POLL_TS = 0x0F0  # struct timespec: how long the armed agent sleeps between looks at the tool
 MBX_REQUEST = 0x080  # u32 futex: sequence number of the last posted request
 MBX_DONE = 0x084  # u32 futex: sequence number of the last finished request
 MBX_NR = 0x088  # u64
@@ -75,6 +89,9 @@ STAT_EMULATED = 0x100  # u64: traps the handler emulated
 STAT_NOT_OURS = 0x108  # u64: traps passed on to the program's disposition
 STAT_SYNCS = 0x110  # u64: membarrier calls the agent made
 STAT_REQUESTS = 0x118  # u64: requests the agent served
+HEAL_BUF = 0x120  # 8 bytes: a site's bytes as the healing agent reads them
+POLLFD = 0x128  # struct pollfd {fd, events, revents} of the armed agent
+HEAL_REPORTED = 0x130  # u64: HEAL_BATCHES when an attach last reported them
 OLD_ACTION = 0x140  # struct k_sigaction {handler, flags, restorer, mask}: before us
 DEFAULT_ACTION = 0x160  # a zeroed k_sigaction (SIG_DFL), for re-raising
 #: What handler copy k chains to: OLD_ACTION (before our install) for copy 0, then
@@ -82,9 +99,23 @@ DEFAULT_ACTION = 0x160  # a zeroed k_sigaction (SIG_DFL), for re-raising
 OLD_ACTIONS = (OLD_ACTION, 0x180, 0x1A0, 0x1C0)
 HANDLER_COPIES = len(OLD_ACTIONS)
 SCRATCH = 0x200  # strings and structs passed to agent syscalls
-SCRATCH_SIZE = 0xE00
+SCRATCH_SIZE = 0x900
+_FSTAT = SCRATCH + 0x400  # struct stat of a tool's fstat request
+AGENT_STAT = 0xB00  # struct stat (144 bytes) the agent fills on its own (fstat of its descriptors)
+RELEASED = 0xC00  # released shared regions, for reuse (Resident.release_shared): RELEASED_SLOTS records
+RELEASED_SLOTS = 16
+RELEASED_RECORD = 64
 SHARED_MODE = 0o600  # every memfd of ours
 TABLE_OFFSET = 0x1000
+
+# WATCH_STATE values. A thread held at the gate (_emit_gate) goes on only in IDLE or HEALED.
+WATCH_IDLE = 0  # no batch in flight
+WATCH_ARMED = 1  # a batch has (or may get) int3s in place; the agent watches the tool
+WATCH_HEALING = 2  # the tool died; the agent finishes the batch (it took ARMED with cmpxchg)
+WATCH_HEALED = 3  # the agent finished it (HEAL_* say what); the next tool finds the text whole
+WATCH_TAKEN = 4  # a later tool finishes it (the agent could not tell the tool died)
+HEAL_POLL_NS = 1_000_000  # the armed agent looks at the tool every millisecond (and after each request)
+POLLIN = 1
 
 # -- ucontext/siginfo offsets (x86-64) ----------------------------------------
 SIGINFO_CODE = 8
@@ -117,6 +148,16 @@ class ResidentStats:
 
 
 @dataclass(frozen=True)
+class AgentHeal:
+    """Batches the agent finished because their tool died (since the last attach looked)."""
+
+    tool_pid: int  # the (last) tool that died
+    sites: int  # sites its batch had in flight, now whole
+    batches: int
+    failed_writes: int  # writes that failed (a site unmapped meanwhile)
+
+
+@dataclass(frozen=True)
 class SharedRegion:
     """A memfd mapped at ``address`` in the target and at ``local`` in the tool;
     its data part (after the code) at ``data_address`` in the target."""
@@ -125,6 +166,19 @@ class SharedRegion:
     size: int
     local: mmap.mmap
     data_address: int
+    #: Its record in the control region's list of reusable regions (map_shared(reuse=True)), else -1.
+    slot: int = -1
+    #: It was mapped by an earlier session and given back (release_shared): its code
+    #: pages may still be named by a thread's rseq_cs; write them with write_code.
+    reused: bool = False
+
+
+# Records of RELEASED: regions a session gave back for a later one (map_shared(reuse=True)).
+_REC_STATE, _REC_FD, _REC_ADDRESS, _REC_CODE, _REC_DATA, _REC_DATA_ADDRESS, _REC_INODE, _REC_APART = (
+    0, 4, 8, 16, 24, 32, 40, 48)
+_FREE, _RELEASED, _IN_USE = 0, 1, 2
+#: rseq_cs descriptors are 32-byte aligned; post_commit_offset is their third word.
+_RSEQ_CS_ALIGN, _RSEQ_POST_COMMIT = 32, 16
 
 
 # ---------------------------------------------------------------------------
@@ -249,12 +303,18 @@ def _emit_restorer(a: Asm) -> None:
     a.op("SYSCALL")
 
 
-def _emit_agent(a: Asm, *, ctl: int) -> None:
+def _emit_agent(a: Asm, *, ctl: int, capacity: int) -> None:
     """The sync agent: a thread that serves the mailbox forever.
 
     Pairs with :meth:`Resident.syscall`: the tool writes nr/args, then bumps
     MBX_REQUEST and wakes it; the agent runs the syscall, stores the result,
     then sets MBX_DONE to the request number and wakes the tool.
+
+    While WATCH_STATE is ARMED (a batch of the tool's may have int3s in place)
+    it sleeps at most HEAL_POLL_TS and, before each sleep, polls the tool's
+    pidfd: readable means every thread of the tool has exited (no write of
+    its can still land). Then it takes the batch (cmpxchg ARMED -> HEALING,
+    so a later tool that took it first wins) and finishes it (_emit_heal).
     """
     a.label("agent")
     a.op("LEA_R64_M", R.R12, mem(R.RIP, ctl))
@@ -273,11 +333,47 @@ def _emit_agent(a: Asm, *, ctl: int) -> None:
     a.op("MOV_R32_RM32", R.EAX, mem(R.R12, MBX_REQUEST))
     a.op("CMP_R32_RM32", R.EAX, mem(R.R12, MBX_DONE))
     a.jump("JNE_REL32_64", "agent_work")
-    # futex_wait(&request, seen value): sleeps unless a request came meanwhile.
-    a.op("MOV_R32_RM32", R.EDX, R.EAX)
+    a.op("MOV_R32_RM32", R.EBX, R.EAX)  # the request number seen, for the futex wait
+    a.op("XOR_R32_RM32", R.R10D, R.R10D)  # no timeout unless armed
+    a.op("CMP_RM32_IMM8", mem(R.R12, WATCH_STATE), WATCH_ARMED)
+    a.jump("JNE_REL32_64", "agent_wait")
+    # Armed: has the tool exited? poll(&pollfd, 1, 0)
+    a.op("MOV_R32_RM32", R.ECX, mem(R.R12, WATCH_PIDFD))
+    a.op("MOV_RM32_R32", mem(R.R12, POLLFD), R.ECX)
+    a.op("MOV_RM32_IMM32", mem(R.R12, POLLFD + 4), POLLIN)  # events = POLLIN, revents = 0
+    a.op("LEA_R64_M", R.RDI, mem(R.R12, POLLFD))
+    a.op("MOV_R32_IMM32", R.ESI, 1)
+    a.op("XOR_R32_RM32", R.EDX, R.EDX)
+    a.op("MOV_R32_IMM32", R.EAX, sc.SYS_poll)
+    a.op("SYSCALL")
+    a.op("LEA_R64_M", R.R10, mem(R.R12, HEAL_POLL_TS))  # from here on: a timed sleep
+    a.op("CMP_RM64_IMM8", R.RAX, 1)
+    a.jump("JNE_REL32_64", "agent_wait")
+    a.op("TEST_RM16_IMM16", mem(R.R12, POLLFD + 6), POLLIN)
+    a.jump("JE_REL32_64", "agent_wait")  # POLLNVAL etc.: not a sign of death
+    # The descriptor is still the pidfd we opened (the program may have reused the number).
+    a.op("MOV_R32_RM32", R.EDI, mem(R.R12, WATCH_PIDFD))
+    a.op("LEA_R64_M", R.RSI, mem(R.R12, AGENT_STAT))
+    a.op("MOV_R32_IMM32", R.EAX, sc.SYS_fstat)
+    a.op("SYSCALL")
+    a.op("LEA_R64_M", R.R10, mem(R.R12, HEAL_POLL_TS))
+    a.op("TEST_RM64_R64", R.RAX, R.RAX)
+    a.jump("JNE_REL32_64", "agent_wait")
+    a.op("MOV_R64_RM64", R.RAX, mem(R.R12, AGENT_STAT + sc.STAT_INO))
+    a.op("CMP_R64_RM64", R.RAX, mem(R.R12, WATCH_PIDFD_INO))
+    a.jump("JNE_REL32_64", "agent_wait")
+    # The tool is gone: take its batch.
+    a.op("MOV_R32_IMM32", R.EAX, WATCH_ARMED)
+    a.op("MOV_R32_IMM32", R.ECX, WATCH_HEALING)
+    a.op("CMPXCHG_RM32_R32", mem(R.R12, WATCH_STATE), R.ECX, lock=True)
+    a.jump("JNE_REL32_64", "agent_loop")
+    a.jump("JMP_REL32_64", "heal")
+
+    a.label("agent_wait")
+    # futex_wait(&request, seen value, r10): sleeps unless a request came meanwhile.
+    a.op("MOV_R32_RM32", R.EDX, R.EBX)
     a.op("LEA_R64_M", R.RDI, mem(R.R12, MBX_REQUEST))
     a.op("XOR_R32_RM32", R.ESI, R.ESI)  # FUTEX_WAIT, shared: the tool maps it too
-    a.op("XOR_R32_RM32", R.R10D, R.R10D)
     a.op("MOV_R32_IMM32", R.EAX, sc.SYS_futex)
     a.op("SYSCALL")
     a.jump("JMP_REL32_64", "agent_loop")
@@ -305,6 +401,158 @@ def _emit_agent(a: Asm, *, ctl: int) -> None:
     a.op("MOV_R32_IMM32", R.EAX, sc.SYS_futex)
     a.op("SYSCALL")
     a.jump("JMP_REL32_64", "agent_loop")
+    _emit_heal(a, capacity=capacity)
+
+
+def _emit_heal(a: Asm, *, capacity: int) -> None:
+    """The agent finishes the batch of a tool that died (r12 = control region).
+
+    The rule of recovery (poke/recover.py), in machine code: a table entry
+    whose site starts with an int3 is in flight, and what threads execute
+    there is the entry. Text is read and written through MEM_FD
+    (/proc/self/mem: it bypasses page protection as the tool's writes do, and
+    an address unmapped meanwhile fails the call instead of faulting).
+
+    0. MEM_FD must still be the file it was (st_ino), else nothing is written
+       and the state becomes TAKEN: the next tool finishes the batch;
+    pass 0: count the in-flight sites; none: done, no sync;
+       sync (the tool may have died before its int3 sync);
+    pass 1: each in-flight site gets its entry's bytes 1..4; sync;
+    pass 2: each in-flight site gets its entry's byte 0; sync;
+    then HEAL_* record what was done, WATCH_STATE = HEALED, and every thread
+    waiting at the gate is woken. :func:`heal_model` is the same rule in Python.
+    """
+    a.label("heal")
+    a.op("MOV_R32_RM32", R.EDI, mem(R.R12, MEM_FD))
+    a.op("LEA_R64_M", R.RSI, mem(R.R12, AGENT_STAT))
+    a.op("MOV_R32_IMM32", R.EAX, sc.SYS_fstat)
+    a.op("SYSCALL")
+    a.op("XOR_R32_RM32", R.R14D, R.R14D)  # sites in flight
+    a.op("TEST_RM64_R64", R.RAX, R.RAX)
+    a.jump("JNE_REL32_64", "heal_refused")
+    a.op("MOV_R64_RM64", R.RAX, mem(R.R12, AGENT_STAT + sc.STAT_INO))
+    a.op("CMP_R64_RM64", R.RAX, mem(R.R12, MEM_INO))
+    a.jump("JNE_REL32_64", "heal_refused")
+    a.op("XOR_R32_RM32", R.R13D, R.R13D)  # the pass
+    a.label("heal_pass")
+    a.op("XOR_R32_RM32", R.R15D, R.R15D)  # the slot
+    a.label("heal_slot")
+    a.op("MOV_R64_RM64", R.RBX, R.R15)
+    a.op("SHL_RM64_IMM8", R.RBX, 4)
+    a.op("LEA_R64_M", R.RBX, mem(R.R12, TABLE_OFFSET, index=R.RBX))  # the entry
+    a.op("MOV_R64_RM64", R.R8, mem(R.RBX))  # its site
+    a.op("TEST_RM64_R64", R.R8, R.R8)
+    a.jump("JE_REL32_64", "heal_next")
+    # pread64(MEM_FD, HEAL_BUF, 5, site)
+    a.op("MOV_R32_RM32", R.EDI, mem(R.R12, MEM_FD))
+    a.op("LEA_R64_M", R.RSI, mem(R.R12, HEAL_BUF))
+    a.op("MOV_R32_IMM32", R.EDX, CALL_SIZE)
+    a.op("MOV_R64_RM64", R.R10, R.R8)
+    a.op("MOV_R32_IMM32", R.EAX, sc.SYS_pread64)
+    a.op("SYSCALL")
+    a.op("CMP_RM64_IMM8", R.RAX, CALL_SIZE)
+    a.jump("JNE_REL32_64", "heal_next")  # unmapped: nothing to finish there
+    a.op("CMP_RM8_IMM8", mem(R.R12, HEAL_BUF), INT3_BYTE)
+    a.jump("JNE_REL32_64", "heal_next")  # whole: not in flight
+    a.op("CMP_RM32_IMM8", R.R13D, 1)
+    a.jump("JE_REL32_64", "heal_tail")
+    a.op("CMP_RM32_IMM8", R.R13D, 2)
+    a.jump("JE_REL32_64", "heal_head")
+    a.op("INC_RM64", R.R14)
+    a.jump("JMP_REL32_64", "heal_next")
+    a.label("heal_tail")  # pwrite64(MEM_FD, &entry.insn[1], 4, site + 1)
+    a.op("LEA_R64_M", R.RSI, mem(R.RBX, 9))
+    a.op("MOV_R32_IMM32", R.EDX, CALL_SIZE - 1)
+    a.op("LEA_R64_M", R.R10, mem(R.R8, 1))
+    a.jump("JMP_REL32_64", "heal_write")
+    a.label("heal_head")  # pwrite64(MEM_FD, &entry.insn[0], 1, site)
+    a.op("LEA_R64_M", R.RSI, mem(R.RBX, 8))
+    a.op("MOV_R32_IMM32", R.EDX, 1)
+    a.op("MOV_R64_RM64", R.R10, R.R8)
+    a.label("heal_write")
+    a.op("MOV_R32_RM32", R.EDI, mem(R.R12, MEM_FD))
+    a.op("MOV_R32_IMM32", R.EAX, sc.SYS_pwrite64)
+    a.op("MOV_R64_RM64", R.RBP, R.RDX)
+    a.op("SYSCALL")
+    a.op("CMP_R64_RM64", R.RAX, R.RBP)
+    a.jump("JE_REL32_64", "heal_next")
+    a.op("INC_RM32", mem(R.R12, HEAL_FAILED))
+    a.label("heal_next")
+    a.op("INC_RM64", R.R15)
+    a.op("CMP_RM64_IMM32", R.R15, capacity)
+    a.jump("JB_REL32_64", "heal_slot")
+    a.op("TEST_RM64_R64", R.R14, R.R14)
+    a.jump("JE_REL32_64", "heal_done")
+    a.op("MOV_R32_IMM32", R.EAX, sc.SYS_membarrier)
+    a.op("MOV_R32_IMM32", R.EDI, sc.MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE)
+    a.op("XOR_R32_RM32", R.ESI, R.ESI)
+    a.op("XOR_R32_RM32", R.EDX, R.EDX)
+    a.op("SYSCALL")
+    a.op("INC_RM64", mem(R.R12, STAT_SYNCS), lock=True)
+    a.op("INC_RM32", R.R13D)
+    a.op("CMP_RM32_IMM8", R.R13D, 3)
+    a.jump("JB_REL32_64", "heal_pass")
+    a.label("heal_done")
+    a.op("INC_RM64", mem(R.R12, HEAL_BATCHES))
+    a.op("MOV_RM64_R64", mem(R.R12, HEAL_SITES), R.R14)
+    a.op("MOV_R32_RM32", R.EAX, mem(R.R12, WATCH_PID))
+    a.op("MOV_RM32_R32", mem(R.R12, HEAL_PID), R.EAX)
+    a.op("MOV_RM32_IMM32", mem(R.R12, WATCH_STATE), WATCH_HEALED)  # last: the text is whole
+    a.op("LEA_R64_M", R.RDI, mem(R.R12, WATCH_STATE))
+    a.op("MOV_R32_IMM32", R.ESI, _ptrace.FUTEX_WAKE)
+    a.op("MOV_R32_IMM32", R.EDX, 0x7FFF_FFFF)
+    a.op("MOV_R32_IMM32", R.EAX, sc.SYS_futex)
+    a.op("SYSCALL")
+    a.jump("JMP_REL32_64", "agent_loop")
+    a.label("heal_refused")
+    # MEM_FD is not our file any more: nothing written; the next tool finishes the
+    # batch (TAKEN keeps the gate closed until it has).
+    a.op("MOV_RM32_IMM32", mem(R.R12, WATCH_STATE), WATCH_TAKEN)
+    a.jump("JMP_REL32_64", "agent_loop")
+
+
+def _emit_gate(a: Asm, *, ctl: int) -> None:
+    """Where a held thread resumes if the tool dies while holding it (poke/guard.py).
+
+    The tool points the held thread here, with rsp at a restore frame of its
+    own state (target/sigframe.py), before any int3 of the batch is written;
+    a tool that lives puts its registers back instead. So a thread that blocks
+    SIGTRAP, released by the kernel when its tracer dies, waits here while
+    WATCH_STATE says a batch may have int3s in place, and then returns to
+    itself through rt_sigreturn. No push, no call: rsp points into the frame.
+    """
+    a.label("gate")
+    a.op("LEA_R64_M", R.RDI, mem(R.RIP, ctl + WATCH_STATE))
+    a.label("gate_loop")
+    a.op("MOV_R32_RM32", R.EDX, mem(R.RDI))
+    a.op("CMP_RM32_IMM8", R.EDX, WATCH_IDLE)
+    a.jump("JE_REL32_64", "gate_open")
+    a.op("CMP_RM32_IMM8", R.EDX, WATCH_HEALED)
+    a.jump("JE_REL32_64", "gate_open")
+    a.op("XOR_R32_RM32", R.ESI, R.ESI)  # FUTEX_WAIT while the state is still edx
+    a.op("XOR_R32_RM32", R.R10D, R.R10D)
+    a.op("MOV_R32_IMM32", R.EAX, sc.SYS_futex)
+    a.op("SYSCALL")
+    a.jump("JMP_REL32_64", "gate_loop")
+    a.label("gate_open")
+    a.op("MOV_R32_IMM32", R.EAX, sc.SYS_rt_sigreturn)
+    a.op("SYSCALL")
+
+
+def heal_model(entries: dict[int, bytes], text: dict[int, bytes]) -> tuple[dict[int, bytes], int]:
+    """What :func:`_emit_heal` does, in Python (the differential test runs both).
+
+    ``entries``: site -> table instruction; ``text``: site -> its 5 bytes now
+    (missing: unmapped). Returns the text afterwards and the number of sites
+    that were in flight (an int3 on their first byte): each now holds its entry."""
+    after = dict(text)
+    healed = 0
+    for site, insn in entries.items():
+        now = text.get(site)
+        if now is not None and now[0] == INT3_BYTE:
+            after[site] = insn
+            healed += 1
+    return after, healed
 
 
 @functools.cache
@@ -318,7 +566,8 @@ def generate_code(*, capacity: int) -> tuple[bytes, dict[str, int]]:
     for copy in range(HANDLER_COPIES):
         _emit_handler(a, ctl=CODE_SIZE, capacity=capacity, copy=copy)
     _emit_restorer(a)
-    _emit_agent(a, ctl=CODE_SIZE)
+    _emit_gate(a, ctl=CODE_SIZE)
+    _emit_agent(a, ctl=CODE_SIZE, capacity=capacity)
     blob, labels = a.assemble(0)
     if len(blob) > CODE_SIZE:
         raise InjectionError(f"resident code is {len(blob)} bytes, more than {CODE_SIZE}")
@@ -504,6 +753,52 @@ def region_size(capacity: int) -> int:
 # ---------------------------------------------------------------------------
 # The resident part, seen from the tool
 # ---------------------------------------------------------------------------
+
+
+#: CPU time after which a running thread has surely left any trampoline routine
+#: (200x a routine's longest path without a wait).
+RAN_NS = 200_000
+
+
+def _cpu_ns(pid: int, tid: int) -> int | None:
+    """CPU time thread ``tid`` has run (/proc/PID/task/TID/schedstat), None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _rec(slot: int) -> int:
+    """Offset of record ``slot`` of the reusable regions in the control area."""
+    return RELEASED + slot * RELEASED_RECORD
+
+
+def _post_commit_words(offset: int, size: int) -> list[int]:
+    """Offsets of the 8-byte words in [offset, offset + size) that would be the
+    post_commit_offset of a 32-byte aligned rseq_cs descriptor."""
+    first = offset - offset % _RSEQ_CS_ALIGN + _RSEQ_POST_COMMIT
+    if first < offset:
+        first += _RSEQ_CS_ALIGN
+    return list(range(first, offset + size - 7, _RSEQ_CS_ALIGN))
+
+
+def _without_post_commit(code: bytes, offset: int) -> bytes:
+    out = bytearray(code)
+    for at in _post_commit_words(offset, len(code)):
+        out[at - offset : at - offset + 8] = bytes(8)
+    return bytes(out)
+
+
+def _zero_code(local: mmap.mmap, code_size: int) -> None:
+    """Zero a reused region's code part: post_commit words first (8-byte stores),
+    so each descriptor an old rseq_cs may name is valid at every instant (see
+    Resident.write_code), then everything."""
+    words = memoryview(local).cast("Q")
+    for at in _post_commit_words(0, code_size):
+        words[at // 8] = 0
+    del words
+    local[:code_size] = bytes(code_size)
 
 
 def _u64(buf: mmap.mmap, off: int) -> int:
@@ -785,6 +1080,7 @@ class Resident:
         self.finished_install = False
         #: How long an agent request may take, or a stopped target stay stopped.
         self.timeout_s = 10.0
+        self._watch: bool | None = None  # open_watch's answer, once asked
 
     # -- creation ---------------------------------------------------------------
     @classmethod
@@ -906,6 +1202,7 @@ class Resident:
         struct.pack_into("<QQQQQ", local, ctl + HDR_TABLE_CAPACITY, capacity,
                          base + ctl, ctl_size(capacity), base, CODE_SIZE)
         struct.pack_into("<Q", local, ctl + HDR_ALL_SIGNALS, 0xFFFF_FFFF_FFFF_FFFF)
+        struct.pack_into("<qq", local, ctl + HEAL_POLL_TS, 0, HEAL_POLL_NS)
         struct.pack_into("<I", local, ctl + HDR_READY, 1)  # last: releases the agent
         _ptrace.futex_wake(_ptrace.buffer_address(local, ctl + HDR_READY))
         resident = cls(process, base=base, local=local, lock_fd=lock_fd, created=True)
@@ -1026,7 +1323,7 @@ class Resident:
 
     # -- more shared regions ---------------------------------------------------------
     def map_shared(self, *, code_size: int, data_size: int, near: int | None = None,
-                   name: str = "textpoke-tramp", apart: bool = False) -> SharedRegion:
+                   name: str = "textpoke-tramp", apart: bool = False, reuse: bool = False) -> SharedRegion:
         """A new memfd region in the target, mapped by the tool too, via the agent.
 
         The first ``code_size`` bytes are RX in the target (the tool's view is
@@ -1035,15 +1332,29 @@ class Resident:
         (trampolines called from sites). The data follows the code, so code
         reaches it rip-relatively, unless ``apart``: then it is a mapping of
         its own wherever the kernel puts it (big record buffers: the address
-        space within reach of the program's code is scarce, and a region is
-        never unmapped), and code must address it absolutely."""
+        space within reach of the program's code is scarce), and code must
+        address it absolutely.
+
+        ``reuse``: first try a region of the same sizes that an earlier session
+        gave back (:meth:`release_shared`) and that nothing can still use
+        (:meth:`_unused`): its code and data are zeroed (the code rseq-safe),
+        at the same addresses. A region mapped
+        anew is recorded so that it can be given back in its turn (its memfd
+        descriptor stays open in the target for that). A region is never
+        unmapped: a thread may be inside one, or its rseq_cs name one."""
         size = code_size + data_size
         if code_size % PAGE or data_size % PAGE or size == 0 or (apart and not (code_size and data_size)):
             raise UsageError("shared region sizes must be whole pages")
+        if reuse:
+            found = self._reuse(code_size=code_size, data_size=data_size, near=near, apart=apart)
+            if found is not None:
+                return found
+        slot = self._free_slot() if reuse else -1
         raw = name.encode() + b"\0"
         self.ctl[SCRATCH : SCRATCH + len(raw)] = raw
         fd = self.syscall(sc.SYS_memfd_create, self.ctl_address + SCRATCH, sc.MFD_CLOEXEC)
         pid = self.process.pid
+        keep = False
         try:
             inode = os.stat(f"/proc/{pid}/fd/{fd}").st_ino
         except OSError as exc:
@@ -1068,10 +1379,263 @@ class Resident:
             if mapped != inode:
                 raise InjectionError(f"the memory textpoke mapped in process {pid} is not its memfd")
             local = _open_checked(pid, f"/proc/{pid}/fd/{fd}", size, inode)
+            if slot >= 0:
+                # Kept open: a later session opens the region through it to reuse it.
+                self._record(slot, _IN_USE, fd=fd, address=address, code_size=code_size, data_size=data_size,
+                             data_address=data_address, inode=inode, apart=apart)
+                keep = True
         finally:
-            if _still_ours(pid, fd, inode):
+            if not keep and _still_ours(pid, fd, inode):
                 self.syscall(sc.SYS_close, fd)
-        return SharedRegion(address, size, local, data_address)
+        return SharedRegion(address, size, local, data_address, slot=slot)
+
+    def release_shared(self, region: SharedRegion) -> bool:
+        """Give back a region mapped with ``reuse=True``, once its session ended:
+        every site that led into it reverted. Its data pages' memory is returned
+        (hole-punched: they read as zeros), and a later map_shared(reuse=True) of
+        the same sizes may take it. False if it was not mapped for reuse."""
+        if region.slot < 0:
+            return False
+        code_size = _u64(self.ctl, _rec(region.slot) + _REC_CODE)
+        try:
+            if region.size > code_size:
+                region.local.madvise(mmap.MADV_REMOVE, code_size, region.size - code_size)
+        except (OSError, ValueError):
+            pass  # the memory stays allocated; the region is still reusable
+        struct.pack_into("<I", self.ctl, _rec(region.slot) + _REC_STATE, _RELEASED)
+        return True
+
+    def released_regions(self) -> int:
+        """Regions given back and not reused yet."""
+        return sum(1 for k in range(RELEASED_SLOTS) if _u32(self.ctl, _rec(k)) == _RELEASED)
+
+    def reusable_inodes(self) -> frozenset[int]:
+        """Memfds of regions recorded for reuse (their descriptors stay open in the target)."""
+        return frozenset(_u64(self.ctl, _rec(k) + _REC_INODE) for k in range(RELEASED_SLOTS)
+                         if _u32(self.ctl, _rec(k)) != _FREE)
+
+    def reclaim_released(self) -> None:
+        """At attach: regions in use by a session that died are given back (the
+        reuse still checks, each time, that nothing can use them any more)."""
+        for k in range(RELEASED_SLOTS):
+            if _u32(self.ctl, _rec(k)) == _IN_USE:
+                struct.pack_into("<I", self.ctl, _rec(k) + _REC_STATE, _RELEASED)
+
+    @staticmethod
+    def write_code(region: SharedRegion, code: bytes, offset: int = 0) -> None:
+        """Write code into a region's code part in an order the kernel's rseq checks
+        accept at every instant: a thread's rseq_cs may still name a descriptor of
+        an earlier session in a reused region (the kernel reads it when that thread
+        is preempted and sends SIGSEGV if it is malformed). Every post_commit_offset
+        word (third word of a 32-byte aligned descriptor) is written last, each as
+        one 8-byte store; before that they hold zero (set when the region was
+        reused), and a descriptor with a zero post_commit_offset is valid and
+        matches no instruction."""
+        local = region.local
+        local[offset : offset + len(code)] = code if not region.reused else _without_post_commit(code, offset)
+        if region.reused:
+            words = memoryview(local).cast("Q")
+            for at in _post_commit_words(offset, len(code)):
+                words[at // 8] = int.from_bytes(code[at - offset : at - offset + 8], "little")
+            del words
+
+    def _free_slot(self) -> int:
+        return next((k for k in range(RELEASED_SLOTS) if _u32(self.ctl, _rec(k)) == _FREE), -1)
+
+    def _record(self, slot: int, state: int, *, fd: int, address: int, code_size: int, data_size: int,
+                data_address: int, inode: int, apart: bool) -> None:
+        base = _rec(slot)
+        struct.pack_into("<IQQQQQI", self.ctl, base + _REC_FD, fd, address, code_size, data_size, data_address,
+                         inode, int(apart))
+        struct.pack_into("<I", self.ctl, base + _REC_STATE, state)  # last: the record counts
+
+    def _reuse(self, *, code_size: int, data_size: int, near: int | None, apart: bool) -> SharedRegion | None:
+        """A released region of these sizes within reach of ``near`` that nothing can use."""
+        pid = self.process.pid
+        for slot in range(RELEASED_SLOTS):
+            base = _rec(slot)
+            if _u32(self.ctl, base) != _RELEASED:
+                continue
+            fd, address, code, data, data_address, inode, was_apart = struct.unpack_from(
+                "<IQQQQQI", self.ctl, base + _REC_FD)
+            if (code, data, bool(was_apart)) != (code_size, data_size, apart):
+                continue
+            if near is not None and max(abs(address - near), abs(address + code_size - near)) > DEFAULT_REACH:
+                continue
+            if not _still_ours(pid, fd, inode) or not self._unused(address, address + code_size):
+                continue
+            struct.pack_into("<I", self.ctl, base + _REC_STATE, _IN_USE)
+            local = _open_checked(pid, f"/proc/{pid}/fd/{fd}", code_size + data_size, inode)
+            region = SharedRegion(address, code_size + data_size, local, data_address, slot=slot, reused=True)
+            _zero_code(local, code_size)
+            if data_size:  # zeros, as a new region's (written to after its release, perhaps)
+                try:
+                    local.madvise(mmap.MADV_REMOVE, code_size, data_size)
+                except (OSError, ValueError):
+                    local[code_size:] = bytes(data_size)
+            return region
+        return None
+
+    def _unused(self, start: int, end: int, *, window_s: float = 0.05) -> bool:
+        """Whether nothing can still run code in [start, end): no site leads there
+        (no table entry, no baseline: what sites hold, are becoming or return to),
+        and every thread of the program was seen out of it within ``window_s``:
+        blocked or stopped at another address (/proc/PID/task/TID/syscall), or
+        running long enough to have finished any routine there (its CPU time grew
+        by RAN_NS; a routine's longest path without a wait is under a microsecond:
+        RCU-tasks' rule, with CPU time for the switches user space cannot see).
+        Having left after the sites stopped leading there, a thread cannot come
+        back (the trampolines leave no return address of theirs on a stack). Not
+        covered: a thread whose signal handler interrupted it inside the region and
+        runs or blocks elsewhere through the whole window."""
+        for site, insn in (*self.table.entries(), *self.ledger.baselines.entries()):
+            if insn[0] in (CALL_OPCODE, JMP_OPCODE):
+                target = site + CALL_SIZE + int.from_bytes(insn[1:CALL_SIZE], "little", signed=True)
+                if start <= target < end:
+                    return False
+        return self._threads_outside(start, end, window_s)
+
+    def _threads_outside(self, start: int, end: int, window_s: float) -> bool:
+        pid = self.process.pid
+        ours = {self.agent_tid} | set(our_threads(self.process))
+        pending = {tid: _cpu_ns(pid, tid) for tid in set(self.process.threads()) - ours}
+        deadline = time.monotonic() + window_s
+        while True:
+            for tid, began in list(pending.items()):
+                pc = thread_pc(pid, tid)
+                ran = _cpu_ns(pid, tid)
+                if ran is None or (pc is not None and not start <= pc < end) or (
+                        began is not None and ran - began >= RAN_NS):
+                    del pending[tid]
+            if not pending:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.001)
+
+    # -- the watch: the agent finishes a batch whose tool died (guard.py) -------------
+    @property
+    def watch_state(self) -> int:
+        return _u32(self.ctl, WATCH_STATE)
+
+    def _fd_inode(self, fd: int) -> int | None:
+        """st_ino of the target's descriptor ``fd`` as the agent sees it (fstat); None if not open."""
+        try:
+            self.syscall(sc.SYS_fstat, fd, self.ctl_address + _FSTAT)
+        except InjectionError:
+            return None
+        return _u64(self.ctl, _FSTAT + sc.STAT_INO)
+
+    def open_watch(self) -> bool:
+        """Give the agent what healing needs, once per session: a descriptor of
+        /proc/self/mem (kept for the region's life, checked by inode) and a
+        pidfd of this tool. False if this kernel or target cannot (no pidfd_open,
+        no /proc): batches then go unwatched, as before the agent could heal."""
+        if self._watch is not None:
+            return self._watch
+        self._watch = False
+        fd, inode = _u32(self.ctl, MEM_FD), _u64(self.ctl, MEM_INO)
+        if not inode or self._fd_inode(fd) != inode:
+            path = b"/proc/self/mem\0"
+            self.ctl[SCRATCH : SCRATCH + len(path)] = path
+            try:
+                fd = self.syscall(sc.SYS_openat, sc.AT_FDCWD, self.ctl_address + SCRATCH, sc.O_RDWR | sc.O_CLOEXEC, 0)
+            except InjectionError:
+                return False
+            inode = self._fd_inode(fd)
+            if inode is None:
+                return False
+            struct.pack_into("<Q", self.ctl, MEM_INO, inode)
+            struct.pack_into("<I", self.ctl, MEM_FD, fd)
+        self._close_pidfd()  # one a killed tool left
+        try:
+            pidfd = self.syscall(sc.SYS_pidfd_open, os.getpid(), 0)
+        except InjectionError:
+            return False
+        inode = self._fd_inode(pidfd)
+        if inode is None:
+            return False
+        struct.pack_into("<Q", self.ctl, WATCH_PIDFD_INO, inode)
+        struct.pack_into("<II", self.ctl, WATCH_PIDFD, pidfd, os.getpid())
+        self._watch = True
+        return True
+
+    def _close_pidfd(self) -> None:
+        """Close the watch's pidfd if it is still the one recorded (the program may have reused the number)."""
+        inode = _u64(self.ctl, WATCH_PIDFD_INO)
+        if not inode:
+            return
+        fd = _u32(self.ctl, WATCH_PIDFD)
+        struct.pack_into("<Q", self.ctl, WATCH_PIDFD_INO, 0)
+        if self._fd_inode(fd) == inode:
+            self.syscall(sc.SYS_close, fd)
+
+    def arm(self) -> None:
+        """From now on the agent finishes the batch if this tool dies (before the first int3).
+
+        The agent may be asleep without a timeout (it was idle): one request
+        (getpid) moves it on past its next look at WATCH_STATE, into timed sleeps."""
+        if self._watch:
+            struct.pack_into("<I", self.ctl, WATCH_STATE, WATCH_ARMED)
+            self.syscall(sc.SYS_getpid)
+
+    def disarm(self, timeout_s: float = 10.0) -> bool:
+        """After the batch's last sync (or its rollback): the agent stops watching;
+        threads waiting at the gate (none, while this tool lives) may go. False if
+        the agent had taken the batch over (it took this tool for dead: the
+        program reused the pidfd's number); then it is waited for: it writes
+        what this tool wrote, the entries."""
+        if not self._watch:
+            return True
+        address = _ptrace.buffer_address(self.local, CODE_SIZE + WATCH_STATE)
+        old = _ptrace.cmpxchg_u32(address, WATCH_ARMED, WATCH_IDLE)
+        if old != WATCH_ARMED:
+            deadline = time.monotonic() + timeout_s
+            while self.watch_state == WATCH_HEALING and time.monotonic() < deadline:
+                _ptrace.futex_wait(address, WATCH_HEALING, 0.01)
+            struct.pack_into("<I", self.ctl, WATCH_STATE, WATCH_IDLE)
+        _ptrace.futex_wake(address, 0x7FFF_FFFF)
+        return old == WATCH_ARMED
+
+    def settle_watch(self, *, grace_s: float = 2.0) -> AgentHeal | None:
+        """At attach, before anything is surveyed: let a heal of the agent's end.
+
+        A tool that died mid-batch left WATCH_STATE armed; the agent finishes
+        the batch as soon as the tool's pidfd reports it gone (it may still be
+        exiting: its lock is released before that). If the agent has not taken
+        the batch after ``grace_s`` (it cannot tell: the program closed the
+        pidfd), this tool takes it (cmpxchg, so never both) and the recovery
+        batch finishes it; :meth:`end_watch` then opens the gate. Returns what
+        the agent finished since the last attach looked (who and how many sites)."""
+        address = _ptrace.buffer_address(self.local, CODE_SIZE + WATCH_STATE)
+        start = time.monotonic()
+        while (state := self.watch_state) in (WATCH_ARMED, WATCH_HEALING):
+            _ptrace.futex_wake(self._request_addr)
+            if not self.process.alive():
+                raise TargetExited(f"process {self.process.pid} exited")
+            waited = time.monotonic() - start
+            if state == WATCH_HEALING and waited > self.timeout_s:
+                if self._agent_state() in ("T", "t"):
+                    raise TargetStopped(f"process {self.process.pid} is stopped while textpoke's agent finishes "
+                                        "the batch of a killed textpoke")
+                raise InjectionError(f"textpoke's agent in process {self.process.pid} does not finish the batch "
+                                     "of a killed textpoke")
+            if state == WATCH_ARMED and waited > grace_s:
+                if _ptrace.cmpxchg_u32(address, WATCH_ARMED, WATCH_TAKEN) == WATCH_ARMED:
+                    break
+            _ptrace.futex_wait(address, state, 0.005)
+        batches, seen = _u64(self.ctl, HEAL_BATCHES), _u64(self.ctl, HEAL_REPORTED)
+        if batches == seen:
+            return None
+        struct.pack_into("<Q", self.ctl, HEAL_REPORTED, batches)
+        return AgentHeal(tool_pid=_u32(self.ctl, HEAL_PID), sites=_u64(self.ctl, HEAL_SITES), batches=batches - seen,
+                         failed_writes=_u32(self.ctl, HEAL_FAILED))
+
+    def end_watch(self) -> None:
+        """After recovery: a batch the agent healed or this tool took is over; the gate opens."""
+        if self.watch_state in (WATCH_HEALED, WATCH_TAKEN):
+            struct.pack_into("<I", self.ctl, WATCH_STATE, WATCH_IDLE)
+            _ptrace.futex_wake(_ptrace.buffer_address(self.local, CODE_SIZE + WATCH_STATE), 0x7FFF_FFFF)
 
     # -- statistics -------------------------------------------------------------------
     def stats(self) -> ResidentStats:
@@ -1082,6 +1646,11 @@ class Resident:
         """Release the tool's view and the session lock; the target keeps everything."""
         if self._lock_fd < 0:
             return
+        if self._watch and self.watch_state == WATCH_IDLE and not self.process.stopped():
+            try:
+                self._close_pidfd()
+            except TextpokeError:
+                pass  # the target exited, or its agent cannot run: the descriptor goes with it
         try:
             del self.table
             del self.ledger
@@ -1103,4 +1672,4 @@ class Resident:
         self.close()
 
 
-__all__ = ["Resident", "ResidentStats", "SharedRegion", "generate_code", "region_size", "wait_unfinished"]
+__all__ = ["AgentHeal", "Resident", "ResidentStats", "SharedRegion", "generate_code", "region_size", "wait_unfinished"]

@@ -6,7 +6,9 @@ as it was:
 
 - :func:`refuse_sigtrap_blockers`: a thread that blocks SIGTRAP and runs into
   an int3 is killed (the kernel forces the signal: it unblocks it and resets it
-  to the default action), so no int3 may be written while one exists;
+  to the default action). Sessions no longer refuse such a thread: each batch
+  holds it while its int3s are in place (poke/guard.py); the readers here
+  (:func:`_blocks_sigtrap`, :func:`sigtrap_blockers`) serve the guard and tools;
 - :func:`check_addresses`: every site lies in the program's executable memory,
   never in textpoke's own mappings, and every call/jmp written goes to
   executable code that is not the resident handler;

@@ -18,11 +18,12 @@ from .._errors import TargetStopped, UsageError
 from ..target.process import Process
 from ..target.security import check_architecture
 from ..target.spawn import spawn as target_spawn
-from ..x86.insn import SITE_SIZE
-from .protocol import BatchResult, Patch, Step, apply_batch
+from ..x86.insn import INT3_BYTE, SITE_SIZE
+from .protocol import BatchResult, Patch, Step, _read_sites, apply_batch
 from .recover import Recovery, Restore, prepare
-from .resident import CODE_SIZE, DEFAULT_CAPACITY, Resident, ResidentStats, find_regions, our_threads
-from .safety import MapsCache, attach_guard, check_addresses, ensure_handler, refuse_sigtrap_blockers, settle_traps
+from .resident import DEFAULT_CAPACITY, Resident, ResidentStats
+from .guard import BatchGuard
+from .safety import MapsCache, attach_guard, check_addresses, ensure_handler, settle_traps
 
 
 class Session:
@@ -38,6 +39,14 @@ class Session:
         self.recovery: Recovery | None = None
         #: Times a batch found the program had replaced our SIGTRAP handler.
         self.handler_reinstalls = 0
+        #: Threads held (they block SIGTRAP) over all batches, one per thread and batch;
+        #: of them, those that started blocking SIGTRAP while a batch was under way.
+        self.held_threads = 0
+        self.late_held = 0
+        #: Sites batches left out because they hold someone else's int3 (skip_foreign).
+        self.foreign_sites: set[int] = set()
+        self.last_guard: BatchGuard | None = None  # the last batch's guard (its timings)
+        self.current_guard: BatchGuard | None = None  # the guard of the batch under way (for on_step)
         self._maps = MapsCache(process)
         self._closed = False
 
@@ -58,8 +67,13 @@ class Session:
         return {site: old for site, old in self._original.items() if self._current.get(site) != old}
 
     # -- patching -------------------------------------------------------------------
-    def apply(self, patches: Iterable[Patch], *, on_step: Callable[[Step], None] | None = None) -> BatchResult:
-        """Apply one batch (three syncs whatever its size); see protocol.apply_batch."""
+    def apply(self, patches: Iterable[Patch], *, on_step: Callable[[Step], None] | None = None,
+              skip_foreign: bool = False) -> BatchResult:
+        """Apply one batch (three syncs whatever its size); see protocol.apply_batch.
+
+        ``skip_foreign``: sites holding someone else's int3 (a debugger's, a
+        uprobe's) are left out instead of refusing the batch (ForeignTrap); the
+        result's ``foreign`` names them, and so does :attr:`foreign_sites`."""
         batch = list(patches)
         self._preflight(batch)
         ledger = self.resident.ledger
@@ -67,24 +81,42 @@ class Session:
 
         def step(done: Step) -> None:
             if done is Step.VERIFIED:
-                # Verified, nothing published yet: the bytes each site returns to.
-                for patch in batch:
+                # Verified, nothing published yet: the bytes each site returns to
+                # (not for a site left out as foreign: it is not ours to return).
+                table = self.resident.table
+                current = _read_sites(self.process, [p.site for p in batch]) if skip_foreign else None
+                for i, patch in enumerate(batch):
+                    if current and current[i][0] == INT3_BYTE and patch.site not in table:
+                        continue
                     ledger.record(patch.site, patch.old)
             reached.append(done)
             if on_step is not None:
                 on_step(done)
 
+        guard = BatchGuard(self.resident, [patch.site for patch in batch if isinstance(patch, Patch)])
+
+        def guarded(done: Step) -> None:
+            guard.step(done)
+            step(done)
+
+        self.current_guard = guard
         try:
-            result = apply_batch(batch, text=self.process, sync=self.resident.sync,
-                                 table=self.resident.table, on_step=step)
+            with guard:
+                result = apply_batch(batch, text=self.process, sync=self.resident.sync,
+                                     table=self.resident.table, on_step=guarded, skip_foreign=skip_foreign)
         except BaseException:
             # Past the int3 sync a failed batch is not rolled back: threads
             # execute the new instructions (emulated), so revert() must know.
             if Step.INT3 in reached:
                 self._remember(batch)
             raise
-        self._remember(batch)
+        left_out = set(result.foreign)
+        self._remember([patch for patch in batch if patch.site not in left_out])
+        self.foreign_sites.update(left_out)
         self.batches += 1
+        self.held_threads += guard.held_total
+        self.late_held += guard.late
+        self.last_guard = guard
         if result.syncs:
             settle_traps(self.process, exclude=frozenset({self.resident.agent_tid}))
         return result
@@ -97,15 +129,13 @@ class Session:
     def _preflight(self, batch: list[Patch]) -> None:
         """Refuse a batch that could hurt the target, before anything is written
         (see poke/safety.py): sites outside the program's code or calls to
-        non-code, a thread blocking SIGTRAP; and put our SIGTRAP handler back in
-        front if the program installed its own since the last batch."""
+        non-code; and put our SIGTRAP handler back in front if the program
+        installed its own since the last batch. (Threads that block SIGTRAP are
+        held by the batch's guard, poke/guard.py.)"""
         patches = [patch for patch in batch if isinstance(patch, Patch)]
         if not patches or len(patches) != len(batch):
             return  # nothing to write, or apply_batch refuses the batch itself
         check_addresses(self.process, patches, maps=self._maps)
-        resident = self.resident
-        refuse_sigtrap_blockers(self.process, exclude=frozenset({resident.agent_tid}),
-                                ours=[range(resident.base, resident.base + CODE_SIZE)])
         if ensure_handler(self.resident):
             self.handler_reinstalls += 1
 
@@ -194,8 +224,7 @@ def attach(pid: int, *, capacity: int = DEFAULT_CAPACITY, timeout_s: float = 10.
 
     1. check the process, writing nothing: a live user-space x86-64 process
        we may trace (Process, check_architecture), not stopped (its agent could
-       not run), no thread blocking SIGTRAP (unless ``refuse_unsafe`` is False:
-       recovery then only finishes what is already in flight);
+       not run);
     2. under attach_guard (one tool at a time), adopt or install the resident
        part, taking the session lock (BusyError if another session holds it);
     3. recover.prepare: copy the state a fork child inherited, finish a cut-short
@@ -204,7 +233,9 @@ def attach(pid: int, *, capacity: int = DEFAULT_CAPACITY, timeout_s: float = 10.
        killed tool left; None: leave sites as they are). See ``session.recovery``.
 
     ``timeout_s`` bounds every wait on the agent, including for a process that
-    gets stopped (SIGSTOP) while we work (TargetStopped)."""
+    gets stopped (SIGSTOP) while we work (TargetStopped). ``refuse_unsafe`` is
+    kept for callers of the time threads blocking SIGTRAP were refused; they
+    are held during batches now (poke/guard.py), so it changes nothing."""
     if isinstance(pid, bool) or not isinstance(pid, int):
         raise UsageError(f"pid must be an int, not {pid!r}")
     process = Process(pid)
@@ -212,11 +243,6 @@ def attach(pid: int, *, capacity: int = DEFAULT_CAPACITY, timeout_s: float = 10.
         check_architecture(pid)
         if process.stopped():
             raise TargetStopped(f"process {pid} is stopped (SIGSTOP or a debugger); textpoke needs it running")
-        if refuse_unsafe:
-            regions = find_regions(process)
-            refuse_sigtrap_blockers(process, exclude=frozenset(r.agent_tid for r in regions if r.owned)
-                                    | our_threads(process),
-                                    ours=[range(r.base, r.base + CODE_SIZE) for r in regions])
         with attach_guard(pid):
             resident = Resident.attach(process, capacity=capacity)
             try:

@@ -268,11 +268,7 @@ from collections.abc import Callable as _Callable  # noqa: E402
 
 @_functools.cache
 def _rdtsc_function() -> _Callable[[], int]:
-    """``rdtsc; shl rdx, 32; or rax, rdx; ret`` in a page of our own, as a C function.
-
-    The page is written while RW and then made RX (never writable and executable
-    at once); it is never unmapped, so the function stays valid for the process's
-    life.  The bytes come from the project's assembler, not spelled here."""
+    """``rdtsc; shl rdx, 32; or rax, rdx; ret`` in a page of our own, as a C function."""
     from ..x86.asm import Asm, R  # the leaf stage; imported on first use only
 
     a = Asm()
@@ -280,7 +276,32 @@ def _rdtsc_function() -> _Callable[[], int]:
     a.op("SHL_RM64_IMM8", R.RDX, 32)
     a.op("OR_RM64_R64", R.RAX, R.RDX)
     a.op("RETNQ")
-    code, _ = a.assemble(0)
+    return ctypes.CFUNCTYPE(ctypes.c_uint64)(_code_page(a.assemble(0)[0]))
+
+
+@_functools.cache
+def _cmpxchg_function() -> _Callable[[int, int, int], int]:
+    """``mov eax, esi; lock cmpxchg [rdi], edx; ret``: (address, expected, new) -> the old value."""
+    from ..x86.asm import Asm, R, mem
+
+    a = Asm()
+    a.op("MOV_R32_RM32", R.EAX, R.ESI)
+    a.op("CMPXCHG_RM32_R32", mem(R.RDI), R.EDX, lock=True)
+    a.op("RETNQ")
+    return ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32)(
+        _code_page(a.assemble(0)[0]))
+
+
+def cmpxchg_u32(address: int, expected: int, new: int) -> int:
+    """Atomically replace the u32 at ``address`` (shared memory) by ``new`` if it
+    holds ``expected``; the value it held (== expected: replaced)."""
+    return _cmpxchg_function()(address, expected & 0xFFFF_FFFF, new & 0xFFFF_FFFF)
+
+
+def _code_page(code: bytes) -> int:
+    """``code`` in a page of our own: written while RW, then made RX (never
+    writable and executable at once); never unmapped, so a function there stays
+    valid for the process's life. The bytes come from the project's assembler."""
     page = _mmap.PAGESIZE
     # Prototypes of our own: the shared _libc attributes keep their defaults.
     mmap_fn = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
@@ -290,10 +311,10 @@ def _rdtsc_function() -> _Callable[[], int]:
     address = mmap_fn(None, page, _mmap.PROT_READ | _mmap.PROT_WRITE, _mmap.MAP_PRIVATE | _mmap.MAP_ANONYMOUS, -1, 0)
     if address in (None, ctypes.c_void_p(-1).value):
         err = ctypes.get_errno()
-        raise OSError(err, f"mmap for rdtsc: {os.strerror(err)}")
+        raise OSError(err, f"mmap for generated code: {os.strerror(err)}")
     ctypes.memmove(address, code, len(code))
-    _check(mprotect_fn(address, page, _mmap.PROT_READ | _mmap.PROT_EXEC), "mprotect for rdtsc")
-    return ctypes.CFUNCTYPE(ctypes.c_uint64)(address)
+    _check(mprotect_fn(address, page, _mmap.PROT_READ | _mmap.PROT_EXEC), "mprotect for generated code")
+    return address
 
 
 def rdtsc() -> int:

@@ -15,7 +15,7 @@ import struct
 import subprocess
 from collections.abc import Sequence
 
-from .._errors import InjectionError, TargetError, TargetExited, UsageError
+from .._errors import InjectionError, PermissionDenied, TargetError, TargetExited, UsageError
 from . import _ptrace
 from .process import Process
 from ..x86.insn import INT3
@@ -39,6 +39,20 @@ def _wait_trap(pid: int) -> None:
         raise TargetError(f"process {pid} stopped with signal {os.WSTOPSIG(status)} before its entry point")
 
 
+def _already_traced() -> str:
+    """Why a child of ours could not ask to be traced: another tracer follows our children."""
+    try:
+        status = open("/proc/self/status").read()
+        tracer = int(next(line for line in status.splitlines() if line.startswith("TracerPid:")).split()[1])
+        name = open(f"/proc/{tracer}/comm").read().strip() if tracer else ""
+    except (OSError, StopIteration, ValueError):
+        tracer, name = 0, ""
+    if tracer:
+        return (f"it is already traced by {name or '?'} (pid {tracer}), which traces textpoke and the programs "
+                "it starts; a process has only one tracer")
+    return "it is already traced by another tool; a process has only one tracer"
+
+
 def spawn(argv: Sequence[str], **popen: object) -> subprocess.Popen:
     """Start ``argv`` and return it stopped (ptrace-stopped by us) at its entry point.
 
@@ -50,6 +64,10 @@ def spawn(argv: Sequence[str], **popen: object) -> subprocess.Popen:
         proc = subprocess.Popen(list(argv), preexec_fn=_ptrace.traceme, **popen)  # type: ignore[arg-type]
     except OSError as exc:
         raise UsageError(f"cannot start {argv[0]}: {exc.strerror}", hint="check the command and its path") from exc
+    except subprocess.SubprocessError as exc:  # PTRACE_TRACEME failed in the child: it has a tracer already
+        raise PermissionDenied(f"cannot trace {argv[0]}: {_already_traced()}",
+                               hint="run textpoke outside strace -f or gdb, or start the program on its own "
+                               "and attach with `textpoke trace -p PID`") from exc
     try:
         _wait_trap(proc.pid)  # the SIGTRAP of exec
         entry = _entry_point(proc.pid)

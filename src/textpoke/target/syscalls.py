@@ -7,6 +7,10 @@ from typing import Protocol
 SYS_read = 0
 SYS_write = 1
 SYS_close = 3
+SYS_fstat = 5
+SYS_poll = 7
+SYS_pread64 = 17
+SYS_pwrite64 = 18
 SYS_mmap = 9
 SYS_mprotect = 10
 SYS_munmap = 11
@@ -25,6 +29,15 @@ SYS_futex = 202
 SYS_tgkill = 234
 SYS_membarrier = 324
 SYS_memfd_create = 319
+SYS_openat = 257
+SYS_pidfd_open = 434
+SYS_madvise = 28
+
+AT_FDCWD = -100
+O_RDWR = 2
+O_CLOEXEC = 0o2000000
+STAT_INO = 8  # struct stat: st_dev (u64), then st_ino (u64)
+STAT_SIZE = 144
 
 PROT_READ = 1
 PROT_WRITE = 2
@@ -86,6 +99,23 @@ TRANSPARENT_RESTART = frozenset(
         270,  # pselect6
         271,  # ppoll
         288,  # accept4
+    }
+)
+
+
+#: Syscalls that return EINTR (not -ERESTART*) when a ptrace stop wakes them,
+#: and that did nothing when they return it: issuing them again is what the
+#: thread would have done had it not been woken (it only waits, perhaps longer
+#: for a finite timeout). man 7 signal lists them as never restarted.
+REISSUE_AFTER_EINTR = frozenset(
+    {
+        65,  # semop
+        128,  # rt_sigtimedwait
+        208,  # io_getevents
+        220,  # semtimedop
+        232,  # epoll_wait
+        281,  # epoll_pwait
+        441,  # epoll_pwait2
     }
 )
 

@@ -1,0 +1,123 @@
+"""Sessions reuse the address space an earlier one gave back, instead of growing it.
+
+Each of 100 sessions maps a trampoline region the way the tracer does (code
+near the site, a 32 MiB data part apart), sends the site through it (a
+counter, then the original callee), counts exactly, reverts and gives the
+region back (Resident.release_shared). The target's VmSize and mapping count
+after 100 sessions must equal those after the first; without reuse they grow
+by the region every session (measured and printed beside it).
+"""
+
+from __future__ import annotations
+
+import struct
+
+from textpoke.poke import Patch, attach
+from textpoke.poke.resident import PAGE, Resident, SharedRegion
+from textpoke.x86.asm import Asm, Imm64, R, mem
+from textpoke.x86.insn import encode_call
+
+from .harness import Target, env_count, fields
+from .test_blockers import _exact, _site
+
+DATA = 32 << 20
+
+
+def _status(pid: int) -> tuple[int, int]:
+    """(VmSize in kB, number of mappings)."""
+    vm = next(int(line.split()[1]) for line in open(f"/proc/{pid}/status") if line.startswith("VmSize:"))
+    with open(f"/proc/{pid}/maps") as f:
+        return vm, sum(1 for _ in f)
+
+
+def _counter(region: SharedRegion, callee: int) -> bytes:
+    """``mov r11, &count; lock inc [r11]; jmp callee`` (r11 is free at a call)."""
+    a = Asm()
+    a.op("MOV_R64_IMM64", R.R11, Imm64(region.data_address))
+    a.op("INC_RM64", mem(R.R11), lock=True)
+    a.branch_to("JMP_REL32_64", callee)
+    return a.assemble(region.address)[0]
+
+
+def _session(pid: int, site: int, old: bytes, callee: int, *, reuse: bool) -> tuple[int, bool]:
+    """One session: map, patch, count a while, revert, give back; (calls counted, region reused)."""
+    with attach(pid) as session:
+        resident: Resident = session.resident
+        region = resident.map_shared(code_size=PAGE, data_size=DATA, near=site, apart=True, reuse=reuse)
+        Resident.write_code(region, _counter(region, callee))
+        patch = Patch(site=site, old=old, new=encode_call(site, region.address))
+        session.apply([patch])
+        count = 0
+        while count < 20:  # the workers and the waiters call through the site
+            count = struct.unpack_from("<Q", region.local, PAGE)[0]
+        session.apply([patch.reverted()])
+        count = struct.unpack_from("<Q", region.local, PAGE)[0]
+        resident.release_shared(region)
+        region.local.close()
+        return count, region.reused
+
+
+def test_sessions_reuse_their_address_space(build_target):
+    binary = build_target("blockers")
+    site, to_a, _ = _site(binary)
+    callee = int.from_bytes(to_a[1:], "little", signed=True) + site + 5
+    sessions = env_count("TEXTPOKE_REUSE_SESSIONS", 100)
+    # 2 workers spinning through the site (never blocking: out once they ran 0.2 ms of CPU),
+    # and the epoller, reader and sleeper (blocking, calling, blocking)
+    target = Target([str(binary), "2", "0"])
+    try:
+        counted, reused = _session(target.pid, site, to_a, callee, reuse=True)
+        first = _status(target.pid)
+        for _ in range(sessions - 1):
+            n, again = _session(target.pid, site, to_a, callee, reuse=True)
+            counted += n
+            reused += again
+        after = _status(target.pid)
+        grown = []
+        for _ in range(3):  # the same without reuse: what each session used to leave behind
+            before = _status(target.pid)
+            _session(target.pid, site, to_a, callee, reuse=False)
+            grown.append(tuple(x - y for x, y in zip(_status(target.pid), before)))
+        result = fields(target.ask("stop"))
+    finally:
+        target.kill()
+    _exact(result)
+    assert result["a"] == result["made"] and counted >= 20 * sessions  # every counted call also reached A
+    assert after == first, f"VmSize/mappings {first} after 1 session, {after} after {sessions}"
+    assert reused == sessions - 1
+    print(f"{sessions} sessions with reuse: VmSize {first[0]} kB and {first[1]} mappings after the first, "
+          f"{after[0]} kB and {after[1]} mappings after the last ({reused} reused their region); without reuse "
+          f"each session added {grown[0][0]} kB and {grown[0][1]} mappings")
+
+
+def test_a_region_a_site_still_leads_into_is_not_reused(build_target):
+    """Given back while a site still calls into it (its session did not revert):
+    a later session maps a new region instead; once the site is reverted, the
+    region is taken again."""
+    binary = build_target("blockers")
+    site, to_a, _ = _site(binary)
+    callee = int.from_bytes(to_a[1:], "little", signed=True) + site + 5
+    target = Target([str(binary), "0", "0"])
+    try:
+        with attach(target.pid) as session:
+            resident = session.resident
+            region = resident.map_shared(code_size=PAGE, data_size=PAGE, near=site, apart=True, reuse=True)
+            Resident.write_code(region, _counter(region, callee))
+            patch = Patch(site=site, old=to_a, new=encode_call(site, region.address))
+            session.apply([patch])
+            resident.release_shared(region)  # too early: the site still calls it
+            other = resident.map_shared(code_size=PAGE, data_size=PAGE, near=site, apart=True, reuse=True)
+            assert not other.reused and other.address != region.address
+            session.apply([patch.reverted()])
+            resident.release_shared(other)
+            again = resident.map_shared(code_size=PAGE, data_size=PAGE, near=site, apart=True, reuse=True)
+            assert again.reused and again.address in (region.address, other.address)
+            assert bytes(again.local[:PAGE]) == bytes(PAGE) and bytes(again.local[PAGE:]) == bytes(PAGE)
+            Resident.write_code(again, _counter(again, callee))
+            assert bytes(again.local[:16]) == _counter(again, callee)[:16]
+            for r in (region, other, again):
+                r.local.close()
+        result = fields(target.ask("stop"))
+    finally:
+        target.kill()
+    _exact(result)
