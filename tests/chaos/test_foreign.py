@@ -54,3 +54,37 @@ def test_foreign_int3_refused_by_count_and_address_or_skipped(build_target):
     finally:
         target.kill()
     assert result["bad"] == 0 and result["a"] + result["b"] == result["made"] and result["b"] > 0
+
+
+def test_trace_leaves_foreign_int3_out_and_says_so(build_target, tmp_path):
+    """`textpoke trace --calls-to A`: the call site holding someone else's int3 is not
+    traced, and said so by address and function, in the output and in the report."""
+    import subprocess
+    import sys
+
+    binary = build_target("foreign")
+    hot, cold = _calls(binary, "site_caller"), _calls(binary, "cold_caller")
+    target = Target([str(binary), f"{cold:x}"])
+    try:
+        out = tmp_path / "t.tpk"
+        result = subprocess.run([sys.executable, "-m", "textpoke", "trace", "-p", str(target.pid), "--calls-to", "A",
+                                 "--duration", "0.3", "-o", str(out)], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        lines = result.stderr.splitlines()
+        assert lines[0].endswith(f", 1 site -> {out}")
+        assert lines[1] == (f"textpoke: note: 1 of 2 sites hold someone else's int3 (a debugger's breakpoint or a "
+                            f"uprobe) and were not traced: {cold:#x} (cold_caller)")
+        assert "session" not in result.stderr
+        report = subprocess.run([sys.executable, "-m", "textpoke", "report", str(out)], capture_output=True,
+                                text=True, timeout=120)
+        assert f"1 of 2 sites hold someone else's int3" in report.stdout and f"{cold:#x}" in report.stdout
+        from textpoke.ring import Recording
+
+        with Recording.load(out) as recording:
+            assert recording.metadata["foreign_sites"] == [cold]
+            assert recording.record_count > 0 and set(recording.records["caller"].tolist()) == {hot}
+        assert read_mem(target.pid, cold, 1)[0] == INT3_BYTE  # never touched
+        result = fields(target.ask("stop"))
+    finally:
+        target.kill()
+    assert result["bad"] == 0

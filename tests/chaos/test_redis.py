@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from textpoke.poke import attach
-from textpoke.ring.capture import CaptureOptions, capture_pid
+from textpoke.capture import CaptureOptions, capture_pid
 
 from .harness import read_mem
 

@@ -20,6 +20,7 @@ This is how the kernel's RCU-tasks decides a task is off a trampoline
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 from ..poke.resident import thread_pc
@@ -58,6 +59,15 @@ class Quiescence:
             if ns is not None:
                 self._start[tid] = ns
         self.waiting = len(self._start)
+
+    def wait(self, limit_s: float) -> bool:
+        """Poll :meth:`settled` for at most ``limit_s``; its last answer."""
+        deadline = time.monotonic() + limit_s
+        while not self.settled():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.001)
+        return True
 
     def settled(self) -> bool:
         for tid, start in list(self._start.items()):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._errors import RecordingFailed, TargetError, TextpokeError
+from .._errors import ForeignTrap, RecordingFailed, TargetError, TextpokeError
 from ..poke.session import Session, attach, spawn
 from ..ring.file import Codec, ChunkKind, RecordingWriter
 from ..ring.format import write_ring_header
@@ -123,6 +123,7 @@ def _capture(
             os.unlink(path)
         raise RecordingFailed(f"cannot write {writer.partial}: {exc.strerror}", hint="pick another -o") from exc
     run = _Run()
+    release = False
     tracer: Tracer | None = None
     pipeline: Pipeline | None = None
     wait_s = options.wait_s if options.overflow is Overflow.WAIT else None
@@ -153,16 +154,22 @@ def _capture(
             pipeline.start()
         run.start_ns = time.monotonic_ns()
         run.applied = _apply(session, tracer, exited)
+        foreign = session.foreign_sites & {s.address for s in sites}
+        if run.applied and len(foreign) == len(sites):
+            raise ForeignTrap(f"every one of the {len(sites)} sites holds an int3 that is not textpoke's (a "
+                              f"debugger's breakpoint or a uprobe): {_addresses(sorted(foreign))}; nothing was "
+                              "written", sites=tuple(sorted(foreign)))
         session.release()  # a spawned program starts now, with every site in place
+        restored = False
         if run.applied:
             _wait(run, options, tracer, pipeline, exited=exited, stop_event=stop_event, on_progress=on_progress)
-            _restore(session, exited)
+            restored = _restore(session, exited)
         run.end_ns = time.monotonic_ns()
         counts = None
         lost = 0
+        code = range(tracer.region.address, tracer.region.address + tracer.code_size)
+        quiet = Quiescence(pid, code, frozenset({session.resident.agent_tid}))
         if pipeline is not None:
-            code = range(tracer.region.address, tracer.region.address + tracer.code_size)
-            quiet = Quiescence(pid, code, frozenset({session.resident.agent_tid}))
             pipeline.finish(settled=quiet.settled, limit_s=SETTLE_LIMIT_S, then=tracer.disable)
             reader = pipeline.reader
             late = int(reader.committed().sum()) - reader.records  # committed after the last drain
@@ -176,7 +183,14 @@ def _capture(
             if pipeline.error is not None:
                 raise _failed(pipeline.error, writer, run, stats.written)
         else:
+            quiet.wait(SETTLE_LIMIT_S)
             counts = tracer.counts()
+        # Given back for a later session only when nothing can lead into it any more: every
+        # site restored, every thread seen out of it, and no hooked frame returning through it.
+        release = restored and quiet.waiting == 0 and (
+            runtime is None or not runtime.frames_returning_to(session.process, code))
+        if session.foreign_sites:
+            metadata["foreign_sites"] = sorted(session.foreign_sites & {s.address for s in sites})
         if runtime is not None:
             no_thread, full = tracer.shadow_counts()
             metadata.update(shadow_no_thread=no_thread, shadow_full=full, shadow_depth=runtime.geometry.depth,
@@ -199,7 +213,7 @@ def _capture(
     finally:
         writer.close()
         if tracer is not None:
-            tracer.close(discard=True)
+            tracer.close(discard=True, release=release)
     recording = Recording.load(path)
     if temporary:
         os.unlink(path)  # the recording keeps it open; its space goes when that is closed
@@ -223,6 +237,11 @@ def _graph_runtime(session: Session, options: CaptureOptions) -> tuple[GraphRunt
     hooks = [TracedSite(site, StubKind.REHOOK, insn) for site, insn, _ in rehook]
     hooks += [TracedSite(site, StubKind.RESTORE, insn) for site, insn, _ in restore]
     return runtime, hooks
+
+
+def _addresses(addresses: Sequence[int], most: int = 8) -> str:
+    text = ", ".join(f"{a:#x}" for a in addresses[:most])
+    return text + (f" and {len(addresses) - most} more" if len(addresses) > most else "")
 
 
 def _file_step(writer: RecordingWriter, run: _Run, step: Callable[[], None]) -> None:
@@ -249,9 +268,11 @@ def _failed(error: BaseException, writer: RecordingWriter, run: _Run, written: i
 
 
 def _apply(session: Session, tracer: Tracer, exited: Callable[[], bool]) -> bool:
-    """Apply the tracer's batch; False if the target exited before or during it."""
+    """Apply the tracer's batch; False if the target exited before or during it. Sites
+    holding someone else's int3 (a debugger's breakpoint, a uprobe) are left out
+    (Session.foreign_sites names them); if that is every site, ForeignTrap says so."""
     try:
-        session.apply(tracer.patches)
+        session.apply(tracer.patches, skip_foreign=True)
     except TextpokeError:
         if exited():
             return False
@@ -259,14 +280,17 @@ def _apply(session: Session, tracer: Tracer, exited: Callable[[], bool]) -> bool
     return True
 
 
-def _restore(session: Session, exited: Callable[[], bool]) -> None:
+def _restore(session: Session, exited: Callable[[], bool]) -> bool:
+    """Revert every site of the session; True if it was done (not when the target ended)."""
     if exited():
-        return
+        return False
     try:
         session.revert()
     except TextpokeError:
         if not exited():
             raise
+        return False
+    return True
 
 
 def _wait(run: _Run, options: CaptureOptions, tracer: Tracer, pipeline: Pipeline | None, *,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Sequence
+from dataclasses import replace
 
 from .._errors import SymbolNotFound
 from ..ring.reader import SiteTable
@@ -17,6 +18,7 @@ from ..ring.recording import SiteInfo, Symbols
 from ..sites import Site, SiteKind, scan_process, symbol_ranges
 from ..sites.explain import no_function, nothing_found, what
 from ..trampolines.tracer import StubKind, TracedSite
+from ..x86.insn import INT3
 from .options import CaptureOptions
 
 
@@ -38,13 +40,21 @@ def select_sites(pid: int, options: CaptureOptions, *, listing: str) -> tuple[li
     if not len(scan.columns):
         raise nothing_found(scan, sites_command=listing + lib, library_option=True)
     found = scan.sites
-    usable = [s for s in found if not s.changed]
+    # Unchanged sites, and those holding an int3 over the file's bytes: someone's
+    # breakpoint (a debugger's, a uprobe's) or textpoke's own in flight. The batch tells
+    # (skip_foreign: a foreign one is left out, named, and nothing is written there).
+    usable = [s if not s.changed else replace(s, insn=s.file_insn) for s in found
+              if not s.changed or _under_int3(s)]
     if not usable:
         where = options.library or "the main executable"
         raise SymbolNotFound(f"every one of the {len(found)} {what(scan.query)} in {where} is already changed in "
                              "memory", hint=f"see what holds them with `{listing}{lib}`; end the other session "
                                             "or run `textpoke recover` on the process")
     return usable, len(found) - len(usable)
+
+
+def _under_int3(site: Site) -> bool:
+    return site.file_insn is not None and site.insn == INT3 + site.file_insn[len(INT3):]
 
 
 def symbols(pid: int) -> Symbols:

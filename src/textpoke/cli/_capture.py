@@ -279,8 +279,9 @@ def final_line(recording: Recording, *, verb: str, output: str | None, note_exit
     """One line: what was traced, for how long (the traced interval), what was kept and lost."""
     what, lost = recording_totals(recording)
     seconds = recording.duration_ns / 1e9
+    traced = len(recording.sites) - len(recording.metadata.get("foreign_sites") or ())
     line = (f"textpoke: {verb} pid {recording.pid} for {seconds:.1f} s: {what}, {lost:,} lost, "
-            f"{_plural(len(recording.sites), 'site')}")
+            f"{_plural(traced, 'site')}")
     if output is not None:
         line += f" -> {output}"
     # The engine notes why it stopped; a target that ended on its own is worth saying
@@ -296,6 +297,18 @@ def final_line(recording: Recording, *, verb: str, output: str | None, note_exit
         else:
             line += " (LOST records: see `textpoke report` for why)"
     return line
+
+
+def notes(recording: Recording) -> list[str]:
+    """Lines worth a note after the one-line result: sites left out (someone else's int3)."""
+    foreign = recording.metadata.get("foreign_sites") or []
+    if not foreign:
+        return []
+    names = dict((s.address, s.function) for s in recording.sites)
+    shown = ", ".join(f"{a:#x} ({names.get(a, '?')})" for a in foreign[:8])
+    more = f" and {len(foreign) - 8} more" if len(foreign) > 8 else ""
+    return [f"textpoke: note: {len(foreign)} of {len(recording.sites)} sites hold someone else's int3 (a "
+            f"debugger's breakpoint or a uprobe) and were not traced: {shown}{more}"]
 
 
 def echo_err(line: str) -> None:

@@ -318,20 +318,15 @@ def _session_holder(region_inode: int) -> int | None:
 
 def _dry_run(pid: int, planned: list[Planned], *, revert: bool) -> list[Planned]:
     """What the real run would do, found without writing, installing or locking anything:
-    the refusals of attach's first step (a stopped process, a thread blocking
-    SIGTRAP, another tracer when a first attach would have to borrow a thread),
-    another session holding the process (BusyError), and the ledger read from
-    the target (for --revert)."""
+    the refusals of attach's first step (a stopped process, another tracer when a
+    first attach would have to borrow a thread), another session holding the process
+    (BusyError), and the ledger read from the target (for --revert). Threads that
+    block SIGTRAP are no reason to refuse: the real run holds them through its batch."""
     from ..poke.recover import inspect
-    from ..poke.resident import CODE_SIZE, find_regions, our_threads
-    from ..poke.safety import refuse_sigtrap_blockers
 
     with Process(pid) as process:
         if process.stopped():
             raise TargetStopped(f"process {pid} is stopped (SIGSTOP or a debugger); textpoke needs it running")
-        regions = find_regions(process)
-        refuse_sigtrap_blockers(process, exclude=frozenset(r.agent_tid for r in regions if r.owned)
-                                | our_threads(process), ours=[range(r.base, r.base + CODE_SIZE) for r in regions])
         region, states = inspect(process)
     if region is None:
         refuse_foreign_tracer(pid)  # the real run installs: it borrows a thread with ptrace

@@ -18,6 +18,7 @@ from ._capture import (
     check_writable,
     echo_err,
     final_line,
+    notes,
     os_errors,
     selection_options,
     stop_on_signals,
@@ -82,6 +83,8 @@ def command(functions: tuple[str, ...], calls_to: tuple[str, ...], count: bool, 
 
     def on_traced(recording: object) -> None:
         echo_err(final_line(recording, verb="recorded", output=output))  # type: ignore[arg-type]
+        for note in notes(recording):  # type: ignore[arg-type]
+            echo_err(note)
         if stop.is_set():
             echo_err(f"textpoke: tracing stopped; every site is restored and {name} (pid {program[0]}) runs on "
                      "untraced; waiting for it to exit (Ctrl-C again to leave it running)")

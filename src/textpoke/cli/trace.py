@@ -14,6 +14,7 @@ from ._capture import (
     check_writable,
     echo_err,
     final_line,
+    notes,
     os_errors,
     output_stream,
     require_process,
@@ -63,6 +64,8 @@ def command(pid: int, functions: tuple[str, ...], calls_to: tuple[str, ...], cou
                                                           on_progress=live)
     with recording:
         echo_err(final_line(recording, verb="traced", output=output, note_exit=True))
+        for note in notes(recording):
+            echo_err(note)
         if output is None:
             reporter = summary_reporter(recording, sort=sort)
             with output_stream(None) as out:

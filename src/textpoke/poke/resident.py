@@ -92,6 +92,7 @@ STAT_REQUESTS = 0x118  # u64: requests the agent served
 HEAL_BUF = 0x120  # 8 bytes: a site's bytes as the healing agent reads them
 POLLFD = 0x128  # struct pollfd {fd, events, revents} of the armed agent
 HEAL_REPORTED = 0x130  # u64: HEAL_BATCHES when an attach last reported them
+FLAGS_PAGE = 0x138  # u64: the page of session flags the tracers use (trampolines/tracer.py), 0: none yet
 OLD_ACTION = 0x140  # struct k_sigaction {handler, flags, restorer, mask}: before us
 DEFAULT_ACTION = 0x160  # a zeroed k_sigaction (SIG_DFL), for re-raising
 #: What handler copy k chains to: OLD_ACTION (before our install) for copy 0, then

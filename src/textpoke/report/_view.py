@@ -333,6 +333,12 @@ def recording_notes(recording: RecordingLike) -> tuple[str, ...]:
               (int(meta.get("lost_unwritten") or 0), "could not be written to the file")]
     if recording.lost and any(n for n, _ in causes):
         notes.append("lost: " + ", ".join(f"{n:,} {why}" for n, why in causes if n))
+    foreign = meta.get("foreign_sites") or []
+    if foreign:
+        shown = ", ".join(f"{a:#x}" for a in foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8
+                                                              else "")
+        notes.append(f"{len(foreign)} of {len(recording.sites)} sites hold someone else's int3 (a debugger's "
+                     f"breakpoint or a uprobe) and were not traced: {shown}")
     return tuple(notes)
 
 

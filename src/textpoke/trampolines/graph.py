@@ -514,6 +514,24 @@ class GraphRuntime:
     def counters(self) -> int:
         return self.shadow
 
+    def frames_returning_to(self, process: Process, code: range) -> int:
+        """Frames on any thread's shadow stack whose exit routine lies in ``code`` (a
+        session's tracer region): while there are any, that region must stay as it
+        is (a return may call it at any time)."""
+        g = self.geometry
+        table = struct.unpack(f"<{2 * g.threads}Q", process.read(self.shadow + g.table_offset,
+                                                                 g.threads * ENTRY_SIZE))
+        found = 0
+        for index in range(g.threads):
+            tp, depth = table[2 * index], table[2 * index + 1] & 0xFFFF_FFFF
+            if not tp or not depth:
+                continue
+            depth = min(depth, g.depth)
+            start = self.shadow + g.frames_offset + index * g.depth * FRAME_SIZE
+            words = struct.unpack(f"<{4 * depth}Q", process.read(start, depth * FRAME_SIZE))
+            found += sum(1 for k in range(depth) if words[4 * k + F_SLOT // 8] and words[4 * k + F_EXIT // 8] in code)
+        return found
+
     @classmethod
     def find(cls, process: Process) -> GraphRuntime | None:
         """The runtime an earlier session installed in ``process`` (or its parent, before

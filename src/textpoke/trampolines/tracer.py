@@ -74,7 +74,7 @@ from iced_x86 import Decoder
 
 from .._errors import InjectionError, TargetError, TextpokeError, UsageError
 from ..poke.protocol import Patch
-from ..poke.resident import PAGE, Resident, SharedRegion
+from ..poke.resident import FLAGS_PAGE, PAGE, Resident, SharedRegion
 from ..sites.process import mapped_object
 from ..target import _ptrace
 from ..target._ptrace import FUTEX_WAIT, FUTEX_WAKE  # shared futexes: the tool maps the same memfd
@@ -275,18 +275,37 @@ class CounterGeometry:
         return _page_up(self.rows_offset + self.rows * self.row_bytes)
 
 
-def _map_flag_page(resident: Resident) -> int:
-    """A page of the target's own (private, anonymous), holding 1 while the session
-    records; a forked child gets it zeroed (MADV_WIPEONFORK): see _emit_enabled_check."""
-    address = resident.syscall(SYS_mmap, 0, PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+#: The process's page of session flags (private, anonymous; its address in the resident
+#: header, FLAGS_PAGE): u64 magic, u64 the next free byte, then one byte per session.
+_FLAGS_MAGIC = int.from_bytes(b"TPKFLAGS", "little")
+_FLAGS_FIRST = 16
+
+
+def _session_flag(resident: Resident) -> int:
+    """A byte of the target's own memory holding 1 while this session records (see
+    _emit_enabled_check): on the process's flags page (private, anonymous,
+    MADV_WIPEONFORK: a forked child reads zeros there), one byte per session, a new
+    page when one is used up. The session lock is held: no other tool takes a byte
+    meanwhile."""
+    process = resident.process
+    page = struct.unpack_from("<Q", resident.ctl, FLAGS_PAGE)[0]
+    if page:
+        magic, used = struct.unpack("<QQ", process.read(page, 16))
+        if magic == _FLAGS_MAGIC and used < PAGE:
+            process.write(page, struct.pack("<QQ", _FLAGS_MAGIC, used + 1))
+            process.write(page + used, b"\1")
+            return page + used
+    page = resident.syscall(SYS_mmap, 0, PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
     try:
-        resident.syscall(SYS_madvise, address, PAGE, MADV_WIPEONFORK)
+        resident.syscall(SYS_madvise, page, PAGE, MADV_WIPEONFORK)
     except InjectionError as exc:
         raise InjectionError(f"the kernel refused MADV_WIPEONFORK ({exc.message}): Linux 4.14 or later is needed",
                              hint="textpoke needs it so that a forked child never writes into the parent's trace"
                              ) from exc
-    resident.process.write(address, b"\1")
-    return address
+    process.write(page, struct.pack("<QQ", _FLAGS_MAGIC, _FLAGS_FIRST + 1))
+    process.write(page + _FLAGS_FIRST, b"\1")
+    struct.pack_into("<Q", resident.ctl, FLAGS_PAGE, page)
+    return page + _FLAGS_FIRST
 
 
 def _page_up(n: int) -> int:
@@ -1072,13 +1091,15 @@ class Tracer:
         else:
             self.counters = CounterGeometry(cpus=abi.cpus, sites=len(self.sites))
             data_size = self.counters.size
-        code_size = _page_up(_STUBS + len(self.sites) * STUB_SIZE)
+        # Whole powers of two of pages: a later session of about the same size can reuse the region.
+        code_size = PAGE << (_page_up(_STUBS + len(self.sites) * STUB_SIZE) // PAGE - 1).bit_length()
         self.code_size = code_size
         self.process = resident.process
-        self.enabled = _map_flag_page(resident)
+        self.resident = resident
+        self.enabled = _session_flag(resident)
         self.region: SharedRegion = resident.map_shared(
             code_size=code_size, data_size=data_size, near=min(s.address for s in self.sites), name=name,
-            apart=True)
+            apart=True, reuse=True)
         try:
             self._restrict(resident.process.pid, code_size)
             self.data_address = self.region.data_address
@@ -1089,7 +1110,7 @@ class Tracer:
         except BaseException:
             self.region.local.close()  # the target keeps its (unused) mapping: nothing points into it
             raise
-        self.region.local[: len(code)] = code
+        resident.write_code(self.region, code)
         self.data: memoryview | None = memoryview(self.region.local)[code_size:]
         if self.ring is not None:
             for b in range(self.ring.buffers):
@@ -1148,8 +1169,10 @@ class Tracer:
         del rows
         return total
 
-    def close(self, *, discard: bool = False) -> None:
-        """Release the tool's view; ``discard``: give back the record pages' memory too.
+    def close(self, *, discard: bool = False, release: bool = False) -> None:
+        """Release the tool's view; ``discard``: give back the record pages' memory too;
+        ``release``: give the whole region back for a later session to reuse (only once
+        every site leading here was restored and every thread was seen out of it).
 
         Only the slots are discarded (hole-punched, MADV_REMOVE): control pages
         and code stay, so a late thread still finds a valid buffer (zeroed
@@ -1160,6 +1183,8 @@ class Tracer:
             self.disable()
         except TextpokeError:
             pass  # the process is gone, or exec'd: nothing of ours runs there any more
+        if release and self.resident.release_shared(self.region):
+            discard = False  # its data was returned with it
         if discard and self.ring is not None:
             for b in range(self.ring.buffers):
                 start = self.code_size + self.ring.blocks_offset + b * self.ring.stride + SLOTS_OFFSET
