@@ -155,3 +155,27 @@ def test_sigterm_is_passed_on(tmp_path, job):
             assert recording.lost == 0 and recording.record_count > 0
     finally:
         run.close()
+
+
+def test_record_a_program_whose_threads_block_sigtrap(build_target, tmp_path):
+    """Threads that block every signal (an int3 would kill the process) are held through
+    the restore batch while the others run: every call is recorded, none of their
+    syscalls sees EINTR, the program ends as it would alone."""
+    binary = build_target("blockers")
+    out = tmp_path / "blockers.tpk"
+    tool = subprocess.Popen([sys.executable, "-m", "textpoke", "record", "--calls-to", "A", "-o", str(out), "--",
+                             str(binary), "2", "2"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert tool.stdout.readline().startswith("ready")
+    time.sleep(1.0)
+    tool.stdin.write("poke 5\nstop\n")
+    tool.stdin.flush()
+    stdout, stderr = tool.communicate(timeout=120)
+    assert tool.returncode == 0, stderr
+    assert "poked" in stdout
+    counts = dict(kv.split("=") for kv in stdout.splitlines()[-1].split())
+    assert int(counts["made"]) > 0 and counts["eintr"] == "0" and counts["bad"] == "0"
+    assert counts["epolled"] == counts["read"] == "5"
+    with Recording.load(out) as recording:
+        assert recording.record_count == int(counts["a"]) == int(counts["made"])
+        assert recording.lost == 0
