@@ -1,9 +1,85 @@
 """textpoke: patch and trace calls in running x86-64 Linux processes, exactly.
 
-The public surface is this module; everything else is private to the package.
+The public surface is this module; everything else is private to the package::
+
+    import textpoke
+
+    with textpoke.attach(pid) as session:              # change sites, exactly
+        session.apply([textpoke.Patch(site=s, old=old, new=textpoke.encode_call(s, b))])
+
+    textpoke.capture_pid(pid, textpoke.CaptureOptions(functions=("parse_*",), duration=5),
+                         output="run.tpk")              # trace into a recording file
+    with textpoke.Recording.load("run.tpk") as recording:
+        for chunk in recording.chunks():                # numpy arrays of records
+            ...
+
+Every error is a :class:`TextpokeError` (one tree, each with an exit status
+and a hint). The library names load on first use, so ``import textpoke`` (and
+the CLI's start-up) does not import numpy, iced-x86 or pyelftools.
 """
 
-from ._errors import *  # noqa: F401,F403
-from ._errors import __all__ as _error_names
+from __future__ import annotations
 
-__all__ = [*_error_names]
+import importlib
+from typing import Any
+
+from ._errors import (
+    BusyError,
+    ElfError,
+    ForeignTrap,
+    InjectionError,
+    NoSuchProcess,
+    NotABoundary,
+    NotAUserProcess,
+    OwnCodeRefused,
+    PatchError,
+    PermissionDenied,
+    RecordingFailed,
+    SiteError,
+    SiteMismatch,
+    SymbolNotFound,
+    TargetError,
+    TargetExited,
+    TargetReplaced,
+    TargetStopped,
+    TextpokeError,
+    UnsafeTarget,
+    UsageError,
+)
+
+#: The library's names, and the private module each one comes from.
+_LAZY = {
+    "attach": ".poke",
+    "Patch": ".poke",
+    "BatchResult": ".poke",
+    "encode_call": ".x86",
+    "encode_jmp": ".x86",
+    "CaptureOptions": ".capture",
+    "Overflow": ".capture",
+    "capture_pid": ".capture",
+    "capture_command": ".capture",
+    "Recording": ".ring",
+    "RecordKind": ".ring",
+    "RECORD_DTYPE": ".ring",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'textpoke' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # once: later lookups do not come back here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+__all__ = [
+    "BusyError", "ElfError", "ForeignTrap", "InjectionError", "NoSuchProcess", "NotABoundary", "NotAUserProcess",
+    "OwnCodeRefused", "PatchError", "PermissionDenied", "RecordingFailed", "SiteError", "SiteMismatch",
+    "SymbolNotFound", "TargetError", "TargetExited", "TargetReplaced", "TargetStopped", "TextpokeError",
+    "UnsafeTarget", "UsageError", *_LAZY,
+]

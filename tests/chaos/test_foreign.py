@@ -77,7 +77,7 @@ def test_trace_leaves_foreign_int3_out_and_says_so(build_target, tmp_path):
         assert "session" not in result.stderr
         report = subprocess.run([sys.executable, "-m", "textpoke", "report", str(out)], capture_output=True,
                                 text=True, timeout=120)
-        assert f"1 of 2 sites hold someone else's int3" in report.stdout and f"{cold:#x}" in report.stdout
+        assert "1 of 2 sites hold someone else's int3" in report.stdout and f"{cold:#x}" in report.stdout
         from textpoke.ring import Recording
 
         with Recording.load(out) as recording:

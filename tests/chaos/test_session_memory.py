@@ -4,7 +4,6 @@ region is reclaimed by the next attach, the flag bytes share one page."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

@@ -13,7 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from textpoke.ring import Recording
 from textpoke.target import _ptrace

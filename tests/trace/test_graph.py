@@ -6,7 +6,6 @@ program made its calls."""
 from __future__ import annotations
 
 import collections
-import os
 import subprocess
 import sys
 from dataclasses import dataclass, field

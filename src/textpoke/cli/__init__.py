@@ -108,52 +108,30 @@ def cli() -> None:
     """Patch and trace calls in running x86-64 Linux processes, exactly."""
 
 
-_TRACER_HINT = ("a process has one tracer at a time: detach that one (quit strace; `detach` in gdb), "
-                "then run textpoke again")
-
-
 @contextlib.contextmanager
 def target_errors(pid: int) -> Iterator[None]:
-    """OS and ptrace refusals about process ``pid`` as the one-line errors they should be.
-
-    - a PermissionError that escaped untranslated (``Process`` reads
-      /proc/PID/maps, which another user's process does not let us read):
-      PermissionDenied naming why, exit 4;
-    - a refusal because another tracer (strace, gdb) holds the process: its
-      hint says to detach that tracer, not to change user."""
-    from .._errors import PermissionDenied
-    from ..target.process import why_not_traceable
+    """A PermissionError that escaped untranslated (``Process`` reads /proc/PID/maps,
+    which another user's process does not let us read) as the one-line error it should
+    be: PermissionDenied naming why, with the hint that fits (exit 4)."""
+    from ..target.process import access_denied
 
     try:
         yield
     except PermissionError as exc:
-        raise PermissionDenied(f"may not access process {pid}: {why_not_traceable(pid)}") from exc
-    except PermissionDenied as error:
-        if _foreign_tracer(pid) and error.hint == PermissionDenied.default_hint:
-            raise PermissionDenied(error.message, hint=_TRACER_HINT) from error
-        raise
+        raise access_denied(pid, f"access process {pid}") from exc
 
 
 def refuse_foreign_tracer(pid: int) -> None:
     """PermissionDenied, as a borrowing attach would raise it, if another tracer holds ``pid``."""
-    if _foreign_tracer(pid):
-        from .._errors import PermissionDenied
-        from ..target.process import why_not_traceable
+    from ..target.process import access_denied
 
-        raise PermissionDenied(f"may not ptrace process {pid}: {why_not_traceable(pid)}", hint=_TRACER_HINT)
-
-
-def _foreign_tracer(pid: int) -> int:
-    """The pid of the process tracing ``pid`` if it is not us (0: none)."""
     try:
         with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("TracerPid:"):
-                    tracer = int(line.split()[1])
-                    return tracer if tracer != os.getpid() else 0
+            tracer = next((int(line.split()[1]) for line in f if line.startswith("TracerPid:")), 0)
     except (OSError, ValueError):
-        pass
-    return 0
+        return
+    if tracer and tracer != os.getpid():
+        raise access_denied(pid, f"ptrace process {pid}")
 
 
 def fail(error: TextpokeError) -> None:

@@ -34,11 +34,11 @@ import os
 import time
 from dataclasses import dataclass
 
-from .._errors import InjectionError, PermissionDenied, TargetError
+from .._errors import InjectionError, TargetError
 from . import _ptrace, sigframe
 from ._ptrace import Regs
 from .inject import rseq_resume_point
-from .process import Process, why_not_traceable
+from .process import Process, access_denied
 from .sigframe import SYS_restart_syscall
 from .syscalls import REISSUE_AFTER_EINTR, TRANSPARENT_RESTART
 
@@ -103,10 +103,8 @@ class HeldThread:
                 self.gone = True
                 return
             if exc.errno == errno.EPERM:
-                raise PermissionDenied(
-                    f"may not hold thread {self.tid} of process {self.process.pid}: "
-                    f"{why_not_traceable(self.process.pid)}"
-                ) from exc
+                raise access_denied(self.process.pid,
+                                    f"hold thread {self.tid} of process {self.process.pid}") from exc
             raise InjectionError(f"ptrace seize of thread {self.tid} failed: {exc.strerror}") from exc
         self._seized = True
         try:

@@ -35,11 +35,11 @@ import time
 from dataclasses import dataclass
 from types import TracebackType
 
-from .._errors import InjectionError, PermissionDenied, TargetError, TargetExited
+from .._errors import InjectionError, TargetError, TargetExited
 from ..x86.asm import Asm, R
 from . import _ptrace, sigframe
 from ._ptrace import Regs
-from .process import Process, why_not_traceable
+from .process import Process, access_denied
 from .syscalls import SYS_rt_sigreturn, TRANSPARENT_RESTART
 
 _ERRNO_MAX = 4095
@@ -189,9 +189,7 @@ class BorrowedThread:
             if exc.errno == errno.ESRCH:
                 raise TargetExited(f"thread {self.tid} of process {self.process.pid} is gone") from exc
             if exc.errno == errno.EPERM:
-                raise PermissionDenied(
-                    f"may not ptrace process {self.process.pid}: {why_not_traceable(self.process.pid)}"
-                ) from exc
+                raise access_denied(self.process.pid, f"ptrace process {self.process.pid}") from exc
             raise InjectionError(f"ptrace seize of thread {self.tid} failed: {exc.strerror}") from exc
         self._stop_start = time.perf_counter_ns()
         try:

@@ -41,6 +41,21 @@ def _user(uid: int) -> str:
         return str(uid)
 
 
+#: The hint when another tracer holds the process: changing user would not help.
+TRACER_HINT = ("a process has one tracer at a time: detach that one (quit strace; `detach` in gdb), "
+               "then run textpoke again")
+
+
+def access_denied(pid: int, doing: str) -> PermissionDenied:
+    """The error for a refused access to ``pid`` (``doing``: "access process 12",
+    "ptrace process 12"): the reason named, and a hint that fits it (another
+    tracer holds it: detach that one; else: run as its user or as root)."""
+    reason = why_not_traceable(pid)
+    tracer = int(_status_fields(pid).get("TracerPid", "0"))
+    hint = TRACER_HINT if tracer and tracer != os.getpid() else None
+    return PermissionDenied(f"may not {doing}: {reason}", hint=hint)
+
+
 def why_not_traceable(pid: int) -> str:
     """The most likely reason this process may not trace ``pid`` (for messages)."""
     status = _status_fields(pid)
@@ -134,9 +149,7 @@ class Process:
         except FileNotFoundError as exc:
             raise NoSuchProcess(f"no process with pid {self.pid}") from exc
         except PermissionError as exc:
-            raise PermissionDenied(
-                f"may not access process {self.pid}: {why_not_traceable(self.pid)}"
-            ) from exc
+            raise access_denied(self.pid, f"access process {self.pid}") from exc
 
     # -- lifetime ---------------------------------------------------------
     def close(self) -> None:
