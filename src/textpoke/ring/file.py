@@ -260,7 +260,19 @@ class RecordingFile:
         if len(raw) != chunk.raw_size:
             raise UsageError(f"{self.path} is damaged: the chunk at byte {chunk.offset} has the wrong size",
                              hint=NOT_A_RECORDING_HINT)
+        self._forget(chunk)
         return raw
+
+    def _forget(self, chunk: ChunkInfo) -> None:
+        """Drop the mapping's pages of a chunk already read (they stay in the page cache):
+        a pass over a file bigger than memory would otherwise count it all in the reader's
+        RSS. Safe even under a view still in use: a file-backed page is read again on
+        its next touch."""
+        if isinstance(self._data, mmap.mmap):
+            start = chunk.offset & ~(mmap.PAGESIZE - 1)
+            end = chunk.offset + chunk.stored_size
+            if end - start >= mmap.PAGESIZE:
+                self._data.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def json(self, chunk: ChunkInfo) -> Any:
         try:
@@ -273,6 +285,8 @@ class RecordingFile:
         for chunk in self.chunks:
             if chunk.kind is ChunkKind.RECORDS and chunk.records:
                 yield np.frombuffer(self.payload(chunk), dtype=RECORD_DTYPE, count=chunk.records)
+                if chunk.codec is Codec.NONE:
+                    self._forget(chunk)  # a view: its pages are read again if still used
 
     def close(self) -> None:
         if isinstance(self._data, mmap.mmap):
