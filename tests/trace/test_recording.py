@@ -14,7 +14,7 @@ import pytest
 from textpoke import SymbolNotFound, UsageError
 from textpoke.capture import CaptureOptions, capture_command, capture_pid
 from textpoke.ring import Recording, SiteInfo, Symbols
-from textpoke.ring.file import CHUNK_RECORDS, FILE_MAGIC, FILE_VERSION, Codec, RecordingFile
+from textpoke.ring.file import CHUNK_RECORDS, FILE_MAGIC, FILE_VERSION, Codec, RecordingFile, RecordingWriter
 from textpoke.ring.format import RECORD_DTYPE, read_ring_header
 
 from textpoke.trampolines.tracer import RingGeometry
@@ -84,6 +84,41 @@ def test_synthetic_round_trip_across_chunks(tmp_path, codec):
     else:
         assert stored > n * RECORD_DTYPE.itemsize
     raw.close()
+
+
+@pytest.mark.parametrize("n", [5_000, CHUNK_RECORDS + 5_000], ids=["one chunk", "split"])
+def test_runs_are_read_in_time_order(tmp_path, n):
+    """The write thread stores a drain as runs (one per CPU buffer, each in order);
+    reading merges them: time order, a run's own order kept among equal times
+    (each thread's records in the order it made them), chunks never overlapping,
+    also when an array longer than a chunk had to be split."""
+    original = _synthetic(n)
+    records = original.records
+    records["ts_ns"] = np.arange(n) // 2 * 10 + 5_000  # pairs of equal times, one per run
+    runs = np.concatenate((records[0::2], records[1::2]))  # run A then run B, interleaved in time
+    assert not np.array_equal(runs, records)
+    with RecordingWriter(tmp_path / "w.tpk").open() as writer:
+        writer.write_records(runs)
+        writer.finish({})
+    file = RecordingFile.open(tmp_path / "w.tpk")
+    chunks = [c.copy() for c in file.record_chunks()]
+    file.close()
+    assert sum(map(len, chunks)) == n
+    assert np.array_equal(np.concatenate(chunks), records)
+    assert all(a["ts_ns"][-1] <= b["ts_ns"][0] for a, b in zip(chunks, chunks[1:]))
+
+
+def test_version_2_files_are_read(tmp_path):
+    """Files of version 2 (chunks each in order) read as before."""
+    path = tmp_path / "v2.tpk"
+    original = _synthetic(2_000)
+    original.save(path)
+    data = bytearray(path.read_bytes())
+    assert struct.unpack_from("<I", data, 8)[0] == FILE_VERSION == 3
+    struct.pack_into("<I", data, 8, 2)
+    path.write_bytes(bytes(data))
+    with Recording.load(path) as loaded:
+        assert np.array_equal(loaded.records, original.records)
 
 
 def test_round_trip_count_mode_and_empty(tmp_path):

@@ -4,9 +4,9 @@
   slots into a staging array, then the space is given back and waiting writers
   are woken), keeps the writers' deadline ahead while the pipeline moves
   (lossless mode), and sleeps on the ring's bell when there is nothing to do;
-- the **write** thread decodes each staging array (``ring.reader.decode``:
-  merged by time, ns timestamps), merges it with the tail of the previous one,
-  writes whole chunks to the recording file and names the threads it sees.
+- the **write** thread decodes each staging array (``ring.reader.decode``: ns
+  timestamps, one run per buffer), holds back what could still precede the next
+  drain, writes whole chunks to the recording file and names the threads it sees.
 
 Staging arrays circulate between the two through two queues (``free`` ->
 drain -> ``full`` -> write -> ``free``): with two of them, the tool holds at
@@ -21,9 +21,11 @@ after ``wait_s``, never into a hung program.
 committed between two of those reads may miss this drain while a later record
 of the same thread (on another CPU) makes it. The write thread therefore holds
 back the records of a drain that are not older than the next drain's oldest
-record and merges them into it: every chunk written is in time order and
-follows the previous one, and each thread's records come out in the order it
-made them.
+record and adds them to it: every chunk written follows the previous one in
+time. Inside a chunk the runs are merged by whoever reads it
+(``ring.format.in_time_order``), so each thread's records come out in the order
+it made them; the write thread, which must keep up with the traced program,
+never sorts.
 """
 
 from __future__ import annotations
@@ -96,7 +98,7 @@ class Pipeline:
         # page fault per 100 records): a drain decodes into a free one, which then holds
         # the carry until the next drain (see _merge).
         self._decoded = [np.zeros(size, dtype=RECORD_DTYPE) for _ in range(2)]  # pad bytes stay 0
-        self._decoder = Decoder(size, sites, cpus=cpus)
+        self._decoder = Decoder(sites, cpus=cpus)
         self._closing = threading.Event()
         self._settled: Callable[[], bool] = lambda: True
         self._then: Callable[[], None] = lambda: None
@@ -206,16 +208,19 @@ class Pipeline:
 
     def _merge(self, records: np.ndarray, buffer: int) -> None:
         """Write what is older than every record of this drain (``records``, decoded in
-        buffer ``buffer``); keep the rest with it, as the new carry."""
+        buffer ``buffer``); keep the rest with it, as the new carry (runs stay runs: the
+        reader merges them)."""
         carry = self._carry
+        if not len(records):
+            return  # the carry stays, in its buffer
         if len(carry):
-            first = records["ts_ns"][0]
-            final = int(np.searchsorted(carry["ts_ns"], first, side="left"))
-            self._emit(carry[:final])
-            rest = carry[final:]
-            if len(rest):  # rare: records that missed the previous drain; a copy of its own
-                both = np.concatenate((rest, records))
-                records = both.take(np.argsort(both["ts_ns"], kind="stable"))
+            first = records["ts_ns"].min()
+            late = carry["ts_ns"] >= first
+            if not late.any():
+                self._emit(carry)
+            else:  # records that missed the previous drain: a copy of their own
+                self._emit(carry[~late])
+                records = np.concatenate((carry[late], records))
                 self.stats.merges += 1
         self._carry = records
         self._carry_buffer = buffer

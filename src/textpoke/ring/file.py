@@ -14,7 +14,9 @@ millions of records), so neither side ever holds it whole. Layout, little-endian
                             4 reserved
 
 A file is a META chunk (JSON: what was traced, sites, symbols), RECORDS chunks
-(RECORD_DTYPE arrays, each sorted by time, compressed or not), THREADS chunks
+(RECORD_DTYPE arrays, compressed or not: each chunk's records follow the previous
+chunk's; inside a chunk, one run per CPU buffer, each in time order, which the
+reader merges), THREADS chunks
 (JSON: names of the threads seen so far), COUNTS (count mode) and one END chunk
 (JSON: how it ended, losses). Every chunk is whole or absent: a file cut short
 (textpoke killed, disk full) reads up to its last whole chunk, and the reader
@@ -43,11 +45,13 @@ from typing import Any
 import numpy as np
 
 from .._errors import TextpokeError, UsageError
-from .format import RECORD_DTYPE, RECORD_SIZE
+from .format import RECORD_DTYPE, RECORD_SIZE, in_time_order
 
 FILE_MAGIC = b"TPKREC\0\0"
-#: 2: chunked, streamed (1 was one JSON header and one array).
-FILE_VERSION = 2
+#: 2: chunked, streamed (1 was one JSON header and one array); 3: a RECORDS chunk may
+#: hold runs (one per CPU buffer) that the reader merges. Versions read: 2 and 3.
+FILE_VERSION = 3
+_READS = (2, 3)
 FILE_HEADER = struct.Struct("<8sIII44x")
 CHUNK_MAGIC = b"TPKC"
 _CHUNK_BODY = struct.Struct("<4sHHQQQQQI4x")  # what the header checksum covers
@@ -171,12 +175,16 @@ class RecordingWriter:
         self._write_chunk(kind, json.dumps(obj, separators=(",", ":")).encode())
 
     def write_records(self, records: np.ndarray) -> None:
-        """Append records (RECORD_DTYPE, in time order), CHUNK_RECORDS per chunk at most."""
+        """Append records (RECORD_DTYPE) that all follow those written before: runs each
+        in time order (readers merge them, ring.format.in_time_order), CHUNK_RECORDS per
+        chunk at most (a longer array is put in order first, so chunks never overlap)."""
+        if len(records) > CHUNK_RECORDS:
+            records = in_time_order(records)
         for lo in range(0, len(records), CHUNK_RECORDS):
             part = np.ascontiguousarray(records[lo : lo + CHUNK_RECORDS], dtype=RECORD_DTYPE)
             ts = part["ts_ns"]
             self._write_chunk(ChunkKind.RECORDS, memoryview(part).cast("B"), records=len(part),
-                              first_ns=int(ts[0]), last_ns=int(ts[-1]), compress=True)
+                              first_ns=int(ts.min()), last_ns=int(ts.max()), compress=True)
             self.records += len(part)
             self.raw_bytes += part.nbytes
 
@@ -233,7 +241,7 @@ class RecordingFile:
             raise UsageError(f"{name} is a truncated textpoke recording (no whole header)",
                              hint=NOT_A_RECORDING_HINT)
         _, version, record_size, chunk_header = FILE_HEADER.unpack(head)
-        if version != FILE_VERSION or record_size != RECORD_SIZE or chunk_header != CHUNK_HEADER.size:
+        if version not in _READS or record_size != RECORD_SIZE or chunk_header != CHUNK_HEADER.size:
             raise UsageError(
                 f"{name} is a textpoke recording of version {version} ({record_size}-byte records); "
                 f"this textpoke reads version {FILE_VERSION} ({RECORD_SIZE}-byte records)",
@@ -282,9 +290,10 @@ class RecordingFile:
                              hint=NOT_A_RECORDING_HINT) from exc
 
     def record_chunks(self) -> Iterator[np.ndarray]:
+        """Each RECORDS chunk's records, in time order (chunks follow each other in time)."""
         for chunk in self.chunks:
             if chunk.kind is ChunkKind.RECORDS and chunk.records:
-                yield np.frombuffer(self.payload(chunk), dtype=RECORD_DTYPE, count=chunk.records)
+                yield in_time_order(np.frombuffer(self.payload(chunk), dtype=RECORD_DTYPE, count=chunk.records))
                 if chunk.codec is Codec.NONE:
                     self._forget(chunk)  # a view: its pages are read again if still used
 

@@ -85,6 +85,18 @@ assert RECORD_SIZE == 40 and all(
     for name, n in (("ts_ns", "ts"), ("tid", "tid"), ("site", "site"), ("caller", "caller"), ("arg0", "arg0")))
 
 
+def in_time_order(records: np.ndarray) -> np.ndarray:
+    """``records`` (RECORD_DTYPE) in time order: as they are if they already are, else
+    a stable sort's copy. A drain's records are a few runs, each in order (one per
+    buffer: a CPU's records are committed in time order); the sort is put off until
+    a recording is read, so that the reader that must keep up with the traced
+    program never pays it (a stable sort finds the runs and merges them)."""
+    ts = records["ts_ns"]
+    if len(ts) < 2 or bool((ts[1:] >= ts[:-1]).all()):
+        return records
+    return records.take(np.argsort(ts, kind="stable"))
+
+
 def write_ring_header(data: memoryview, geometry: RingGeometry | CounterGeometry) -> None:
     """Header of a tracer's data region (written by the tool before any site is patched)."""
     if isinstance(geometry, RingGeometry):
@@ -113,6 +125,7 @@ def read_ring_header(data: memoryview) -> RingGeometry | CounterGeometry:
 
 
 __all__ = [
+    "in_time_order",
     "KIND_SHIFT",
     "RAW_DTYPE",
     "RECORD_DTYPE",
