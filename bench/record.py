@@ -7,14 +7,18 @@ threads (T = 1, 2, 4) that call ``work(i)`` as fast as they can for S seconds
 (default 2) and print their own counts and elapsed time. Per T, in one run:
 
 - untraced: calls/s of the program alone;
-- ``textpoke record -f work`` (lossless, the default): the program's calls/s while
-  traced, records kept and lost (0 expected), textpoke's peak RSS, file bytes per
-  million records;
-- ``textpoke record --drop``: calls/s and the share of calls lost;
-- ``uftrace record -e -P ^work$`` (entry records only, like textpoke's; dynamic
-  patching of the same nop5) when uftrace is installed: calls/s, records kept.
+- ``textpoke record -f work`` (lossless, entries and exits: the default): the
+  program's calls/s while traced, records kept and lost (0 expected), textpoke's
+  peak RSS, file bytes per record;
+- ``textpoke record --entry-only``: the same with entry records only;
+- ``textpoke record --drop``: calls/s and the share of records lost;
+- ``textpoke record --no-compress``: the same as the default, records written raw;
+- ``uftrace record -P ^work$`` (entries and exits) and ``uftrace record -e`` (entries
+  only), dynamic patching of the same nop5, when uftrace is installed: calls/s,
+  calls in its report.
 
-Every textpoke row is checked: records + lost equals the program's own count.
+Every textpoke row is checked: records + lost equals the program's own count of
+calls (twice it with exits).
 ``--long S`` adds one S-second run of 4 threads (the issue asks for 60): RSS,
 records, file size, and the time ``textpoke report`` takes to read it back.
 Figures are printed, never asserted.
@@ -48,6 +52,7 @@ class Run:
     records: int | None = None
     lost: int | None = None
     rss_mb: float | None = None
+    per_call: int = 1
     file_bytes: int | None = None
     wall: float = 0.0
 
@@ -80,6 +85,7 @@ def measured(argv: list[str]) -> tuple[subprocess.CompletedProcess, float, float
 
 
 def textpoke_run(hot: Path, seconds: float, threads: int, out: Path, *extra: str) -> Run:
+    per_call = 1 if "--entry-only" in extra else 2
     argv = [sys.executable, "-m", "textpoke", "record", "-f", "work", "-o", str(out), *extra, "--",
             str(hot), f"s{seconds}", str(threads)]
     result, rss, wall = measured(argv)
@@ -88,19 +94,20 @@ def textpoke_run(hot: Path, seconds: float, threads: int, out: Path, *extra: str
     run = program_run(result.stdout)
     with Recording.load(out) as recording:
         run.records, run.lost = recording.record_count, recording.lost
-    if run.records + run.lost != run.calls:
-        raise SystemExit(f"records {run.records} + lost {run.lost} != calls {run.calls}")
+    run.per_call = per_call
+    if run.records + run.lost != run.calls * per_call:
+        raise SystemExit(f"records {run.records} + lost {run.lost} != {per_call} per call x {run.calls} calls")
     run.rss_mb, run.file_bytes, run.wall = rss, out.stat().st_size, wall
     return run
 
 
-def uftrace_run(hot: Path, seconds: float, threads: int, tmp: Path) -> Run | str:
+def uftrace_run(hot: Path, seconds: float, threads: int, tmp: Path, *extra: str) -> Run | str:
     uftrace = shutil.which("uftrace")
     if uftrace is None:
         return "not installed"
     data = tmp / "uftrace.data"
     shutil.rmtree(data, ignore_errors=True)
-    result = subprocess.run([uftrace, "record", "-e", "-P", "^work$", "-d", str(data), "--", str(hot),
+    result = subprocess.run([uftrace, "record", *extra, "-P", "^work$", "-d", str(data), "--", str(hot),
                              f"s{seconds}", str(threads)], capture_output=True, text=True, timeout=600)
     if result.returncode != 0 or "total" not in result.stdout:
         return f"failed: {result.stderr.strip()[:120]}"
@@ -108,7 +115,7 @@ def uftrace_run(hot: Path, seconds: float, threads: int, tmp: Path) -> Run | str
     report = subprocess.run([uftrace, "report", "-d", str(data), "-f", "call", "--no-pager"],
                             capture_output=True, text=True, timeout=600)
     m = re.search(r"^\s*(\d+)\s+work\s*$", report.stdout, re.M)
-    run.records = int(m.group(1)) if m else None
+    run.records = int(m.group(1)) if m else None  # calls, as its report counts them
     run.file_bytes = sum(f.stat().st_size for f in data.iterdir())
     return run
 
@@ -119,13 +126,16 @@ def line(label: str, run: Run | str, untraced: Run | None) -> str:
     parts = [f"{run.rate / 1e6:8.2f} M calls/s"]
     if untraced is not None:
         parts.append(f"{run.rate / untraced.rate:6.3f}x untraced")
-    if run.records is not None:
-        lost = run.lost if run.lost is not None else run.calls - run.records
-        parts.append(f"{run.records:>12,} records, {lost:,} lost ({100 * lost / max(run.calls, 1):.1f}%)")
+    if run.records is not None and run.lost is not None:
+        parts.append(f"{run.records:>12,} records, {run.lost:,} lost "
+                     f"({100 * run.lost / max(run.calls * run.per_call, 1):.1f}%)")
+    elif run.records is not None:
+        parts.append(f"{run.records:>12,} calls reported, {run.calls - run.records:,} missing")
     if run.rss_mb is not None:
         parts.append(f"RSS {run.rss_mb:4.0f} MB")
     if run.file_bytes is not None and run.records:
-        parts.append(f"{run.file_bytes / run.records:5.1f} bytes/record ({run.file_bytes / run.records:.1f} MB per M)")
+        unit = "record" if run.lost is not None else "call"
+        parts.append(f"{run.file_bytes / run.records:5.1f} bytes/{unit}")
     return f"  {label:<22} " + ", ".join(parts)
 
 
@@ -145,12 +155,15 @@ def main() -> None:
             untraced = program_run(plain.stdout)
             print(f"T={threads}")
             print(line("untraced", untraced, None))
-            print(line("textpoke (lossless)", textpoke_run(hot, args.seconds, threads, tmp / "l.tpk"), untraced))
+            print(line("textpoke (default)", textpoke_run(hot, args.seconds, threads, tmp / "l.tpk"), untraced))
+            print(line("textpoke --entry-only", textpoke_run(hot, args.seconds, threads, tmp / "e.tpk",
+                                                           "--entry-only"), untraced))
             print(line("textpoke --drop", textpoke_run(hot, args.seconds, threads, tmp / "d.tpk", "--drop"),
                        untraced))
             print(line("textpoke --no-compress", textpoke_run(hot, args.seconds, threads, tmp / "n.tpk",
                                                             "--no-compress"), untraced))
-            print(line("uftrace record -e", uftrace_run(hot, args.seconds, threads, tmp), untraced))
+            print(line("uftrace record", uftrace_run(hot, args.seconds, threads, tmp), untraced))
+            print(line("uftrace record -e", uftrace_run(hot, args.seconds, threads, tmp, "-e"), untraced))
             for f in tmp.iterdir():
                 if f.is_file():
                     f.unlink()
@@ -158,7 +171,7 @@ def main() -> None:
             out = tmp / "long.tpk"
             run = textpoke_run(hot, args.long, 4, out)
             print(f"long run, 4 threads, {args.long:g} s:")
-            print(line("textpoke (lossless)", run, None))
+            print(line("textpoke (default)", run, None))
             t = time.perf_counter()
             report = subprocess.run([sys.executable, "-m", "textpoke", "report", str(out)], capture_output=True,
                                     text=True)

@@ -52,7 +52,6 @@ FINAL_DRAINS = 4
 #: Wait for a free staging array in slices this long (to push the deadline on meanwhile).
 _SLICE_S = 0.05
 _STOP = None
-CALL_BITS = int(RecordKind.ENTER)  # ENTER (3) has both kind bits; CALL (0) none
 
 
 @dataclass
@@ -238,8 +237,8 @@ class Pipeline:
             self._fail(exc)
             return
         self.stats.written += len(records)
-        self.stats.calls += int(np.count_nonzero(records["kind"] & CALL_BITS == CALL_BITS)) + int(
-            np.count_nonzero(records["kind"] == RecordKind.CALL))
+        # calls: CALL and ENTER records, i.e. all but EXIT (1) and UNWOUND (2), in one pass
+        self.stats.calls += len(records) - int(np.count_nonzero((records["kind"] - np.uint8(RecordKind.EXIT)) < 2))
         self.stats.chunks = self.writer.chunks
         if self.name_threads:
             self._name_new_threads(records["tid"])
