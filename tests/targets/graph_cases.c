@@ -23,6 +23,8 @@
  *   abort       aborter(): abort() from traced frames
  *   backtrace   bt_outer() -> bt_inner(): prints how many frames backtrace() saw and
  *               whether it got as far as libc (__libc_start_main, below main)
+ *   gdb         gdb_outer() -> gdb_inner(): prints "waiting PID", reads a line from
+ *               stdin (time for a debugger to look at the stack), prints its length
  */
 #define _GNU_SOURCE
 #include <execinfo.h>
@@ -126,6 +128,14 @@ NOIPA int bt_inner(void) {
 }
 NOIPA int bt_outer(void) { return bt_inner() + 0; }
 
+NOIPA long gdb_inner(void) {
+    char line[64];
+    printf("waiting %d\n", (int)getpid());
+    if (!fgets(line, sizeof line, stdin)) return -1;
+    return (long)strlen(line);
+}
+NOIPA long gdb_outer(void) { return gdb_inner() + 1; }
+
 int main(int argc, char **argv) {
     self = argv[0];
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -182,6 +192,8 @@ int main(int argc, char **argv) {
         aborter();
     } else if (!strcmp(what, "backtrace")) {
         printf("bt %d\n", bt_outer() > 0);
+    } else if (!strcmp(what, "gdb")) {
+        printf("gdb %ld\n", gdb_outer());
     } else {
         fprintf(stderr, "unknown case %s\n", what);
         return 2;

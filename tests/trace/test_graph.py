@@ -261,6 +261,51 @@ def test_backtrace_inside_traced_frames(cases, tmp_path):
     assert traced.stdout.endswith("bt 1\n")
 
 
+def _gdb_backtrace(argv: list[str]) -> tuple[str, str]:
+    """Run ``argv`` (graph_cases gdb, maybe under textpoke record), take gdb's backtrace
+    of the program while it waits inside gdb_outer -> gdb_inner, let it finish:
+    (the backtrace's frame lines, the program's output)."""
+    program = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        waiting = program.stdout.readline()
+        assert waiting.startswith("waiting "), (waiting, program.stderr.read() if program.poll() else "")
+        pid = int(waiting.split()[1])
+        gdb = subprocess.run(["gdb", "-nx", "-batch", "-p", str(pid), "-ex", "bt"], capture_output=True,
+                             text=True, timeout=120)
+        frames = "\n".join(line for line in gdb.stdout.splitlines() if line.startswith("#"))
+        out, err = program.communicate("four\n", timeout=120)
+    finally:
+        if program.poll() is None:
+            program.kill()
+    assert program.returncode == 0, err
+    return frames, waiting + out
+
+
+def test_gdb_backtrace_inside_traced_frames(cases, tmp_path):
+    """What the README says gdb's `bt` shows inside graph-traced frames: the innermost
+    traced function by name, then `?? ()` where a traced caller's return address is
+    hooked (the return hook has no unwind information); untraced, the same stack shows
+    every caller. The program goes on as without textpoke either way, and each traced
+    call is recorded with its exit."""
+    import shutil
+
+    if shutil.which("gdb") is None:
+        pytest.skip("gdb is not installed (apt-get install gdb)")
+    plain_bt, plain_out = _gdb_backtrace([str(cases), "gdb"])
+    assert "gdb_inner" in plain_bt and "gdb_outer" in plain_bt and " main " in plain_bt
+    out = tmp_path / "gdb.tpk"
+    traced_bt, traced_out = _gdb_backtrace([sys.executable, "-m", "textpoke", "record", "-f", "gdb_*", "-o",
+                                            str(out), "--", str(cases), "gdb"])
+    assert traced_out.split("\n")[1:] == plain_out.split("\n")[1:] == ["gdb 6", ""]
+    lines = traced_bt.splitlines()
+    inner = next(i for i, line in enumerate(lines) if "gdb_inner" in line)
+    assert "?? ()" in lines[inner + 1] and "gdb_outer" not in traced_bt
+    roots, calls = frames_of(Recording.load(out))
+    (top,) = roots[next(iter(roots))]
+    assert shape(top) == ("gdb_outer", "exit", (("gdb_inner", "exit", ()),)) and not calls
+
+
 @pytest.fixture(scope="module")
 def cpp(build_target) -> Path:
     return build_target("graph_cpp")
