@@ -38,7 +38,7 @@ from ..target.inject import BorrowedThread, choose_thread
 from ..target.process import Process
 from ..target.maps import DEFAULT_REACH, find_free_near
 from ..x86.asm import Asm, Imm64, R, mem
-from ..x86.insn import CALL_OPCODE, CALL_SIZE, INT3_BYTE, JMP_OPCODE
+from ..x86.insn import CALL_OPCODE, CALL_SIZE, INT3_BYTE, JMP_OPCODE, rel32_targets
 from .ledger import Ledger
 from .table import HASH_MULTIPLIER, SiteTable
 
@@ -123,11 +123,14 @@ SIGINFO_CODE = 8
 UC_RSP = 40 + 15 * 8  # uc_mcontext.gregs[REG_RSP]
 UC_RIP = 40 + 16 * 8  # uc_mcontext.gregs[REG_RIP]
 
-DEFAULT_CAPACITY = 1 << 16
+#: Room for 196,608 distinct sites per process (3/4 of the slots): a batch of 100,000 and more.
+DEFAULT_CAPACITY = 1 << 18
 CODE_SIZE = PAGE
 AGENT_STACK = 64 * 1024
 SIG_IGN = 1
 _SIGSET_SIZE = 8
+#: sa_flags of every handler copy we install (SA_NODEFER: see the not-ours path of _emit_handler).
+HANDLER_FLAGS = sc.SA_SIGINFO | sc.SA_RESTORER | sc.SA_RESTART | sc.SA_NODEFER
 
 
 def ledger_offset(capacity: int) -> int:
@@ -267,6 +270,26 @@ def _emit_handler(a: Asm, *, ctl: int, capacity: int, copy: int = 0) -> None:
     # Not an in-flight site: whatever handled SIGTRAP before us handles it.
     a.op("LEA_R64_M", R.RAX, mem(R.RIP, ctl))
     a.op("INC_RM64", mem(R.RAX, STAT_NOT_OURS), lock=True)
+    # We run with SA_NODEFER (HANDLER_FLAGS): a thread emulating a site does not block
+    # SIGTRAP, so a batch's guard never takes it for a thread that does. What is not
+    # ours runs as without the flag: SIGTRAP blocked (the program's handler expects
+    # it; the re-raise below is delivered on return). rt_sigprocmask(SIG_BLOCK,
+    # {SIGTRAP}, NULL, 8), with rdi/rsi/rdx kept for the program's handler.
+    a.op("PUSH_R64", R.RDI)
+    a.op("PUSH_R64", R.RSI)
+    a.op("PUSH_R64", R.RDX)
+    a.op("PUSHQ_IMM32", 1 << (sc.SIGTRAP - 1))
+    a.op("MOV_R32_IMM32", R.EAX, sc.SYS_rt_sigprocmask)
+    a.op("MOV_R32_IMM32", R.EDI, sc.SIG_BLOCK)
+    a.op("MOV_R64_RM64", R.RSI, R.RSP)
+    a.op("XOR_R32_RM32", R.EDX, R.EDX)
+    a.op("MOV_R32_IMM32", R.R10D, _SIGSET_SIZE)
+    a.op("SYSCALL")
+    a.op("POP_R64", R.RAX)
+    a.op("POP_R64", R.RDX)
+    a.op("POP_R64", R.RSI)
+    a.op("POP_R64", R.RDI)
+    a.op("LEA_R64_M", R.RAX, mem(R.RIP, ctl))
     a.op("MOV_R64_RM64", R.RAX, mem(R.RAX, OLD_ACTIONS[copy]))
     a.op("CMP_RM64_IMM8", R.RAX, SIG_IGN)
     a.jump("JE_REL32_64", "return" + suffix)
@@ -276,8 +299,8 @@ def _emit_handler(a: Asm, *, ctl: int, capacity: int, copy: int = 0) -> None:
     a.label("return" + suffix)
     a.op("RETNQ")
     a.label("default_action" + suffix)
-    # SIG_DFL: put the default back and re-raise; SIGTRAP is blocked while we
-    # run, so it is delivered on return and the program dies as it would have.
+    # SIG_DFL: put the default back and re-raise; SIGTRAP is blocked now (above),
+    # so it is delivered on return and the program dies as it would have.
     a.op("MOV_R32_IMM32", R.EAX, sc.SYS_rt_sigaction)
     a.op("MOV_R32_IMM32", R.EDI, sc.SIGTRAP)
     a.op("LEA_R64_M", R.RSI, mem(R.RIP, ctl + DEFAULT_ACTION))
@@ -1070,9 +1093,11 @@ class Resident:
         self.ctl = memoryview(local)[CODE_SIZE:]
         self.ctl_address = base + CODE_SIZE
         self.capacity = _u64(self.ctl, HDR_TABLE_CAPACITY)
-        self.table = SiteTable(self.ctl[TABLE_OFFSET:], capacity=self.capacity)
+        self.table = SiteTable(self.ctl[TABLE_OFFSET:], capacity=self.capacity,
+                               populated=self._populated(CODE_SIZE + TABLE_OFFSET))
         self.labels = {name: base + off for name, off in generate_code(capacity=self.capacity)[1].items()}
-        self.ledger = Ledger(self.ctl[ledger_offset(self.capacity) :], capacity=self.capacity)
+        self.ledger = Ledger(self.ctl[ledger_offset(self.capacity) :], capacity=self.capacity,
+                             populated=self._populated(CODE_SIZE + ledger_offset(self.capacity)))
         self._request_addr = _ptrace.buffer_address(local, CODE_SIZE + MBX_REQUEST)
         self._done_addr = _ptrace.buffer_address(local, CODE_SIZE + MBX_DONE)
         self.attach_stop_ns = 0
@@ -1082,6 +1107,31 @@ class Resident:
         #: How long an agent request may take, or a stopped target stay stopped.
         self.timeout_s = 10.0
         self._watch: bool | None = None  # open_watch's answer, once asked
+
+    def _populated(self, offset: int):  # -> Callable[[int, int], list[tuple[int, int]]]
+        """Byte ranges of the memfd, relative to ``offset``, that hold pages (SEEK_DATA/SEEK_HOLE):
+        what a table scan reads (SiteTable's ``populated``; the holes read as zeros, and a
+        read of a hole through the mapping would allocate it in the target's region)."""
+        fd = self._lock_fd
+
+        def ranges(start: int, end: int) -> list[tuple[int, int]]:
+            found = []
+            at, stop = offset + start, offset + end
+            try:
+                while at < stop:
+                    at = os.lseek(fd, at, os.SEEK_DATA)
+                    hole = min(os.lseek(fd, at, os.SEEK_HOLE), stop)
+                    if at >= stop:
+                        break
+                    found.append((at - offset, hole - offset))
+                    at = hole
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data after ``at``
+                    return found
+                return [(start, end)]  # a kernel without SEEK_DATA on shmem: read it all
+            return found
+
+        return ranges
 
     # -- creation ---------------------------------------------------------------
     @classmethod
@@ -1211,8 +1261,7 @@ class Resident:
             resident._wait_agent()
             resident._drop_stub()
             resident.syscall(sc.SYS_membarrier, sc.MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0)
-            action = struct.pack("<QQQQ", resident.labels["handler"],
-                                 sc.SA_SIGINFO | sc.SA_RESTORER | sc.SA_RESTART, resident.labels["restorer"], 0)
+            action = struct.pack("<QQQQ", resident.labels["handler"], HANDLER_FLAGS, resident.labels["restorer"], 0)
             resident.ctl[SCRATCH : SCRATCH + len(action)] = action
             resident.syscall(sc.SYS_rt_sigaction, sc.SIGTRAP, resident.ctl_address + SCRATCH,
                              resident.ctl_address + OLD_ACTION, _SIGSET_SIZE)
@@ -1220,6 +1269,16 @@ class Resident:
             resident.close()
             raise
         return resident
+
+    @property
+    def handler_flags(self) -> int:
+        """sa_flags for a handler copy of this region: SA_NODEFER only over code whose
+        not-ours path blocks SIGTRAP itself (a region installed by an older textpoke
+        has the same layout and version, but not that code)."""
+        blob, _ = generate_code(capacity=self.capacity)
+        if bytes(self.local[: len(blob)]) == blob:
+            return HANDLER_FLAGS
+        return HANDLER_FLAGS & ~sc.SA_NODEFER
 
     def _drop_stub(self) -> None:
         """Unmap the install stub's pages once the agent has left them."""
@@ -1489,11 +1548,11 @@ class Resident:
         back (the trampolines leave no return address of theirs on a stack). Not
         covered: a thread whose signal handler interrupted it inside the region and
         runs or blocks elsewhere through the whole window."""
-        for site, insn in (*self.table.entries(), *self.ledger.baselines.entries()):
-            if insn[0] in (CALL_OPCODE, JMP_OPCODE):
-                target = site + CALL_SIZE + int.from_bytes(insn[1:CALL_SIZE], "little", signed=True)
-                if start <= target < end:
-                    return False
+        for sites, insns in (self.table.entry_arrays(), self.ledger.baselines.entry_arrays()):
+            branch = (insns[:, 0] == CALL_OPCODE) | (insns[:, 0] == JMP_OPCODE)
+            targets = rel32_targets(sites[branch], insns[branch])
+            if ((targets >= start) & (targets < end)).any():
+                return False
         return self._threads_outside(start, end, window_s)
 
     def _threads_outside(self, start: int, end: int, window_s: float) -> bool:
