@@ -379,7 +379,8 @@ def prepare(resident: Resident, *, restore: Restore | None = Restore.BASELINE) -
        it may be doing so right now), or take it over if it cannot tell;
     2. fork child: copy the inherited state (:func:`adopt_inherited`);
     3. an adopted part: close leaked descriptors, register for membarrier
-       SYNC_CORE again (idempotent; an install cut short may not have);
+       SYNC_CORE and give the agent its short slice unless the header says this
+       process image has them (an install cut short may not have);
     4. SIGTRAP reaches our handler (:func:`safety.ensure_handler`);
     5. recover every site to ``restore`` (None: only survey); then threads
        that waited at the gate for the dead tool's batch go on (end_watch).
@@ -390,7 +391,8 @@ def prepare(resident: Resident, *, restore: Restore | None = Restore.BASELINE) -
     closed = 0
     if not resident.created:
         closed = close_leaked_fds(resident)
-        resident.syscall(sc.SYS_membarrier, sc.MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0)
+        resident.register_membarrier()
+        resident.tune_agent()
     reinstalled = ensure_handler(resident)
     if restore is None:
         states = survey_arrays(resident.process, resident.table, resident.ledger)

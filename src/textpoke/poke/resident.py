@@ -61,6 +61,7 @@ HDR_AGENT_TID = 0x038  # u32, written by the agent when it runs
 HDR_READY = 0x03C  # u32 futex: the tool sets it once code and header are written
 HDR_ALL_SIGNALS = 0x040  # u64: a sigset with every signal, for the agent
 HDR_FRONT = 0x048  # u32: the handler copy SIGTRAP was last given to (safety.ensure_handler)
+HDR_PREPARED = 0x04C  # u32: PREPARED_* bits, what an attach need not do again in this process
 # Written by the install stub's new thread, before the tool writes the rest:
 HDR_INSTALL_STUB = 0x050  # u64: the stub pages, unmapped once the agent runs (0 then)
 HDR_INSTALL_FD = 0x058  # u32: the target's descriptor of this memfd, kept open (close-on-exec) so a
@@ -99,15 +100,34 @@ DEFAULT_ACTION = 0x160  # a zeroed k_sigaction (SIG_DFL), for re-raising
 #: each program handler installed after ours, in front of which copy k was put.
 OLD_ACTIONS = (OLD_ACTION, 0x180, 0x1A0, 0x1C0)
 HANDLER_COPIES = len(OLD_ACTIONS)
+#: The thread borrowed at install, as its stop found it (the thread-ABI check of a later
+#: capture reads these instead of stopping a thread, trampolines/tracer.py): its tid (0:
+#: nothing recorded; written last), rseq signature, thread pointer (fs_base), rseq area,
+#: and ABI_RSEQ_KNOWN (1: the kernel told the rseq configuration).
+ABI_TID = 0x1E0  # u32
+ABI_RSEQ_SIG = 0x1E4  # u32
+ABI_FS_BASE = 0x1E8  # u64
+ABI_RSEQ_AREA = 0x1F0  # u64
+ABI_RSEQ_KNOWN = 0x1F8  # u32
 SCRATCH = 0x200  # strings and structs passed to agent syscalls
 SCRATCH_SIZE = 0x900
 _FSTAT = SCRATCH + 0x400  # struct stat of a tool's fstat request
+_SCHED = SCRATCH + 0x500  # struct sched_attr of tune_agent
 AGENT_STAT = 0xB00  # struct stat (144 bytes) the agent fills on its own (fstat of its descriptors)
 RELEASED = 0xC00  # released shared regions, for reuse (Resident.release_shared): RELEASED_SLOTS records
 RELEASED_SLOTS = 16
 RELEASED_RECORD = 64
 SHARED_MODE = 0o600  # every memfd of ours
 TABLE_OFFSET = 0x1000
+
+# HDR_PREPARED bits.
+PREPARED_MEMBARRIER = 1  # membarrier SYNC_CORE registered (for the life of the process image)
+PREPARED_AGENT_SLICE = 2  # the agent asked for a short scheduler slice (Resident.tune_agent)
+#: The agent's scheduler slice (EEVDF custom slice, Linux 6.12; ignored before): woken by a
+#: request, it runs at once instead of after the busy threads' slices (each sync waits for it).
+AGENT_SLICE_NS = 100_000
+_SCHED_ATTR = "<IIQiIQQQII"  # struct sched_attr, SCHED_ATTR_SIZE_VER1 (56 bytes)
+_FAIR_POLICIES = (0, 3)  # SCHED_OTHER, SCHED_BATCH
 
 # WATCH_STATE values. A thread held at the gate (_emit_gate) goes on only in IDLE or HEALED.
 WATCH_IDLE = 0  # no batch in flight
@@ -1222,6 +1242,7 @@ class Resident:
         inode = next((m.inode for m in process.maps() if m.start == base), 0)
         resident = cls._finish_install(process, capacity=capacity, fd=fd, base=base, stub=pages, inode=inode)
         resident.attach_stop_ns = thread.stopped_ns
+        resident.record_thread_abi(thread)
         return resident
 
     @classmethod
@@ -1260,7 +1281,8 @@ class Resident:
         try:
             resident._wait_agent()
             resident._drop_stub()
-            resident.syscall(sc.SYS_membarrier, sc.MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0)
+            resident.register_membarrier()
+            resident.tune_agent()
             action = struct.pack("<QQQQ", resident.labels["handler"], HANDLER_FLAGS, resident.labels["restorer"], 0)
             resident.ctl[SCRATCH : SCRATCH + len(action)] = action
             resident.syscall(sc.SYS_rt_sigaction, sc.SIGTRAP, resident.ctl_address + SCRATCH,
@@ -1279,6 +1301,50 @@ class Resident:
         if bytes(self.local[: len(blob)]) == blob:
             return HANDLER_FLAGS
         return HANDLER_FLAGS & ~sc.SA_NODEFER
+
+    def register_membarrier(self) -> None:
+        """Register for membarrier SYNC_CORE (the sync), once per process image."""
+        prepared = _u32(self.ctl, HDR_PREPARED)
+        if not prepared & PREPARED_MEMBARRIER:
+            self.syscall(sc.SYS_membarrier, sc.MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0)
+            struct.pack_into("<I", self.ctl, HDR_PREPARED, _u32(self.ctl, HDR_PREPARED) | PREPARED_MEMBARRIER)
+
+    def tune_agent(self) -> None:
+        """Give the agent a short scheduler slice (its policy and nice kept), once.
+
+        Every sync is a request the agent serves; woken among busy threads of a
+        fair policy, it would wait for their slices first (milliseconds each on a
+        loaded machine). A short slice makes the kernel run it at once (EEVDF,
+        Linux 6.12); it uses microseconds of CPU per request. A kernel that does
+        not know the attribute ignores it; one that refuses it changes nothing."""
+        if _u32(self.ctl, HDR_PREPARED) & PREPARED_AGENT_SLICE:
+            return
+        try:
+            with open(f"/proc/{self.process.pid}/task/{self.agent_tid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+            nice, policy = int(fields[16]), int(fields[38])
+        except (OSError, ValueError, IndexError):
+            return
+        if policy in _FAIR_POLICIES:
+            attr = struct.pack(_SCHED_ATTR, struct.calcsize(_SCHED_ATTR), policy, 0, nice, 0, AGENT_SLICE_NS,
+                               0, 0, 0, 0)
+            self.ctl[_SCHED : _SCHED + len(attr)] = attr
+            try:
+                self.syscall(sc.SYS_sched_setattr, 0, self.ctl_address + _SCHED, 0)
+            except InjectionError:
+                pass  # refused (a security module, say): the agent keeps the default slice
+        struct.pack_into("<I", self.ctl, HDR_PREPARED, _u32(self.ctl, HDR_PREPARED) | PREPARED_AGENT_SLICE)
+
+    def record_thread_abi(self, thread: BorrowedThread) -> None:
+        """Record what the thread borrowed at install showed (ABI_*), for the thread-ABI
+        check of later captures; nothing for a thread without a thread pointer yet (a
+        spawned program at its entry point)."""
+        fs_base = thread.saved_regs.fs_base
+        if not fs_base:
+            return
+        area, _, signature = thread.rseq_config or (0, 0, 0)
+        struct.pack_into("<IQQI", self.ctl, ABI_RSEQ_SIG, signature, fs_base, area, int(thread.rseq_config is not None))
+        struct.pack_into("<I", self.ctl, ABI_TID, thread.tid)  # last: the record counts
 
     def _drop_stub(self) -> None:
         """Unmap the install stub's pages once the agent has left them."""

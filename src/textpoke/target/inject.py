@@ -130,12 +130,14 @@ def find_gadgets(process: Process) -> Gadgets:
     )
 
 
-def rseq_resume_point(process: Process, tid: int, regs: Regs) -> Regs:
+def rseq_resume_point(process: Process, tid: int, regs: Regs, *,
+                      config: tuple[int, int, int] | None = None) -> Regs:
     """``regs`` with rip at the abort handler if the thread was stopped inside an
     rseq critical section (the kernel aborts a preempted one the same way; our
-    code running in between would otherwise make it forget to)."""
+    code running in between would otherwise make it forget to). ``config``: the
+    thread's rseq configuration, if already read (_ptrace.rseq_configuration)."""
     try:
-        area, _, _ = _ptrace.rseq_configuration(tid)
+        area, _, _ = config if config is not None else _ptrace.rseq_configuration(tid)
         if not area:
             return regs
         (cs,) = struct.unpack("<Q", process.read(area + _RSEQ_CS, 8))
@@ -171,6 +173,9 @@ class BorrowedThread:
         self._last_status = 0
         self.stopped_ns = 0
         self._stop_start = 0
+        #: (rseq area, size, signature) the thread registered, as the stop found it
+        #: (None: the kernel cannot tell); what the thread-ABI check needs.
+        self.rseq_config: tuple[int, int, int] | None = None
 
     # step 2 ---------------------------------------------------------------
     def __enter__(self) -> BorrowedThread:
@@ -205,7 +210,12 @@ class BorrowedThread:
 
     def _save(self) -> None:
         self._stopped_regs = _ptrace.get_regs(self.tid)
-        self._saved = rseq_resume_point(self.process, self.tid, self._stopped_regs)
+        try:
+            self.rseq_config = _ptrace.rseq_configuration(self.tid)
+        except OSError:
+            self.rseq_config = None  # a kernel without PTRACE_GET_RSEQ_CONFIGURATION
+        self._saved = rseq_resume_point(self.process, self.tid, self._stopped_regs,
+                                        config=self.rseq_config or (0, 0, 0))
 
     def _wait_stop(self) -> int:
         """Wait for our thread's next ptrace stop; its WSTOPSIG.

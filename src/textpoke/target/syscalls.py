@@ -32,6 +32,7 @@ SYS_memfd_create = 319
 SYS_openat = 257
 SYS_pidfd_open = 434
 SYS_madvise = 28
+SYS_sched_setattr = 314
 
 AT_FDCWD = -100
 O_RDWR = 2

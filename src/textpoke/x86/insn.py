@@ -120,6 +120,15 @@ def rel32_targets(sites: np.ndarray, rows: np.ndarray) -> np.ndarray:
 def encode_calls(sites: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """:func:`encode_call` for every (site, target) of two u64 arrays: (N, 5) u8 rows;
     SiteError naming the first target out of rel32 reach."""
+    return _encode_rel32s(CALL_OPCODE, sites, targets)
+
+
+def encode_jmps(sites: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """:func:`encode_jmp` for every (site, target), as :func:`encode_calls`."""
+    return _encode_rel32s(JMP_OPCODE, sites, targets)
+
+
+def _encode_rel32s(opcode: int, sites: np.ndarray, targets: np.ndarray) -> np.ndarray:
     import numpy as np
 
     sites = np.asarray(sites, dtype=np.uint64)
@@ -128,7 +137,7 @@ def encode_calls(sites: np.ndarray, targets: np.ndarray) -> np.ndarray:
     if len(far):
         rel32(int(sites[far[0]]), int(np.asarray(targets, dtype=np.uint64)[far[0]]))  # raises the message
     rows = np.empty((len(sites), CALL_SIZE), dtype=np.uint8)
-    rows[:, 0] = CALL_OPCODE
+    rows[:, 0] = opcode
     rows[:, 1:] = disp.astype("<i4").view(np.uint8).reshape(-1, 4)
     return rows
 
