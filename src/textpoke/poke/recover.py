@@ -172,7 +172,8 @@ def survey_arrays(process: TextAccess, table: SiteTable, ledger: Ledger) -> Surv
     order = np.argsort(recorded)
     recorded, originals, baselines = recorded[order], originals[order], baselines[order]
     entries, _ = table.entry_arrays()
-    sites = np.union1d(recorded, entries).astype(np.uint64)
+    both = np.sort(np.concatenate((recorded, entries)).astype(np.uint64))
+    sites = both[np.concatenate(([True], both[1:] != both[:-1]))] if len(both) else both
     current = read_sites(process, sites)
     has_entry, entry = table.lookup_many(sites)
     at = np.searchsorted(recorded, sites)
@@ -382,8 +383,10 @@ def prepare(resident: Resident, *, restore: Restore | None = Restore.BASELINE) -
        SYNC_CORE and give the agent its short slice unless the header says this
        process image has them (an install cut short may not have);
     4. SIGTRAP reaches our handler (:func:`safety.ensure_handler`);
-    5. recover every site to ``restore`` (None: only survey); then threads
-       that waited at the gate for the dead tool's batch go on (end_watch).
+    5. recover every site to ``restore`` (None: only survey); nothing to do
+       when the last session ended cleanly (HDR_CLEAN) and no heal or fork is
+       in between (but for ORIGINAL); then threads that waited at the gate for
+       the dead tool's batch go on (end_watch).
     """
     heal = resident.settle_watch()
     inherited = adopt_inherited(resident)
@@ -394,7 +397,11 @@ def prepare(resident: Resident, *, restore: Restore | None = Restore.BASELINE) -
         resident.register_membarrier()
         resident.tune_agent()
     reinstalled = ensure_handler(resident)
-    if restore is None:
+    if heal is None and inherited is None and resident.clean and restore is not Restore.ORIGINAL:
+        # The last session ended cleanly (HDR_CLEAN): every known site holds its baseline.
+        found = Recovery(restore=Restore.BASELINE, sites=len(resident.ledger), in_flight=(), written=(), syncs=0,
+                         trampoline_regions=_trampoline_regions(resident.process))
+    elif restore is None:
         states = survey_arrays(resident.process, resident.table, resident.ledger)
         found = Recovery(restore=Restore.BASELINE, sites=len(states.sites),
                          in_flight=tuple(states.sites[states.in_flight].tolist()), written=(), syncs=0,

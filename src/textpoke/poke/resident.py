@@ -74,6 +74,10 @@ WATCH_STATE = 0x068  # u32 futex: one of the WATCH_* states below
 WATCH_PIDFD = 0x06C  # u32: the target's pidfd of the tool that arms the watch
 WATCH_PID = 0x070  # u32: that tool's pid
 MEM_FD = 0x074  # u32: the target's descriptor of /proc/self/mem (the agent's way to write text)
+#: u32, 1 while every site the ledger knows holds its baseline and none is in flight: set by a
+#: session that ended cleanly (reverted or committed everything), cleared before a session
+#: changes anything. An attach that finds it set has nothing to recover and surveys nothing.
+HDR_CLEAN = 0x078
 WATCH_PIDFD_INO = 0x0C8  # u64: st_ino of WATCH_PIDFD when it was opened (the agent checks it)
 MEM_INO = 0x0D0  # u64: st_ino of MEM_FD when it was opened
 HEAL_BATCHES = 0x0D8  # u64: batches the agent finished for a tool that died
@@ -1301,6 +1305,15 @@ class Resident:
         if bytes(self.local[: len(blob)]) == blob:
             return HANDLER_FLAGS
         return HANDLER_FLAGS & ~sc.SA_NODEFER
+
+    @property
+    def clean(self) -> bool:
+        """Every site the ledger knows holds its baseline (HDR_CLEAN): nothing to recover."""
+        return _u32(self.ctl, HDR_CLEAN) == 1
+
+    def mark_clean(self, clean: bool) -> None:
+        """Set or clear HDR_CLEAN (one aligned store; cleared before any change is made)."""
+        struct.pack_into("<I", self.ctl, HDR_CLEAN, int(clean))
 
     def register_membarrier(self) -> None:
         """Register for membarrier SYNC_CORE (the sync), once per process image."""

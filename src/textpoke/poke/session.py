@@ -55,6 +55,7 @@ class Session:
         self.current_guard: BatchGuard | None = None  # the guard of the batch under way (for on_step)
         self._maps = MapsCache(process)
         self._closed = False
+        self._failed = False  # a batch failed: the end of the session leaves recovery to the next attach
 
     @property
     def pid(self) -> int:
@@ -85,6 +86,8 @@ class Session:
         uprobe's) are left out instead of refusing the batch (ForeignTrap); the
         result's ``foreign`` names them, and so does :attr:`foreign_sites`."""
         batch = PatchArray.of(patches)
+        if len(batch) and self.resident.clean:
+            self.resident.mark_clean(False)  # before anything changes: a later attach recovers if we die
         self._preflight(batch)
         ledger = self.resident.ledger
         reached: list[Step] = []
@@ -115,6 +118,7 @@ class Session:
             # execute the new instructions (emulated), so revert() must know.
             if Step.INT3 in reached:
                 self._remember(kept[0])
+            self._failed = True
             raise
         self._remember(kept[0])
         self.foreign_sites.update(result.foreign)
@@ -194,10 +198,14 @@ class Session:
         self.release()
         try:
             if self.process.alive() and not self.process.replaced():
+                failed = self._failed
                 if revert:
                     self.revert()
                 else:
                     self.commit()
+                if not failed and not self._failed:
+                    # Every site is at its baseline now: the next attach need not survey them.
+                    self.resident.mark_clean(True)
         finally:
             self.resident.close()
             self.process.close()
