@@ -343,6 +343,7 @@ class Method:
     threads_stopped: int = 0  # stw: threads in the target
     attach: Window | None = None  # textpoke: first attach
     attach_ns: int = 0  # textpoke: borrowed thread stopped at first attach
+    attach_wait_ns: int = 0  # of attach_ns: until the thread reached its stop (woken, it needs a CPU)
     attach_seized: int = 0  # textpoke: threads seized by the first attach
     reattach_s: float = 0.0  # textpoke: attach() to a process holding the resident part
     probe_s: float = 0.0  # textpoke: probe_thread_abi after that
@@ -363,6 +364,7 @@ def run_textpoke(target: Target, sites: list[int], reps: int) -> Method:
         session, m.attach = windowed(target, lambda: attach(target.pid))
         m.attach_seized = len(counter.seized)
         m.attach_ns = session.resident.attach_stop_ns
+        m.attach_wait_ns = session.resident.attach_wait_ns
         if not session.resident.created:
             raise RuntimeError("the first attach must install the resident part")
         with session:
@@ -557,7 +559,10 @@ def report(rows: list[Row], reps: int, elapsed: float) -> bool:
     per_t = ", ".join(f"T={t}: {us(statistics.median(v))}" for t, v in by_t.items())
     att_gaps = [g for r in rows for g in r.tp.attach.gaps]
     att_idle = [g for r in rows for g in r.tp.attach.idle]
-    print(f"first attach: borrowed thread stopped (median us) {per_t}; threads seized per attach "
+    waits = ", ".join(f"T={t}: {us(statistics.median([r.tp.attach_wait_ns for r in rows if r.threads == t]))}"
+                      for t in by_t)
+    print(f"first attach: borrowed thread stopped (median us) {per_t}; of which waiting for the thread to reach "
+          f"its stop {waits}; threads seized per attach "
           f"{sorted({r.tp.attach_seized for r in rows})}; worker stall during attach {spread(att_gaps)} "
           f"us (idle {spread(att_idle)})")
     bad = sum(r.bad for r in rows)

@@ -213,7 +213,7 @@ class CountingText(FakeText):
 
 def dense(count: int, spacing: int = 16) -> tuple[bytearray, list[Patch]]:
     sites = [BASE + spacing * i for i in range(count)]
-    image = bytearray(random.Random(count).randbytes(spacing * count + 64))
+    image = bytearray(random.Random(count).randbytes(spacing * count + 64).replace(INT3, b"\x90"))
     patches = []
     for s in sites:
         image[s - BASE : s - BASE + 5] = NOP5
@@ -359,3 +359,27 @@ def test_a_hundred_thousand_sites_in_one_bulk_batch() -> None:
     apply_patches(batch.reverted(), text=text, sync=FakeSync(), table=table)
     assert bytes(text.memory) == bytes(image)
     assert INT3 not in bytes(text.memory[sites[0] - BASE : sites[0] - BASE + 1])
+
+
+def test_someone_elses_int3_between_sites_is_never_written() -> None:
+    """A breakpoint between two sites of a run (and a foreign site left out) is written
+    around, not over: were it removed meanwhile, writing it back would leave an int3
+    that nothing handles."""
+    image, patches = dense(40)
+    breakpoint_at = patches[10].site + 8  # between sites 10 and 11
+    image[breakpoint_at - BASE] = INT3_BYTE
+    foreign = patches[20].site
+    image[foreign - BASE] = INT3_BYTE  # a foreign int3 on a site of the batch
+    text = CountingText(BASE, image)
+    result = apply_patches(patches, text=text, sync=FakeSync(), table=new_table(128), skip_foreign=True)
+    assert result.foreign == (foreign,) and len(result.patched) == 39
+    for addr, size in text.writes:
+        assert not addr <= breakpoint_at < addr + size
+        assert not addr <= foreign < addr + size
+    assert text.memory[breakpoint_at - BASE] == INT3_BYTE and text.memory[foreign - BASE] == INT3_BYTE
+    assert len(text.writes) == 3 * 3  # each step: three parts around the two int3s
+    expected = bytearray(image)
+    for p in patches:
+        if p.site != foreign:
+            expected[p.site - BASE : p.site - BASE + 5] = p.new
+    assert bytes(text.memory) == bytes(expected)

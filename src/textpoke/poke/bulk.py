@@ -16,7 +16,9 @@ the result and every error. What differs is only how the work is done, so that
 - each step reads each run once, and writes each run once: one ``write`` of the
   bytes from the run's first to its last changed byte, where the bytes between
   sites are the ones read back from the target just before, compared with what
-  verification read (a difference stops the batch: someone else writes this code).
+  verification read (a difference stops the batch: someone else writes this code);
+  an int3 between sites (someone else's breakpoint) is never written, not even with
+  itself: the write goes around it (:func:`_segments`).
   Sites where that is not wanted (``coalesce`` False: a writable mapping, whose
   bytes the program itself may change at any time) are written on their own;
 - the table is read and written with :meth:`SiteTable.lookup_many` and
@@ -403,7 +405,8 @@ def _step(batch: PatchArray, image: _Image, writes: _Writes, lo: int, hi: int, w
             updated[at[:, None] + np.arange(hi - lo)] = batch.new[index, lo:hi]
         if attempted is not None:
             attempted.append(index)
-        text.write(address, updated.tobytes())
+        for start, end in _segments(expected, updated, image.offsets[index] - offset):
+            text.write(address + start, updated[start:end].tobytes())
         buffer[offset : offset + length] = updated
     back = buffer.copy()
     for address, offset, length, _ in runs:
@@ -424,6 +427,23 @@ def _step(batch: PatchArray, image: _Image, writes: _Writes, lo: int, hi: int, w
     for address, offset, length, _ in runs:
         _changed(address, back[offset : offset + length], buffer[offset : offset + length],
                  what=f"after {what} was written")
+
+
+def _segments(expected: np.ndarray, updated: np.ndarray, ours: np.ndarray) -> list[tuple[int, int]]:
+    """The parts of a run to write, [start, end): all of it but any int3 byte outside the
+    batch's sites being written (``ours``: where their first bytes are in the run): someone
+    else's breakpoint (a debugger's, a uprobe's) is never written over, not even with itself
+    (were it removed meanwhile, writing it back would leave an int3 nothing handles). Parts
+    that change nothing are left out too."""
+    foreign = expected == INT3_BYTE
+    inside = (ours[:, None] + np.arange(SITE_SIZE)).ravel()
+    foreign[inside[(inside >= 0) & (inside < len(expected))]] = False
+    if not foreign.any():
+        return [(0, len(expected))]
+    keep = np.concatenate(([False], ~foreign, [False])).astype(np.int8)
+    edges = np.flatnonzero(np.diff(keep))
+    parts = [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
+    return [(a, b) for a, b in parts if not np.array_equal(expected[a:b], updated[a:b])]
 
 
 def _changed(address: int, got: np.ndarray, expected: np.ndarray, *, what: str) -> None:

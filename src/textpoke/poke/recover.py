@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._errors import SiteError
+from .._errors import InjectionError, SiteError
 from ..target import syscalls as sc
 from ..target.process import Process
 from ..target.security import OUR_PREFIX
@@ -49,6 +49,7 @@ from .resident import (
     VERSION,
     RegionInfo,
     Resident,
+    _region_path,
     ctl_size,
     find_regions,
     generate_code,
@@ -288,10 +289,26 @@ def close_leaked_fds(resident: Resident) -> int:
 
 def _read_region(process: Process, region: RegionInfo) -> bytes:
     """A snapshot of an inherited region's control area, read-only (never mapped
-    writable: the parent still uses it), through /proc/PID/mem."""
+    writable: the parent still uses it): from its memfd (a hole reads as zeros there
+    without being allocated; most of the table and ledger are holes), else through
+    /proc/PID/mem."""
     ctl = region.base + CODE_SIZE
     (capacity,) = struct.unpack("<Q", process.read(ctl + HDR_TABLE_CAPACITY, 8))
-    return process.read(ctl, ctl_size(capacity))
+    size = ctl_size(capacity)
+    try:
+        path = _region_path(process, base=region.base, end=region.base + CODE_SIZE, inode=region.inode,
+                            fd=region.fd)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except (InjectionError, OSError):
+        return process.read(ctl, size)
+    try:
+        if os.fstat(fd).st_ino == region.inode:
+            data = os.pread(fd, size, CODE_SIZE)
+            if len(data) == size:
+                return data
+    finally:
+        os.close(fd)
+    return process.read(ctl, size)
 
 
 def _snapshot(data: bytes) -> tuple[SiteTable, Ledger]:

@@ -1125,6 +1125,7 @@ class Resident:
         self._request_addr = _ptrace.buffer_address(local, CODE_SIZE + MBX_REQUEST)
         self._done_addr = _ptrace.buffer_address(local, CODE_SIZE + MBX_DONE)
         self.attach_stop_ns = 0
+        self.attach_wait_ns = 0  # of attach_stop_ns: until the borrowed thread reached its stop
         self.held: BorrowedThread | None = None  # a spawned program's main thread, not yet released
         #: This attach finished an install a killed tool had left (its agent thread waiting).
         self.finished_install = False
@@ -1246,6 +1247,7 @@ class Resident:
         inode = next((m.inode for m in process.maps() if m.start == base), 0)
         resident = cls._finish_install(process, capacity=capacity, fd=fd, base=base, stub=pages, inode=inode)
         resident.attach_stop_ns = thread.stopped_ns
+        resident.attach_wait_ns = thread.stop_wait_ns
         resident.record_thread_abi(thread)
         return resident
 
