@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -57,6 +58,7 @@ import numpy as np  # noqa: E402
 
 from textpoke.poke import attach  # noqa: E402
 from textpoke.poke.bulk import PatchArray  # noqa: E402
+from textpoke.poke.resident import HEAL_BATCHES  # noqa: E402
 from textpoke.target import _ptrace  # noqa: E402
 from textpoke.target.process import Process  # noqa: E402
 from textpoke.trampolines.counter import Counters  # noqa: E402
@@ -348,6 +350,7 @@ class Method:
     reattach_s: float = 0.0  # textpoke: attach() to a process holding the resident part
     probe_s: float = 0.0  # textpoke: probe_thread_abi after that
     reattach_seized: int = 0  # textpoke: threads seized by both
+    healed: int = 0  # textpoke: batches the agent finished itself (it took the tool for dead: must be 0)
     counted: int = 0  # calls counted by the patched-in counters
 
     def med(self, what: str, batches: str = "applies") -> float:
@@ -386,6 +389,7 @@ def run_textpoke(target: Target, sites: list[int], reps: int) -> Method:
                     (m.reverts if revert else m.applies).append(window)
             m.seized = len(counter.seized)
             m.counted = int(counters.counts().sum())
+            m.healed = struct.unpack_from("<Q", session.resident.ctl, HEAL_BATCHES)[0]
             if any(session.read_insn(s) != NOP5 for s in sites[:: max(1, len(sites) // 1000)]):
                 raise RuntimeError("textpoke's revert left a site changed")
         counter.seized.clear()
@@ -567,7 +571,8 @@ def report(rows: list[Row], reps: int, elapsed: float) -> bool:
           f"us (idle {spread(att_idle)})")
     bad = sum(r.bad for r in rows)
     live = all(r.tp.counted > 0 and r.stw.counted > 0 for r in rows)
-    print(f"checks: syncs per textpoke batch {sorted({s for r in rows for s in r.tp.syncs})}; "
+    print(f"checks: syncs per textpoke batch {sorted({s for r in rows for s in r.tp.syncs})} (batches the agent "
+          f"finished itself: {sum(r.tp.healed for r in rows)}); "
           f"wrong results in the target {bad}; both methods' counters counted calls: {live}; "
           f"run took {elapsed:.0f} s")
     goals: list[tuple[str, bool | None, str]] = []
@@ -610,8 +615,9 @@ def report(rows: list[Row], reps: int, elapsed: float) -> bool:
     reseized = sum(r.tp.reattach_seized for r in rows)
     goals.append(("re-attach: no thread stopped, < 20 ms", reseized == 0 and statistics.median(again) < 0.02,
                   f"{reseized} threads seized; attach median {ms(statistics.median([r.tp.reattach_s for r in rows]))} "
-                  f"ms (max {ms(max(r.tp.reattach_s for r in rows))}), thread-ABI check median "
-                  f"{ms(statistics.median([r.tp.probe_s for r in rows]))} ms"))
+                  f"ms (max {ms(max(r.tp.reattach_s for r in rows))}; by T: " + ", ".join(
+                      f"{t}: {ms(statistics.median([r.tp.reattach_s for r in rows if r.threads == t]))}" for t in by_t)
+                  + f"), thread-ABI check median {ms(statistics.median([r.tp.probe_s for r in rows]))} ms"))
     for name, met, detail in goals:
         mark = "n/a" if met is None else "MET" if met else "NOT MET"
         print(f"goal: {name:<52} {mark:<7} {detail}")

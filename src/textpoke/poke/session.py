@@ -17,6 +17,7 @@ from types import TracebackType
 import numpy as np
 
 from .._errors import TargetStopped, UsageError
+from ..target.inject import Urgent
 from ..target.process import Process
 from ..target.security import check_architecture
 from ..target.spawn import spawn as target_spawn
@@ -256,28 +257,31 @@ def attach(pid: int, *, capacity: int = DEFAULT_CAPACITY, timeout_s: float = 10.
        bring every site to ``restore`` (default: its baseline, undoing what a
        killed tool left; None: leave sites as they are). See ``session.recovery``.
 
-    ``timeout_s`` bounds every wait on the agent, including for a process that
+    The tool runs SCHED_FIFO meanwhile when it may (target.inject.Urgent): on a
+    loaded machine a fair-scheduled tool waited tens of milliseconds between its
+    steps. ``timeout_s`` bounds every wait on the agent, including for a process that
     gets stopped (SIGSTOP) while we work (TargetStopped). ``refuse_unsafe`` is
     kept for callers of the time threads blocking SIGTRAP were refused; they
     are held during batches now (poke/guard.py), so it changes nothing."""
     if isinstance(pid, bool) or not isinstance(pid, int):
         raise UsageError(f"pid must be an int, not {pid!r}")
-    process = Process(pid)
-    try:
-        check_architecture(pid)
-        if process.stopped():
-            raise TargetStopped(f"process {pid} is stopped (SIGSTOP or a debugger); textpoke needs it running")
-        with attach_guard(pid):
-            resident = Resident.attach(process, capacity=capacity)
-            try:
-                resident.timeout_s = timeout_s
-                recovery = prepare(resident, restore=restore)
-            except BaseException:
-                resident.close()
-                raise
-    except BaseException:
-        process.close()
-        raise
+    with Urgent():  # SCHED_FIFO while attaching, if allowed (target/inject.py): a few ms of work
+        process = Process(pid)
+        try:
+            check_architecture(pid)
+            if process.stopped():
+                raise TargetStopped(f"process {pid} is stopped (SIGSTOP or a debugger); textpoke needs it running")
+            with attach_guard(pid):
+                resident = Resident.attach(process, capacity=capacity)
+                try:
+                    resident.timeout_s = timeout_s
+                    recovery = prepare(resident, restore=restore)
+                except BaseException:
+                    resident.close()
+                    raise
+        except BaseException:
+            process.close()
+            raise
     session = Session(process, resident)
     session.recovery = recovery
     return session

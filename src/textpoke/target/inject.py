@@ -151,18 +151,19 @@ def rseq_resume_point(process: Process, tid: int, regs: Regs, *,
     return regs
 
 
-class _Urgent:
+class Urgent:
     """The tool's own thread on SCHED_FIFO (priority 1) while it holds a thread of the
     program stopped, when it may (root, CAP_SYS_NICE, or an RLIMIT_RTPRIO): on a loaded
     machine a fair-scheduled tool waits out other threads' slices between its ptrace
     requests (tens of milliseconds with 16 busy threads on 2 CPUs, measured), and the
     borrowed thread waits with it. Put back after the release, whatever happens; a
-    tool without the right runs as it did."""
+    tool without the right runs as it did. Also around a whole attach (session.attach):
+    a few milliseconds of work and waits on the agent. Nested use changes nothing."""
 
     def __init__(self) -> None:
         self._saved: tuple[int, os.sched_param] | None = None
 
-    def __enter__(self) -> _Urgent:
+    def __enter__(self) -> Urgent:
         try:
             saved = (os.sched_getscheduler(0), os.sched_getparam(0))
             if saved[0] in (os.SCHED_OTHER, os.SCHED_BATCH):
@@ -210,7 +211,7 @@ class BorrowedThread:
         #: Of stopped_ns: from the interrupt until the thread's stop was seen (it was
         #: woken, or preempted, and had to get a CPU to reach the stop).
         self.stop_wait_ns = 0
-        self._urgent = _Urgent()
+        self._urgent = Urgent()
 
     # step 2 ---------------------------------------------------------------
     def __enter__(self) -> BorrowedThread:
