@@ -62,6 +62,7 @@ from errno import ESRCH
 
 import enum
 import mmap
+import operator
 import os
 import struct
 from collections.abc import Callable, Sequence
@@ -1038,8 +1039,10 @@ def generate(
     counters: CounterGeometry | None = None,
     enabled: int,
     runtime: graph.GraphRuntime | None = None,
+    columns: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> tuple[bytes, dict[str, int]]:
     """The code region for ``sites`` placed at ``base``, data at ``data``: (bytes, labels).
+    (``columns``: :func:`_site_columns` of ``sites``, if the caller has them.)
 
     Layout: rseq descriptors at offset 0 (one per routine with a sequence),
     constants at 128 (block 0's address; stub 0 + 5; the wait slice; the ring
@@ -1105,23 +1108,32 @@ def generate(
 
     entry_target = labels["graph_entry" if runtime is not None else entry_name]
     _write_stubs(code, base=base, sites=sites, mode=mode, zero=zero, entry_target=entry_target,
-                 call_routine=labels[call_name], graph_hooks=runtime is not None)
+                 call_routine=labels[call_name], graph_hooks=runtime is not None, columns=columns)
     labels["stubs"] = base + _STUBS
     return bytes(code), labels
 
 
+_SITE_FIELDS = operator.attrgetter("address", "kind", "original")
+
+
 def _site_columns(sites: Sequence[TracedSite]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Addresses (u64), kinds (index into StubKind), original instructions ((N, 5) u8) of ``sites``."""
-    kinds = {kind: k for k, kind in enumerate(StubKind)}
     count = len(sites)
-    addresses = np.fromiter((site.address for site in sites), dtype=np.uint64, count=count)
-    kind = np.fromiter((kinds[site.kind] for site in sites), dtype=np.int8, count=count)
-    original = np.frombuffer(b"".join(site.original for site in sites), dtype=np.uint8).reshape(count, CALL_SIZE)
-    return addresses, kind, original
+    if not count:
+        return np.zeros(0, np.uint64), np.zeros(0, np.int8), np.zeros((0, CALL_SIZE), np.uint8)
+    addresses, kinds, originals = zip(*map(_SITE_FIELDS, sites))
+    # Kinds compared as objects, all at once (an enum's hash is Python code: 20,000 of them cost ms).
+    objects = np.array(kinds, dtype=object)
+    kind = np.zeros(count, dtype=np.int8)
+    for k, member in enumerate(StubKind):
+        kind[objects == member] = k
+    original = np.frombuffer(b"".join(originals), dtype=np.uint8).reshape(count, CALL_SIZE)
+    return np.array(addresses, dtype=np.uint64), kind, original
 
 
 def _write_stubs(code: bytearray, *, base: int, sites: Sequence[TracedSite], mode: Mode, zero: int,
-                 entry_target: int, call_routine: int, graph_hooks: bool) -> None:
+                 entry_target: int, call_routine: int, graph_hooks: bool,
+                 columns: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> None:
     """Stub i of every site at ``_STUBS + STUB_SIZE * i`` (see generate), written for all
     sites at once (entry and call stubs are two encodings with per-site fields; the few
     hook stubs one at a time):
@@ -1131,7 +1143,7 @@ def _write_stubs(code: bytearray, *, base: int, sites: Sequence[TracedSite], mod
     count = len(sites)
     if not count:
         return
-    addresses, kind, original = _site_columns(sites)
+    addresses, kind, original = columns if columns is not None else _site_columns(sites)
     stubs = np.uint64(base + _STUBS) + np.arange(count, dtype=np.uint64) * np.uint64(STUB_SIZE)
     area = np.frombuffer(code, dtype=np.uint8, count=count * STUB_SIZE, offset=_STUBS).reshape(count, STUB_SIZE)
     entry = kind == list(StubKind).index(StubKind.ENTRY)
@@ -1206,16 +1218,17 @@ class Tracer:
         self.process = resident.process
         self.resident = resident
         self.enabled = _session_flag(resident)
+        columns = _site_columns(self.sites)  # once: for the stubs and for the batch
+        addresses, _, original = columns
         self.region: SharedRegion = resident.map_shared(
-            code_size=code_size, data_size=data_size, near=min(s.address for s in self.sites), name=name,
-            apart=True, reuse=True)
+            code_size=code_size, data_size=data_size, near=int(addresses.min()), name=name, apart=True, reuse=True)
         try:
             self._restrict(resident.process.pid, code_size)
             self.data_address = self.region.data_address
             self._populate(resident, code_size, data_size)
             code, self.labels = generate(base=self.region.address, data=self.data_address, mode=mode, abi=abi,
                                          sites=self.sites, ring=self.ring, counters=self.counters,
-                                         enabled=self.enabled, runtime=runtime)
+                                         enabled=self.enabled, runtime=runtime, columns=columns)
         except BaseException:
             self.region.local.close()  # the target keeps its (unused) mapping: nothing points into it
             raise
@@ -1226,7 +1239,6 @@ class Tracer:
                 block = self.ring.blocks_offset + b * self.ring.stride
                 struct.pack_into("<Q", self.data, block + CTL_LIMIT, self.ring.bytes)
         # The batch that sends site i to stub i: columns (PatchArray), built for every site at once.
-        addresses, _, original = _site_columns(self.sites)
         stubs = np.uint64(self.labels["stubs"]) + np.arange(len(self.sites), dtype=np.uint64) * np.uint64(STUB_SIZE)
         self.patches = PatchArray.build(addresses, original, encode_calls(addresses, stubs))
 
