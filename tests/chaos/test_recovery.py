@@ -190,8 +190,9 @@ def test_request_posted_by_a_killed_tool_is_served(life):
     started = time.monotonic()
     with attach(target.pid, timeout_s=5.0) as session:
         assert time.monotonic() - started < 2
-        # served: the orphan getpid, then attach's own: membarrier registration, SIGTRAP query
-        assert session.stats().requests == requests + 3
+        # served: the orphan getpid, then attach's own SIGTRAP query (membarrier is
+        # registered once per process image: the first attach did it)
+        assert session.stats().requests == requests + 2
         session.apply([Patch(site=site, old=encode_call(site, syms["A"]), new=encode_call(site, syms["B"]))])
     assert read_mem(target.pid, site, 5) == encode_call(site, syms["A"])
     _exact(target.stop())

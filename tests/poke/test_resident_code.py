@@ -10,8 +10,11 @@ import struct
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
-from unicorn.x86_const import UC_X86_REG_RDI, UC_X86_REG_RDX, UC_X86_REG_RIP, UC_X86_REG_RSI, UC_X86_REG_RSP
+from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_MODE_64, Uc
+from unicorn.x86_const import (
+    UC_X86_INS_SYSCALL, UC_X86_REG_R10, UC_X86_REG_RAX, UC_X86_REG_RDI, UC_X86_REG_RDX, UC_X86_REG_RIP,
+    UC_X86_REG_RSI, UC_X86_REG_RSP,
+)
 
 from textpoke.poke.resident import (
     CODE_SIZE, HANDLER_COPIES, OLD_ACTIONS, SIG_IGN, SIGINFO_CODE, STAT_EMULATED, STAT_NOT_OURS, TABLE_OFFSET,
@@ -19,6 +22,7 @@ from textpoke.poke.resident import (
 )
 from textpoke.poke.spec import NOT_OURS, SI_KERNEL, TrapFrame, handle_int3
 from textpoke.poke.table import SiteTable
+from textpoke.target import syscalls as sc
 from textpoke.x86.insn import NOP5, encode_call, encode_jmp
 
 CAPACITY = 64
@@ -39,6 +43,12 @@ def run_handler(table_bytes: bytes, *, ip: int, sp: int, si_code: int, copy: int
     rip, rsp, word, emulated, not_ours, _ = run_handler_sp(table_bytes, ip=ip, sp=sp, si_code=si_code,
                                                            copy=copy, chain_to=chain_to)
     return rip, rsp, word, emulated, not_ours
+
+
+#: Syscalls the handler made in the last run_handler_sp: (nr, rdi, the u64 at rsi, rdx, r10).
+SYSCALLS: list[tuple[int, int, int, int, int]] = []
+#: rdi, rsi, rdx when the handler reached SENTINEL (chained: the program's handler's arguments).
+ARGS: list[int] = []
 
 
 def run_handler_sp(table_bytes: bytes, *, ip: int, sp: int, si_code: int, copy: int,
@@ -64,8 +74,19 @@ def run_handler_sp(table_bytes: bytes, *, ip: int, sp: int, si_code: int, copy: 
     uc.reg_write(UC_X86_REG_RDI, 5)
     uc.reg_write(UC_X86_REG_RSI, SIGINFO)
     uc.reg_write(UC_X86_REG_RDX, UCONTEXT)
+    SYSCALLS.clear()
+
+    def syscall(uc: Uc, _: object) -> None:
+        rsi = uc.reg_read(UC_X86_REG_RSI)
+        word = struct.unpack("<Q", bytes(uc.mem_read(rsi, 8)))[0] if STACK <= rsi < STACK + STACK_SIZE else -1
+        SYSCALLS.append((uc.reg_read(UC_X86_REG_RAX), uc.reg_read(UC_X86_REG_RDI), word,
+                         uc.reg_read(UC_X86_REG_RDX), uc.reg_read(UC_X86_REG_R10)))
+        uc.reg_write(UC_X86_REG_RAX, 0)
+
+    uc.hook_add(UC_HOOK_INSN, syscall, None, 1, 0, UC_X86_INS_SYSCALL)
     uc.emu_start(BASE + labels[handler_label(copy)], SENTINEL, count=10_000)
     assert uc.reg_read(UC_X86_REG_RIP) == SENTINEL
+    ARGS[:] = [uc.reg_read(r) for r in (UC_X86_REG_RDI, UC_X86_REG_RSI, UC_X86_REG_RDX)]
     rsp, rip = struct.unpack("<QQ", bytes(uc.mem_read(UCONTEXT + UC_RSP, 16)))  # gregs RSP, RIP
     word = struct.unpack("<Q", bytes(uc.mem_read(rsp, 8)))[0] if STACK <= rsp < STACK + STACK_SIZE else 0
     emulated = struct.unpack("<Q", bytes(uc.mem_read(ctl + STAT_EMULATED, 8)))[0]
@@ -101,7 +122,10 @@ def test_machine_code_handler_matches_spec(case, copy):
     expected = handle_int3(TrapFrame(ip=ip, sp=sp, si_code=si_code), table)
     if expected is NOT_OURS:
         assert (rip, rsp, emulated, not_ours) == (ip, sp, 0, 1)
+        # Installed with SA_NODEFER: what is not ours blocks SIGTRAP first, as without the flag.
+        assert SYSCALLS == [(sc.SYS_rt_sigprocmask, sc.SIG_BLOCK, 1 << (sc.SIGTRAP - 1), 0, 8)]
         return
+    assert SYSCALLS == []  # emulating a site is no syscall
     assert (rip, rsp, emulated, not_ours) == (expected.ip, expected.sp, 1, 0)
     if expected.stores:
         ((address, value),) = expected.stores
@@ -125,6 +149,8 @@ def test_each_copy_chains_to_its_own_saved_disposition():
         *_, not_ours, popped = run_handler_sp(raw, ip=TEXT + 1, sp=STACK + 0x5000, si_code=SI_KERNEL,
                                               copy=copy, chain_to=SENTINEL)
         assert (not_ours, popped) == (1, 0)  # jumped to the saved handler at SENTINEL
+        assert ARGS == [5, SIGINFO, UCONTEXT]  # with the signal's own arguments
+        assert SYSCALLS == [(sc.SYS_rt_sigprocmask, sc.SIG_BLOCK, 1 << (sc.SIGTRAP - 1), 0, 8)]
         *_, not_ours, popped = run_handler_sp(raw, ip=TEXT + 1, sp=STACK + 0x5000, si_code=SI_KERNEL,
                                               copy=copy, chain_to=SIG_IGN)
         assert (not_ours, popped) == (1, 8)  # returned

@@ -31,15 +31,17 @@ Every other thread runs free all along.
 
 from __future__ import annotations
 
-import bisect
 import time
 from collections.abc import Sequence
 from types import TracebackType
 
+import numpy as np
+
 from .._errors import TextpokeError, UnsafeTarget
 from ..target.hold import HeldThread, interruptible_quietly
 from ..x86.insn import INT3_BYTE, SITE_SIZE
-from .protocol import Patch, Step, _read_sites, apply_batch
+from .bulk import PatchArray, apply_patches, read_sites
+from .protocol import Step
 from .resident import CODE_SIZE, Resident, our_threads
 from .safety import _SIGTRAP_BIT, _blocks_sigtrap, _thread_name
 
@@ -47,10 +49,10 @@ from .safety import _SIGTRAP_BIT, _blocks_sigtrap, _thread_name
 class BatchGuard:
     """Around one apply_batch: pass :meth:`step` as (part of) its ``on_step``; a context manager."""
 
-    def __init__(self, resident: Resident, sites: Sequence[int], *, patience_s: float = 1.0) -> None:
+    def __init__(self, resident: Resident, sites: Sequence[int] | np.ndarray, *, patience_s: float = 1.0) -> None:
         self.resident = resident
         self.process = resident.process
-        self.sites = sorted(sites)
+        self.sites = np.sort(np.asarray(sites, dtype=np.uint64))
         self.patience_s = patience_s
         self.held: dict[int, HeldThread] = {}
         self._ignored: frozenset[int] | None = None
@@ -180,17 +182,18 @@ class BatchGuard:
         goes on, makes the handler emulate the site."""
         where = thread.position
         for rip in (where.rip, where.restart_rip):
-            if rip is None:
+            if rip is None or not 0 <= rip < 1 << 64:
                 continue
-            at = bisect.bisect_right(self.sites, rip) - 1
-            if at >= 0 and self.sites[at] < rip < self.sites[at] + SITE_SIZE:
-                if rip == self.sites[at] + 1 and self.process.read(self.sites[at], 1)[0] == INT3_BYTE:
+            at = int(np.searchsorted(self.sites, np.uint64(rip), side="right")) - 1
+            site = int(self.sites[at]) if at >= 0 else 0
+            if at >= 0 and site < rip < site + SITE_SIZE:
+                if rip == site + 1 and self.process.read(site, 1)[0] == INT3_BYTE:
                     continue
                 self.written = False
                 self._end(failed=True)
                 raise UnsafeTarget(
                     f"thread {thread.tid} of process {self.process.pid} stands inside the site at "
-                    f"{self.sites[at]:#x} (at {rip:#x}); nothing was written",
+                    f"{site:#x} (at {rip:#x}); nothing was written",
                     hint="the site is not an instruction boundary; list the sites again",
                 )
 
@@ -204,29 +207,23 @@ class BatchGuard:
         self.late += self._hold_all(blockers, check=False)
 
     # -- the end ---------------------------------------------------------------------
-    def _in_flight(self) -> list[int]:
-        if not self.sites:
-            return []
-        try:
-            current = _read_sites(self.process, self.sites)
-        except TextpokeError:
-            return []
-        table = self.resident.table
-        return [site for site, now in zip(self.sites, current) if now[0] == INT3_BYTE and site in table]
-
     def _finish(self) -> bool:
-        """The batch failed with int3s in place: complete them (the recovery rule)."""
-        left = self._in_flight()
-        if not left:
+        """The batch failed with int3s in place: complete them (the recovery rule:
+        a site under an int3 that the table knows becomes its entry)."""
+        if not len(self.sites):
             return True
         table = self.resident.table
-        patches = []
-        for site in left:
-            entry = table.lookup(site)
-            assert entry is not None
-            patches.append(Patch(site=site, old=entry, new=entry))
         try:
-            apply_batch(patches, text=self.process, sync=self.resident.sync, table=table, resume=True)
+            trapped = read_sites(self.process, self.sites)[:, 0] == INT3_BYTE
+        except TextpokeError:
+            return True
+        found, entry = table.lookup_many(self.sites)
+        left = trapped & found
+        if not left.any():
+            return True
+        try:
+            apply_patches(PatchArray(self.sites[left], entry[left], entry[left]), text=self.process,
+                          sync=self.resident.sync, table=table, resume=True, coalesce=False)
         except TextpokeError:
             return False
         return True

@@ -24,9 +24,11 @@ never reads the ledger; only the tool holding the session lock writes it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from .table import SiteTable
 
@@ -41,11 +43,20 @@ class LedgerEntry:
 class Ledger:
     """Originals and baselines of every site textpoke touched in one target."""
 
-    def __init__(self, buffer: Any, *, capacity: int) -> None:
+    def __init__(self, buffer: Any, *, capacity: int,
+                 populated: Callable[[int, int], Sequence[tuple[int, int]]] | None = None) -> None:
+        """``populated``: as SiteTable's, over the ledger's buffer (both tables)."""
         view = memoryview(buffer).cast("B")
         size = SiteTable.size_for(capacity)
-        self.originals = SiteTable(view[:size], capacity=capacity)
-        self.baselines = SiteTable(view[size : 2 * size], capacity=capacity)
+
+        def part(offset: int) -> Callable[[int, int], Sequence[tuple[int, int]]] | None:
+            if populated is None:
+                return None
+            return lambda start, end: [(lo - offset, hi - offset)
+                                       for lo, hi in populated(start + offset, end + offset)]
+
+        self.originals = SiteTable(view[:size], capacity=capacity, populated=part(0))
+        self.baselines = SiteTable(view[size : 2 * size], capacity=capacity, populated=part(size))
 
     @staticmethod
     def size_for(capacity: int) -> int:
@@ -64,6 +75,36 @@ class Ledger:
         self.baselines.publish(site, insn if baseline is None else baseline)
         self.originals.publish(site, insn)  # last: the entry now counts
         return True
+
+    def record_many(self, sites: np.ndarray, insns: np.ndarray, *, baselines: np.ndarray | None = None
+                    ) -> np.ndarray:
+        """:meth:`record` of every site of a u64 array (distinct), (N, 5) u8 each:
+        every new site's baseline is stored before any new site's original (the
+        crash order, for the whole batch). Returns which sites were new."""
+        sites = np.asarray(sites, dtype=np.uint64)
+        known, _ = self.originals.lookup_many(sites)
+        new = ~known
+        if new.any():
+            base = insns if baselines is None else baselines
+            self.baselines.publish_many(sites[new], np.asarray(base)[new])
+            self.originals.publish_many(sites[new], np.asarray(insns)[new])  # last: the entries now count
+        return new
+
+    def commit_many(self, sites: np.ndarray, insns: np.ndarray) -> None:
+        """:meth:`commit` of every site of a u64 array (distinct)."""
+        sites = np.asarray(sites, dtype=np.uint64)
+        insns = np.asarray(insns, dtype=np.uint8)
+        new = self.record_many(sites, insns)
+        if (~new).any():
+            self.baselines.publish_many(sites[~new], insns[~new])
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every recorded site as arrays: (sites u64, originals (N, 5) u8, baselines (N, 5) u8)."""
+        sites, originals = self.originals.entry_arrays()
+        found, baselines = self.baselines.lookup_many(sites)
+        # A baseline is stored before its original; the fallback only guards a corrupted region.
+        baselines[~found] = originals[~found]
+        return sites, originals, baselines
 
     def commit(self, site: int, insn: bytes) -> None:
         """Make ``insn`` the baseline: what the site keeps after the session."""

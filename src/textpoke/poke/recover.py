@@ -29,13 +29,16 @@ import os
 import struct
 from dataclasses import dataclass
 
-from .._errors import SiteError
+import numpy as np
+
+from .._errors import InjectionError, SiteError
 from ..target import syscalls as sc
 from ..target.process import Process
 from ..target.security import OUR_PREFIX
-from ..x86.insn import INT3_BYTE, decode_site
+from ..x86.insn import INT3_BYTE, SITE_SIZE, decode_site, site_insns_ok
+from .bulk import PatchArray, apply_patches, read_sites
 from .ledger import Ledger
-from .protocol import Patch, TextAccess, _read_sites, apply_batch
+from .protocol import Patch, TextAccess
 from .resident import (
     CODE_SIZE,
     HANDLER_COPIES,
@@ -46,6 +49,7 @@ from .resident import (
     VERSION,
     RegionInfo,
     Resident,
+    _region_path,
     ctl_size,
     find_regions,
     generate_code,
@@ -54,7 +58,7 @@ from .resident import (
 )
 from .guard import BatchGuard
 from .resident import AgentHeal
-from .safety import _store_action, ensure_handler, settle_traps
+from .safety import MapsCache, _store_action, ensure_handler, settle_traps
 from .table import SiteTable
 
 
@@ -123,22 +127,69 @@ class Recovery:
         return bool(self.written or self.handler_reinstalled or self.fds_closed or self.inherited_from)
 
 
+@dataclass(frozen=True)
+class Survey:
+    """Every site the ledger or the table knows, with its bytes now, as columns
+    (sites sorted; rows (N, 5) u8): what :func:`survey` gives as SiteState values."""
+
+    sites: np.ndarray
+    current: np.ndarray
+    has_entry: np.ndarray
+    entry: np.ndarray
+    has_original: np.ndarray
+    original: np.ndarray
+    baseline: np.ndarray
+
+    @property
+    def in_flight(self) -> np.ndarray:
+        """A batch left an int3 here: threads execute the table's entry."""
+        return (self.current[:, 0] == INT3_BYTE) & self.has_entry
+
+    @property
+    def effective(self) -> np.ndarray:
+        """The instruction threads execute at each site now."""
+        return np.where(self.in_flight[:, None], self.entry, self.current)
+
+    def goal(self, restore: Restore) -> np.ndarray:
+        """What each site returns to (unknown to the ledger: its effective instruction)."""
+        known = self.original if restore is Restore.ORIGINAL else self.baseline
+        return np.where(self.has_original[:, None], known, self.effective)
+
+    def states(self) -> list[SiteState]:
+        rows = [np.ascontiguousarray(a).tobytes() for a in (self.current, self.entry, self.original, self.baseline)]
+
+        def row(k: int, i: int) -> bytes:
+            return rows[k][SITE_SIZE * i : SITE_SIZE * (i + 1)]
+
+        entry, original = self.has_entry.tolist(), self.has_original.tolist()
+        return [SiteState(site=site, current=row(0, i), entry=row(1, i) if entry[i] else None,
+                          original=row(2, i) if original[i] else None, baseline=row(3, i) if original[i] else None)
+                for i, site in enumerate(self.sites.tolist())]
+
+
+def survey_arrays(process: TextAccess, table: SiteTable, ledger: Ledger) -> Survey:
+    """Every site the ledger or the table knows, with its bytes now (one read per run of sites)."""
+    recorded, originals, baselines = ledger.arrays()
+    order = np.argsort(recorded)
+    recorded, originals, baselines = recorded[order], originals[order], baselines[order]
+    entries, _ = table.entry_arrays()
+    both = np.sort(np.concatenate((recorded, entries)).astype(np.uint64))
+    sites = both[np.concatenate(([True], both[1:] != both[:-1]))] if len(both) else both
+    current = read_sites(process, sites)
+    has_entry, entry = table.lookup_many(sites)
+    at = np.searchsorted(recorded, sites)
+    has_original = at < len(recorded)
+    has_original[has_original] = recorded[at[has_original]] == sites[has_original]
+    original = np.zeros((len(sites), SITE_SIZE), dtype=np.uint8)
+    baseline = np.zeros((len(sites), SITE_SIZE), dtype=np.uint8)
+    original[has_original] = originals[at[has_original]]
+    baseline[has_original] = baselines[at[has_original]]
+    return Survey(sites, current, has_entry, entry, has_original, original, baseline)
+
+
 def survey(process: TextAccess, table: SiteTable, ledger: Ledger) -> list[SiteState]:
     """Every site the ledger or the table knows, with its bytes now."""
-    originals = {entry.site: entry for entry in ledger.entries()}
-    entries = table.as_dict()
-    sites = sorted(originals.keys() | entries.keys())
-    current = _read_sites(process, sites)
-    return [
-        SiteState(
-            site=site,
-            current=now,
-            entry=entries.get(site),
-            original=originals[site].original if site in originals else None,
-            baseline=originals[site].baseline if site in originals else None,
-        )
-        for site, now in zip(sites, current)
-    ]
+    return survey_arrays(process, table, ledger).states()
 
 
 def plan_recovery(
@@ -178,25 +229,28 @@ def recover(resident: Resident, *, restore: Restore = Restore.BASELINE) -> Recov
     4. for ORIGINAL, the originals become the baselines too.
     """
     process = resident.process
-    states = survey(process, resident.table, resident.ledger)
-    patches, foreign, held_back = plan_recovery(states, restore)
-    with BatchGuard(resident, [patch.site for patch in patches]) as guard:
-        result = apply_batch(patches, text=process, sync=resident.sync, table=resident.table, resume=True,
-                             on_step=guard.step)
+    found = survey_arrays(process, resident.table, resident.ledger)
+    effective, goal = found.effective, found.goal(restore)
+    # A site whose bytes are no site instruction (someone else wrote there) is left alone.
+    valid = site_insns_ok(effective) & site_insns_ok(goal)
+    batch = PatchArray(found.sites[valid], effective[valid], goal[valid])
+    coalesce = MapsCache(process).current().coalescable(batch.sites) if len(batch) else True
+    with BatchGuard(resident, batch.sites) as guard:
+        result = apply_patches(batch, text=process, sync=resident.sync, table=resident.table, resume=True,
+                               on_step=guard.step, coalesce=coalesce)
     if result.syncs:
         settle_traps(process, exclude=frozenset({resident.agent_tid}))
     if restore is Restore.ORIGINAL:
-        for state in states:
-            if state.original is not None and state.site not in held_back and state.site not in foreign:
-                resident.ledger.commit(state.site, state.original)
+        back = found.has_original & valid
+        resident.ledger.commit_many(found.sites[back], found.original[back])
     return Recovery(
         restore=restore,
-        sites=len(states),
-        in_flight=tuple(s.site for s in states if s.in_flight),
+        sites=len(found.sites),
+        in_flight=tuple(found.sites[found.in_flight].tolist()),
         written=result.patched,
         syncs=result.syncs,
-        foreign=tuple(foreign),
-        held_back=tuple(held_back),
+        foreign=tuple(found.sites[~valid].tolist()),
+        held_back=(),
         trampoline_regions=_trampoline_regions(process),
         held_threads=guard.held_total,
     )
@@ -235,10 +289,26 @@ def close_leaked_fds(resident: Resident) -> int:
 
 def _read_region(process: Process, region: RegionInfo) -> bytes:
     """A snapshot of an inherited region's control area, read-only (never mapped
-    writable: the parent still uses it), through /proc/PID/mem."""
+    writable: the parent still uses it): from its memfd (a hole reads as zeros there
+    without being allocated; most of the table and ledger are holes), else through
+    /proc/PID/mem."""
     ctl = region.base + CODE_SIZE
     (capacity,) = struct.unpack("<Q", process.read(ctl + HDR_TABLE_CAPACITY, 8))
-    return process.read(ctl, ctl_size(capacity))
+    size = ctl_size(capacity)
+    try:
+        path = _region_path(process, base=region.base, end=region.base + CODE_SIZE, inode=region.inode,
+                            fd=region.fd)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except (InjectionError, OSError):
+        return process.read(ctl, size)
+    try:
+        if os.fstat(fd).st_ino == region.inode:
+            data = os.pread(fd, size, CODE_SIZE)
+            if len(data) == size:
+                return data
+    finally:
+        os.close(fd)
+    return process.read(ctl, size)
 
 
 def _snapshot(data: bytes) -> tuple[SiteTable, Ledger]:
@@ -327,10 +397,13 @@ def prepare(resident: Resident, *, restore: Restore | None = Restore.BASELINE) -
        it may be doing so right now), or take it over if it cannot tell;
     2. fork child: copy the inherited state (:func:`adopt_inherited`);
     3. an adopted part: close leaked descriptors, register for membarrier
-       SYNC_CORE again (idempotent; an install cut short may not have);
+       SYNC_CORE and give the agent its short slice unless the header says this
+       process image has them (an install cut short may not have);
     4. SIGTRAP reaches our handler (:func:`safety.ensure_handler`);
-    5. recover every site to ``restore`` (None: only survey); then threads
-       that waited at the gate for the dead tool's batch go on (end_watch).
+    5. recover every site to ``restore`` (None: only survey); nothing to do
+       when the last session ended cleanly (HDR_CLEAN) and no heal or fork is
+       in between (but for ORIGINAL); then threads that waited at the gate for
+       the dead tool's batch go on (end_watch).
     """
     heal = resident.settle_watch()
     inherited = adopt_inherited(resident)
@@ -338,12 +411,17 @@ def prepare(resident: Resident, *, restore: Restore | None = Restore.BASELINE) -
     closed = 0
     if not resident.created:
         closed = close_leaked_fds(resident)
-        resident.syscall(sc.SYS_membarrier, sc.MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0)
+        resident.register_membarrier()
+        resident.tune_agent()
     reinstalled = ensure_handler(resident)
-    if restore is None:
-        states = survey(resident.process, resident.table, resident.ledger)
-        found = Recovery(restore=Restore.BASELINE, sites=len(states),
-                         in_flight=tuple(s.site for s in states if s.in_flight), written=(), syncs=0,
+    if heal is None and inherited is None and resident.clean and restore is not Restore.ORIGINAL:
+        # The last session ended cleanly (HDR_CLEAN): every known site holds its baseline.
+        found = Recovery(restore=Restore.BASELINE, sites=len(resident.ledger), in_flight=(), written=(), syncs=0,
+                         trampoline_regions=_trampoline_regions(resident.process))
+    elif restore is None:
+        states = survey_arrays(resident.process, resident.table, resident.ledger)
+        found = Recovery(restore=Restore.BASELINE, sites=len(states.sites),
+                         in_flight=tuple(states.sites[states.in_flight].tolist()), written=(), syncs=0,
                          trampoline_regions=_trampoline_regions(resident.process))
     else:
         found = recover(resident, restore=restore)
@@ -363,4 +441,6 @@ __all__ = [
     "prepare",
     "recover",
     "survey",
+    "survey_arrays",
+    "Survey",
 ]

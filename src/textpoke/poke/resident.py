@@ -38,7 +38,7 @@ from ..target.inject import BorrowedThread, choose_thread
 from ..target.process import Process
 from ..target.maps import DEFAULT_REACH, find_free_near
 from ..x86.asm import Asm, Imm64, R, mem
-from ..x86.insn import CALL_OPCODE, CALL_SIZE, INT3_BYTE, JMP_OPCODE
+from ..x86.insn import CALL_OPCODE, CALL_SIZE, INT3_BYTE, JMP_OPCODE, rel32_targets
 from .ledger import Ledger
 from .table import HASH_MULTIPLIER, SiteTable
 
@@ -61,6 +61,7 @@ HDR_AGENT_TID = 0x038  # u32, written by the agent when it runs
 HDR_READY = 0x03C  # u32 futex: the tool sets it once code and header are written
 HDR_ALL_SIGNALS = 0x040  # u64: a sigset with every signal, for the agent
 HDR_FRONT = 0x048  # u32: the handler copy SIGTRAP was last given to (safety.ensure_handler)
+HDR_PREPARED = 0x04C  # u32: PREPARED_* bits, what an attach need not do again in this process
 # Written by the install stub's new thread, before the tool writes the rest:
 HDR_INSTALL_STUB = 0x050  # u64: the stub pages, unmapped once the agent runs (0 then)
 HDR_INSTALL_FD = 0x058  # u32: the target's descriptor of this memfd, kept open (close-on-exec) so a
@@ -73,6 +74,10 @@ WATCH_STATE = 0x068  # u32 futex: one of the WATCH_* states below
 WATCH_PIDFD = 0x06C  # u32: the target's pidfd of the tool that arms the watch
 WATCH_PID = 0x070  # u32: that tool's pid
 MEM_FD = 0x074  # u32: the target's descriptor of /proc/self/mem (the agent's way to write text)
+#: u32, 1 while every site the ledger knows holds its baseline and none is in flight: set by a
+#: session that ended cleanly (reverted or committed everything), cleared before a session
+#: changes anything. An attach that finds it set has nothing to recover and surveys nothing.
+HDR_CLEAN = 0x078
 WATCH_PIDFD_INO = 0x0C8  # u64: st_ino of WATCH_PIDFD when it was opened (the agent checks it)
 MEM_INO = 0x0D0  # u64: st_ino of MEM_FD when it was opened
 HEAL_BATCHES = 0x0D8  # u64: batches the agent finished for a tool that died
@@ -99,15 +104,34 @@ DEFAULT_ACTION = 0x160  # a zeroed k_sigaction (SIG_DFL), for re-raising
 #: each program handler installed after ours, in front of which copy k was put.
 OLD_ACTIONS = (OLD_ACTION, 0x180, 0x1A0, 0x1C0)
 HANDLER_COPIES = len(OLD_ACTIONS)
+#: The thread borrowed at install, as its stop found it (the thread-ABI check of a later
+#: capture reads these instead of stopping a thread, trampolines/tracer.py): its tid (0:
+#: nothing recorded; written last), rseq signature, thread pointer (fs_base), rseq area,
+#: and ABI_RSEQ_KNOWN (1: the kernel told the rseq configuration).
+ABI_TID = 0x1E0  # u32
+ABI_RSEQ_SIG = 0x1E4  # u32
+ABI_FS_BASE = 0x1E8  # u64
+ABI_RSEQ_AREA = 0x1F0  # u64
+ABI_RSEQ_KNOWN = 0x1F8  # u32
 SCRATCH = 0x200  # strings and structs passed to agent syscalls
 SCRATCH_SIZE = 0x900
 _FSTAT = SCRATCH + 0x400  # struct stat of a tool's fstat request
+_SCHED = SCRATCH + 0x500  # struct sched_attr of tune_agent
 AGENT_STAT = 0xB00  # struct stat (144 bytes) the agent fills on its own (fstat of its descriptors)
 RELEASED = 0xC00  # released shared regions, for reuse (Resident.release_shared): RELEASED_SLOTS records
 RELEASED_SLOTS = 16
 RELEASED_RECORD = 64
 SHARED_MODE = 0o600  # every memfd of ours
 TABLE_OFFSET = 0x1000
+
+# HDR_PREPARED bits.
+PREPARED_MEMBARRIER = 1  # membarrier SYNC_CORE registered (for the life of the process image)
+PREPARED_AGENT_SLICE = 2  # the agent asked for a short scheduler slice (Resident.tune_agent)
+#: The agent's scheduler slice (EEVDF custom slice, Linux 6.12; ignored before): woken by a
+#: request, it runs at once instead of after the busy threads' slices (each sync waits for it).
+AGENT_SLICE_NS = 100_000
+_SCHED_ATTR = "<IIQiIQQQII"  # struct sched_attr, SCHED_ATTR_SIZE_VER1 (56 bytes)
+_FAIR_POLICIES = (0, 3)  # SCHED_OTHER, SCHED_BATCH
 
 # WATCH_STATE values. A thread held at the gate (_emit_gate) goes on only in IDLE or HEALED.
 WATCH_IDLE = 0  # no batch in flight
@@ -123,11 +147,14 @@ SIGINFO_CODE = 8
 UC_RSP = 40 + 15 * 8  # uc_mcontext.gregs[REG_RSP]
 UC_RIP = 40 + 16 * 8  # uc_mcontext.gregs[REG_RIP]
 
-DEFAULT_CAPACITY = 1 << 16
+#: Room for 196,608 distinct sites per process (3/4 of the slots): a batch of 100,000 and more.
+DEFAULT_CAPACITY = 1 << 18
 CODE_SIZE = PAGE
 AGENT_STACK = 64 * 1024
 SIG_IGN = 1
 _SIGSET_SIZE = 8
+#: sa_flags of every handler copy we install (SA_NODEFER: see the not-ours path of _emit_handler).
+HANDLER_FLAGS = sc.SA_SIGINFO | sc.SA_RESTORER | sc.SA_RESTART | sc.SA_NODEFER
 
 
 def ledger_offset(capacity: int) -> int:
@@ -267,6 +294,26 @@ def _emit_handler(a: Asm, *, ctl: int, capacity: int, copy: int = 0) -> None:
     # Not an in-flight site: whatever handled SIGTRAP before us handles it.
     a.op("LEA_R64_M", R.RAX, mem(R.RIP, ctl))
     a.op("INC_RM64", mem(R.RAX, STAT_NOT_OURS), lock=True)
+    # We run with SA_NODEFER (HANDLER_FLAGS): a thread emulating a site does not block
+    # SIGTRAP, so a batch's guard never takes it for a thread that does. What is not
+    # ours runs as without the flag: SIGTRAP blocked (the program's handler expects
+    # it; the re-raise below is delivered on return). rt_sigprocmask(SIG_BLOCK,
+    # {SIGTRAP}, NULL, 8), with rdi/rsi/rdx kept for the program's handler.
+    a.op("PUSH_R64", R.RDI)
+    a.op("PUSH_R64", R.RSI)
+    a.op("PUSH_R64", R.RDX)
+    a.op("PUSHQ_IMM32", 1 << (sc.SIGTRAP - 1))
+    a.op("MOV_R32_IMM32", R.EAX, sc.SYS_rt_sigprocmask)
+    a.op("MOV_R32_IMM32", R.EDI, sc.SIG_BLOCK)
+    a.op("MOV_R64_RM64", R.RSI, R.RSP)
+    a.op("XOR_R32_RM32", R.EDX, R.EDX)
+    a.op("MOV_R32_IMM32", R.R10D, _SIGSET_SIZE)
+    a.op("SYSCALL")
+    a.op("POP_R64", R.RAX)
+    a.op("POP_R64", R.RDX)
+    a.op("POP_R64", R.RSI)
+    a.op("POP_R64", R.RDI)
+    a.op("LEA_R64_M", R.RAX, mem(R.RIP, ctl))
     a.op("MOV_R64_RM64", R.RAX, mem(R.RAX, OLD_ACTIONS[copy]))
     a.op("CMP_RM64_IMM8", R.RAX, SIG_IGN)
     a.jump("JE_REL32_64", "return" + suffix)
@@ -276,8 +323,8 @@ def _emit_handler(a: Asm, *, ctl: int, capacity: int, copy: int = 0) -> None:
     a.label("return" + suffix)
     a.op("RETNQ")
     a.label("default_action" + suffix)
-    # SIG_DFL: put the default back and re-raise; SIGTRAP is blocked while we
-    # run, so it is delivered on return and the program dies as it would have.
+    # SIG_DFL: put the default back and re-raise; SIGTRAP is blocked now (above),
+    # so it is delivered on return and the program dies as it would have.
     a.op("MOV_R32_IMM32", R.EAX, sc.SYS_rt_sigaction)
     a.op("MOV_R32_IMM32", R.EDI, sc.SIGTRAP)
     a.op("LEA_R64_M", R.RSI, mem(R.RIP, ctl + DEFAULT_ACTION))
@@ -1070,18 +1117,46 @@ class Resident:
         self.ctl = memoryview(local)[CODE_SIZE:]
         self.ctl_address = base + CODE_SIZE
         self.capacity = _u64(self.ctl, HDR_TABLE_CAPACITY)
-        self.table = SiteTable(self.ctl[TABLE_OFFSET:], capacity=self.capacity)
+        self.table = SiteTable(self.ctl[TABLE_OFFSET:], capacity=self.capacity,
+                               populated=self._populated(CODE_SIZE + TABLE_OFFSET))
         self.labels = {name: base + off for name, off in generate_code(capacity=self.capacity)[1].items()}
-        self.ledger = Ledger(self.ctl[ledger_offset(self.capacity) :], capacity=self.capacity)
+        self.ledger = Ledger(self.ctl[ledger_offset(self.capacity) :], capacity=self.capacity,
+                             populated=self._populated(CODE_SIZE + ledger_offset(self.capacity)))
         self._request_addr = _ptrace.buffer_address(local, CODE_SIZE + MBX_REQUEST)
         self._done_addr = _ptrace.buffer_address(local, CODE_SIZE + MBX_DONE)
         self.attach_stop_ns = 0
+        self.attach_wait_ns = 0  # of attach_stop_ns: until the borrowed thread reached its stop
         self.held: BorrowedThread | None = None  # a spawned program's main thread, not yet released
         #: This attach finished an install a killed tool had left (its agent thread waiting).
         self.finished_install = False
         #: How long an agent request may take, or a stopped target stay stopped.
         self.timeout_s = 10.0
         self._watch: bool | None = None  # open_watch's answer, once asked
+
+    def _populated(self, offset: int):  # -> Callable[[int, int], list[tuple[int, int]]]
+        """Byte ranges of the memfd, relative to ``offset``, that hold pages (SEEK_DATA/SEEK_HOLE):
+        what a table scan reads (SiteTable's ``populated``; the holes read as zeros, and a
+        read of a hole through the mapping would allocate it in the target's region)."""
+        fd = self._lock_fd
+
+        def ranges(start: int, end: int) -> list[tuple[int, int]]:
+            found = []
+            at, stop = offset + start, offset + end
+            try:
+                while at < stop:
+                    at = os.lseek(fd, at, os.SEEK_DATA)
+                    hole = min(os.lseek(fd, at, os.SEEK_HOLE), stop)
+                    if at >= stop:
+                        break
+                    found.append((at - offset, hole - offset))
+                    at = hole
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data after ``at``
+                    return found
+                return [(start, end)]  # a kernel without SEEK_DATA on shmem: read it all
+            return found
+
+        return ranges
 
     # -- creation ---------------------------------------------------------------
     @classmethod
@@ -1172,6 +1247,8 @@ class Resident:
         inode = next((m.inode for m in process.maps() if m.start == base), 0)
         resident = cls._finish_install(process, capacity=capacity, fd=fd, base=base, stub=pages, inode=inode)
         resident.attach_stop_ns = thread.stopped_ns
+        resident.attach_wait_ns = thread.stop_wait_ns
+        resident.record_thread_abi(thread)
         return resident
 
     @classmethod
@@ -1210,9 +1287,9 @@ class Resident:
         try:
             resident._wait_agent()
             resident._drop_stub()
-            resident.syscall(sc.SYS_membarrier, sc.MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0)
-            action = struct.pack("<QQQQ", resident.labels["handler"],
-                                 sc.SA_SIGINFO | sc.SA_RESTORER | sc.SA_RESTART, resident.labels["restorer"], 0)
+            resident.register_membarrier()
+            resident.tune_agent()
+            action = struct.pack("<QQQQ", resident.labels["handler"], HANDLER_FLAGS, resident.labels["restorer"], 0)
             resident.ctl[SCRATCH : SCRATCH + len(action)] = action
             resident.syscall(sc.SYS_rt_sigaction, sc.SIGTRAP, resident.ctl_address + SCRATCH,
                              resident.ctl_address + OLD_ACTION, _SIGSET_SIZE)
@@ -1220,6 +1297,69 @@ class Resident:
             resident.close()
             raise
         return resident
+
+    @property
+    def handler_flags(self) -> int:
+        """sa_flags for a handler copy of this region: SA_NODEFER only over code whose
+        not-ours path blocks SIGTRAP itself (a region installed by an older textpoke
+        has the same layout and version, but not that code)."""
+        blob, _ = generate_code(capacity=self.capacity)
+        if bytes(self.local[: len(blob)]) == blob:
+            return HANDLER_FLAGS
+        return HANDLER_FLAGS & ~sc.SA_NODEFER
+
+    @property
+    def clean(self) -> bool:
+        """Every site the ledger knows holds its baseline (HDR_CLEAN): nothing to recover."""
+        return _u32(self.ctl, HDR_CLEAN) == 1
+
+    def mark_clean(self, clean: bool) -> None:
+        """Set or clear HDR_CLEAN (one aligned store; cleared before any change is made)."""
+        struct.pack_into("<I", self.ctl, HDR_CLEAN, int(clean))
+
+    def register_membarrier(self) -> None:
+        """Register for membarrier SYNC_CORE (the sync), once per process image."""
+        prepared = _u32(self.ctl, HDR_PREPARED)
+        if not prepared & PREPARED_MEMBARRIER:
+            self.syscall(sc.SYS_membarrier, sc.MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0)
+            struct.pack_into("<I", self.ctl, HDR_PREPARED, _u32(self.ctl, HDR_PREPARED) | PREPARED_MEMBARRIER)
+
+    def tune_agent(self) -> None:
+        """Give the agent a short scheduler slice (its policy and nice kept), once.
+
+        Every sync is a request the agent serves; woken among busy threads of a
+        fair policy, it would wait for their slices first (milliseconds each on a
+        loaded machine). A short slice makes the kernel run it at once (EEVDF,
+        Linux 6.12); it uses microseconds of CPU per request. A kernel that does
+        not know the attribute ignores it; one that refuses it changes nothing."""
+        if _u32(self.ctl, HDR_PREPARED) & PREPARED_AGENT_SLICE:
+            return
+        try:
+            with open(f"/proc/{self.process.pid}/task/{self.agent_tid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+            nice, policy = int(fields[16]), int(fields[38])
+        except (OSError, ValueError, IndexError):
+            return
+        if policy in _FAIR_POLICIES:
+            attr = struct.pack(_SCHED_ATTR, struct.calcsize(_SCHED_ATTR), policy, 0, nice, 0, AGENT_SLICE_NS,
+                               0, 0, 0, 0)
+            self.ctl[_SCHED : _SCHED + len(attr)] = attr
+            try:
+                self.syscall(sc.SYS_sched_setattr, 0, self.ctl_address + _SCHED, 0)
+            except InjectionError:
+                pass  # refused (a security module, say): the agent keeps the default slice
+        struct.pack_into("<I", self.ctl, HDR_PREPARED, _u32(self.ctl, HDR_PREPARED) | PREPARED_AGENT_SLICE)
+
+    def record_thread_abi(self, thread: BorrowedThread) -> None:
+        """Record what the thread borrowed at install showed (ABI_*), for the thread-ABI
+        check of later captures; nothing for a thread without a thread pointer yet (a
+        spawned program at its entry point)."""
+        fs_base = thread.saved_regs.fs_base
+        if not fs_base:
+            return
+        area, _, signature = thread.rseq_config or (0, 0, 0)
+        struct.pack_into("<IQQI", self.ctl, ABI_RSEQ_SIG, signature, fs_base, area, int(thread.rseq_config is not None))
+        struct.pack_into("<I", self.ctl, ABI_TID, thread.tid)  # last: the record counts
 
     def _drop_stub(self) -> None:
         """Unmap the install stub's pages once the agent has left them."""
@@ -1489,11 +1629,11 @@ class Resident:
         back (the trampolines leave no return address of theirs on a stack). Not
         covered: a thread whose signal handler interrupted it inside the region and
         runs or blocks elsewhere through the whole window."""
-        for site, insn in (*self.table.entries(), *self.ledger.baselines.entries()):
-            if insn[0] in (CALL_OPCODE, JMP_OPCODE):
-                target = site + CALL_SIZE + int.from_bytes(insn[1:CALL_SIZE], "little", signed=True)
-                if start <= target < end:
-                    return False
+        for sites, insns in (self.table.entry_arrays(), self.ledger.baselines.entry_arrays()):
+            branch = (insns[:, 0] == CALL_OPCODE) | (insns[:, 0] == JMP_OPCODE)
+            targets = rel32_targets(sites[branch], insns[branch])
+            if ((targets >= start) & (targets < end)).any():
+                return False
         return self._threads_outside(start, end, window_s)
 
     def _threads_outside(self, start: int, end: int, window_s: float) -> bool:

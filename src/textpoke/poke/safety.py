@@ -40,6 +40,7 @@ from ..target.maps import Mapping
 from ..target.process import Process
 from ..target.security import OUR_PREFIX
 from ..x86.insn import CALL_OPCODE, JMP_OPCODE, NOP5, SITE_SIZE, InsnKind, decode_site
+from .bulk import PatchArray
 from .protocol import Patch
 from .resident import AGENT_NAME, HANDLER_COPIES, HDR_FRONT, OLD_ACTIONS, SCRATCH, Resident, handler_label, thread_pc
 
@@ -162,6 +163,7 @@ class _Maps:
         self.site_ok = np.array([m.executable and not m.path.startswith(OUR_PREFIX) for m in self.maps], dtype=bool)
         self.target_ok = np.array([m.executable and not m.path.startswith(_RESIDENT_PATH) for m in self.maps],
                                   dtype=bool)
+        self._writable = np.array([m.writable for m in self.maps], dtype=bool)
 
     def at(self, address: int) -> Mapping | None:
         index = bisect.bisect_right(self.starts, address) - 1
@@ -176,6 +178,17 @@ class _Maps:
         index = np.searchsorted(self._starts, addresses, side="right") - 1
         clipped = np.maximum(index, 0)
         return bool(((index >= 0) & (addresses < self._ends[clipped]) & ok[clipped]).all())
+
+
+    def coalescable(self, sites: np.ndarray) -> np.ndarray:
+        """Per site: may its bytes be written together with its neighbours' and the
+        code between them (bulk.apply_patches)? Not in a writable mapping, whose
+        bytes the program itself may change at any moment; not where no mapping is."""
+        if not len(self.maps):
+            return np.zeros(len(sites), dtype=bool)
+        index = np.searchsorted(self._starts, sites, side="right") - 1
+        clipped = np.maximum(index, 0)
+        return (index >= 0) & (sites < self._ends[clipped]) & ~self._writable[clipped]
 
 
 class MapsCache:
@@ -196,22 +209,17 @@ class MapsCache:
         return self._maps
 
 
-def _all_clear(maps: _Maps, patches: Sequence[Patch]) -> bool:
+def _all_clear(maps: _Maps, patches: Sequence[Patch] | PatchArray) -> bool:
     """check_addresses for a whole batch at once, as arrays: True when every
     site lies in executable memory that is not ours and every call/jmp written
     goes to executable code outside our handler. False means "look closer":
     the caller then checks one patch at a time, which names what is wrong."""
-    count = len(patches)
-    try:
-        sites = np.fromiter((p.site for p in patches), dtype=np.uint64, count=count)
-    except OverflowError:
-        return False  # not an address: the exact check names it
-    if (sites >= 1 << 63).any():
+    batch = PatchArray.of(patches)
+    sites, new, old = batch.sites, batch.new, batch.old
+    if (sites >= np.uint64(1 << 63)).any():
         return False
     if not (maps.all_in(sites, maps.site_ok) and maps.all_in(sites + np.uint64(SITE_SIZE - 1), maps.site_ok)):
         return False
-    new = np.frombuffer(b"".join(p.new for p in patches), dtype=np.uint8).reshape(count, SITE_SIZE)
-    old = np.frombuffer(b"".join(p.old for p in patches), dtype=np.uint8).reshape(count, SITE_SIZE)
     changed = (new != old).any(axis=1)
     branch = changed & np.isin(new[:, 0], (CALL_OPCODE, JMP_OPCODE))
     nop = (new == np.frombuffer(NOP5, dtype=np.uint8)).all(axis=1)
@@ -224,17 +232,19 @@ def _all_clear(maps: _Maps, patches: Sequence[Patch]) -> bool:
     return maps.all_in(targets.astype(np.uint64), maps.target_ok)
 
 
-def check_addresses(process: Process, patches: Sequence[Patch], *, maps: MapsCache | None = None) -> None:
+def check_addresses(process: Process, patches: Sequence[Patch] | PatchArray, *,
+                    maps: MapsCache | None = None) -> None:
     """Refuse a batch that would write outside the program's code, or make it
     jump anywhere but executable code (SiteError, OwnCodeRefused)."""
     cache = maps or MapsCache(process)
-    if not patches or _all_clear(cache.current(), patches):
+    batch = PatchArray.of(patches)
+    if not len(batch) or _all_clear(cache.current(), batch):
         return
     lookup = cache.fresh()  # the mappings may have changed since they were read
-    if _all_clear(lookup, patches):
+    if _all_clear(lookup, batch):
         return
     pid = process.pid
-    for patch in patches:
+    for patch in batch:
         first, last = lookup.at(patch.site), lookup.at(patch.site + SITE_SIZE - 1)
         for mapping in (first, last):
             if mapping is not None and mapping.path.startswith(OUR_PREFIX):
@@ -311,7 +321,7 @@ def ensure_handler(resident: Resident) -> bool:
     # Recorded before installing: a tool killed in between never reuses a copy
     # that SIGTRAP may already name.
     struct.pack_into("<I", resident.ctl, HDR_FRONT, copy)
-    ours = (copies[copy], sc.SA_SIGINFO | sc.SA_RESTORER | sc.SA_RESTART, resident.labels["restorer"], 0)
+    ours = (copies[copy], resident.handler_flags, resident.labels["restorer"], 0)
     struct.pack_into(_ACTION_FORMAT, resident.ctl, _ACTION, *ours)
     resident.syscall(sc.SYS_rt_sigaction, sc.SIGTRAP, resident.ctl_address + _ACTION,
                      resident.ctl_address + _QUERY, 8)

@@ -32,6 +32,7 @@ SYS_memfd_create = 319
 SYS_openat = 257
 SYS_pidfd_open = 434
 SYS_madvise = 28
+SYS_sched_setattr = 314
 
 AT_FDCWD = -100
 O_RDWR = 2
@@ -57,6 +58,7 @@ SIG_SETMASK = 2
 SA_SIGINFO = 0x4
 SA_RESTORER = 0x04000000
 SA_RESTART = 0x10000000
+SA_NODEFER = 0x40000000
 SI_KERNEL = 0x80
 
 CLONE_VM = 0x100

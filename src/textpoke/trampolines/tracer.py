@@ -62,6 +62,7 @@ from errno import ESRCH
 
 import enum
 import mmap
+import operator
 import os
 import struct
 from collections.abc import Callable, Sequence
@@ -69,12 +70,13 @@ from dataclasses import dataclass
 from types import TracebackType
 
 import numpy as np
-from elftools.elf.elffile import ELFFile
 from iced_x86 import Decoder
 
 from .._errors import InjectionError, TargetError, TextpokeError, UsageError
-from ..poke.protocol import Patch
-from ..poke.resident import FLAGS_PAGE, PAGE, Resident, SharedRegion
+from ..poke.bulk import PatchArray
+from ..poke.resident import (ABI_RSEQ_KNOWN, ABI_RSEQ_SIG, ABI_TID, CODE_SIZE, FLAGS_PAGE, PAGE, Resident,
+                             SharedRegion, find_regions)
+from ..sites.elffile import open_file
 from ..sites.process import mapped_object
 from ..target import _ptrace
 from ..target._ptrace import FUTEX_WAIT, FUTEX_WAKE  # shared futexes: the tool maps the same memfd
@@ -111,7 +113,7 @@ from .layout import (
     SLOT_TS,
     SLOTS_OFFSET,
 )
-from ..x86.insn import CALL_SIZE, INT3, encode_call, encode_jmp, rel32_target
+from ..x86.insn import CALL_SIZE, INT3, encode_calls, encode_jmp, encode_jmps, rel32_target, rel32_targets
 
 # -- the kernel's and glibc's ABI ------------------------------------------------------
 #: glibc's rseq signature on x86 (the 4 bytes before every abort handler).
@@ -327,6 +329,33 @@ def possible_cpus() -> int:
         return os.cpu_count() or 1
 
 
+_ELF64_SYM = np.dtype([("name", "<u4"), ("info", "u1"), ("other", "u1"), ("shndx", "<u2"), ("value", "<u8"),
+                       ("size", "<u8")])
+
+
+def _symbol_values(path: str, names: Sequence[bytes]) -> list[int | None]:
+    """``st_value`` of each defined symbol named in ``names`` (.dynsym first, then
+    .symtab), None where there is none: a look at two tables, no symbol objects."""
+    found: list[int | None] = [None] * len(names)
+    with open_file(path) as elf:
+        for table_name in (".dynsym", ".symtab"):
+            table = elf.section(table_name)
+            strings = elf.linked(table) if table is not None else None
+            if table is None or strings is None:
+                continue
+            raw = elf.data(table)
+            symbols = np.frombuffer(raw, dtype=_ELF64_SYM, count=len(raw) // _ELF64_SYM.itemsize)
+            text = elf.data(strings)
+            for i, name in enumerate(names):
+                at = text.find(b"\0" + name + b"\0")
+                while found[i] is None and at >= 0:
+                    match = symbols[(symbols["name"] == at + 1) & (symbols["shndx"] != 0)]
+                    if len(match):
+                        found[i] = int(match["value"][0])
+                    at = text.find(b"\0" + name + b"\0", at + 1)
+    return found
+
+
 def _glibc_rseq(process: Process) -> tuple[int, int] | None:
     """(``__rseq_offset``, ``__rseq_size``) of the target's glibc, or None.
 
@@ -339,19 +368,8 @@ def _glibc_rseq(process: Process) -> tuple[int, int] | None:
         except (UsageError, TargetError):
             continue
         try:
-            with open(obj.elf_path, "rb") as f:
-                elf = ELFFile(f)
-                values = []
-                for name in ("__rseq_offset", "__rseq_size"):
-                    found = None
-                    for section in (".dynsym", ".symtab"):
-                        table = elf.get_section_by_name(section)
-                        symbols = table.get_symbol_by_name(name) if table is not None else None
-                        if symbols:
-                            found = symbols[0]["st_value"]
-                            break
-                    values.append(found)
-        except OSError:
+            values = _symbol_values(obj.elf_path, (b"__rseq_offset", b"__rseq_size"))
+        except (OSError, TextpokeError):
             continue
         if None in values:
             continue
@@ -361,13 +379,73 @@ def _glibc_rseq(process: Process) -> tuple[int, int] | None:
     return None
 
 
+@dataclass(frozen=True)
+class _ThreadSeen:
+    """What one thread's stop showed: its tid, thread pointer and rseq registration
+    (``pointer``/``signature`` None: the kernel cannot tell)."""
+
+    tid: int
+    fs_base: int
+    pointer: int | None
+    signature: int | None
+
+
+def _recorded_thread(process: Process) -> tuple[_ThreadSeen | None, int | None]:
+    """The thread the resident part's install borrowed (ABI_* in its header), if that
+    thread still lives: a capture checks the thread ABI on it without stopping
+    anything. Also the header's address in the target (None: no resident part)."""
+    region = next((r for r in find_regions(process) if r.owned), None)
+    if region is None:
+        return None, None
+    header = region.base + CODE_SIZE
+    try:
+        raw = process.read(header + ABI_TID, ABI_RSEQ_KNOWN + 4 - ABI_TID)
+    except TargetError:
+        return None, header
+    tid, signature, fs_base, area, known = struct.unpack_from("<IIQQI", raw)
+    if not tid or not fs_base or not os.path.exists(f"/proc/{process.pid}/task/{tid}"):
+        return None, header
+    return _ThreadSeen(tid, fs_base, area if known else None, signature if known else None), header
+
+
+def _record_thread(process: Process, header: int | None, seen: _ThreadSeen) -> None:
+    """Write what a seized thread showed into the resident header (ABI_*), tid last, so
+    the next capture need not stop one (a failure only means it will)."""
+    if header is None or not seen.fs_base:
+        return
+    try:
+        process.write(header + ABI_RSEQ_SIG, struct.pack("<IQQI", seen.signature or 0, seen.fs_base,
+                                                           seen.pointer or 0, int(seen.pointer is not None)))
+        process.write(header + ABI_TID, struct.pack("<I", seen.tid))
+    except TargetError:
+        pass
+
+
+def _seize_thread(process: Process, *, exclude: frozenset[int], held: BorrowedThread | None) -> _ThreadSeen:
+    """Stop one thread for a moment (or use ``held``) and read what the ABI check needs."""
+    tid = held.tid if held is not None else choose_thread(process, exclude=exclude, wait_s=0.5)
+    with contextlib.nullcontext(held) if held is not None else BorrowedThread(process, tid) as thread:
+        fs_base = thread.saved_regs.fs_base
+        config = bytearray(struct.calcsize(_RSEQ_CONFIGURATION))
+        try:
+            _ptrace.ptrace(PTRACE_GET_RSEQ_CONFIGURATION, tid, len(config), _ptrace.buffer_address(config))
+            pointer, _, signature, _, _ = struct.unpack(_RSEQ_CONFIGURATION, config)
+        except OSError:
+            pointer = signature = None  # kernel without the request: trust glibc
+    return _ThreadSeen(tid, fs_base, pointer, signature)
+
+
 def probe_thread_abi(process: Process, *, exclude: frozenset[int] = frozenset(),
                      held: BorrowedThread | None = None) -> ThreadAbi:
     """Where the tid and the rseq area are, checked on one thread of ``process``.
 
     1. read glibc's ``__rseq_offset``/``__rseq_size`` from the live process;
-    2. seize one thread (not one in ``exclude``, e.g. textpoke's agent) for a
-       moment, or use ``held``, a thread we already hold stopped (spawn): its ``fs_base`` from ptrace; the u32 at ``fs_base + 0x2d0`` must
+    2. the thread: the one the resident part's install borrowed, as its stop
+       showed it (recorded in the resident header; it must still live), so that
+       nothing is stopped; else (an older or no resident part, that thread gone)
+       seize one thread (not one in ``exclude``, e.g. textpoke's agent) for a
+       moment, and record what it showed; or use ``held``, a thread we already
+       hold stopped (spawn). Its ``fs_base``; the u32 at ``fs_base + 0x2d0`` must
        be its tid; ``PTRACE_GET_RSEQ_CONFIGURATION`` must show the rseq area at
        ``fs_base + __rseq_offset`` registered with glibc's signature;
     3. decide: rseq per-CPU buffers only if glibc registered rseq and the
@@ -384,20 +462,19 @@ def probe_thread_abi(process: Process, *, exclude: frozenset[int] = frozenset(),
     tid_ok = False
     rseq_ok = rseq is not None
     try:
-        tid = held.tid if held is not None else choose_thread(process, exclude=exclude, wait_s=0.5)
-        with contextlib.nullcontext(held) if held is not None else BorrowedThread(process, tid) as thread:
-            fs_base = thread.saved_regs.fs_base
-            config = bytearray(struct.calcsize(_RSEQ_CONFIGURATION))
-            try:
-                _ptrace.ptrace(PTRACE_GET_RSEQ_CONFIGURATION, tid, len(config), _ptrace.buffer_address(config))
-                pointer, _, signature, _, _ = struct.unpack(_RSEQ_CONFIGURATION, config)
-            except OSError:
-                pointer = signature = None  # kernel without the request: trust glibc
+        seen, header = _recorded_thread(process) if held is None else (None, None)
+        how = "recorded at install"
+        if seen is None:
+            seen = _seize_thread(process, exclude=exclude, held=held)
+            how = "checked"
+            if held is None:
+                _record_thread(process, header, seen)
+        tid, fs_base = seen.tid, seen.fs_base
         if fs_base:
             tid_ok = struct.unpack("<I", process.read(fs_base + GLIBC_TID_OFFSET, 4))[0] == tid
-        notes.append(f"thread {tid} checked: tid at fs:{GLIBC_TID_OFFSET:#x} {'yes' if tid_ok else 'no'}")
-        if rseq is not None and pointer is not None:
-            rseq_ok = pointer == fs_base + rseq[0] and signature == RSEQ_SIG
+        notes.append(f"thread {tid} {how}: tid at fs:{GLIBC_TID_OFFSET:#x} {'yes' if tid_ok else 'no'}")
+        if rseq is not None and seen.pointer is not None:
+            rseq_ok = seen.pointer == fs_base + rseq[0] and seen.signature == RSEQ_SIG
             notes.append(f"rseq {'confirmed' if rseq_ok else 'not as glibc registers it'}")
     except (InjectionError, TargetError) as exc:
         notes.append(f"no thread could be checked ({exc.message}): opaque thread ids")
@@ -962,8 +1039,10 @@ def generate(
     counters: CounterGeometry | None = None,
     enabled: int,
     runtime: graph.GraphRuntime | None = None,
+    columns: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> tuple[bytes, dict[str, int]]:
     """The code region for ``sites`` placed at ``base``, data at ``data``: (bytes, labels).
+    (``columns``: :func:`_site_columns` of ``sites``, if the caller has them.)
 
     Layout: rseq descriptors at offset 0 (one per routine with a sequence),
     constants at 128 (block 0's address; stub 0 + 5; the wait slice; the ring
@@ -1027,30 +1106,72 @@ def generate(
             struct.pack_into(_RSEQ_CS_FORMAT, code, _DESCRIPTORS + RSEQ_CS_SIZE * slot,
                              0, 0, start, end - start, labels[f"{name}_abort"])
 
-    template, imm_at, imm_size = _entry_stub_template()
     entry_target = labels["graph_entry" if runtime is not None else entry_name]
-    for i, site in enumerate(sites):
-        at = _STUBS + i * STUB_SIZE
-        stub = base + at
-        callee = site.callee
-        if site.kind is StubKind.ENTRY:
-            body = bytearray(template)
-            value = i << 32 if mode is Mode.TRACE else zero + 8 * i  # see _entry_stub_template
-            body[imm_at : imm_at + imm_size] = value.to_bytes(imm_size, "little")
-            body += encode_jmp(stub + len(body), entry_target)
-        elif site.kind is StubKind.CALL:
-            assert callee is not None
-            body = bytearray(encode_call(stub, labels[call_name]))
-            body += encode_jmp(stub + len(body), callee)
-        else:
-            assert callee is not None and runtime is not None
-            hook = Asm()
-            hook.op("CALL_RM64", mem(R.RIP, base + (_G_REHOOK if site.kind is StubKind.REHOOK else _G_RESTORE)))
-            body = bytearray(hook.assemble(stub)[0])
-            body += encode_jmp(stub + len(body), callee)
-        code[at : at + len(body)] = body
+    _write_stubs(code, base=base, sites=sites, mode=mode, zero=zero, entry_target=entry_target,
+                 call_routine=labels[call_name], graph_hooks=runtime is not None, columns=columns)
     labels["stubs"] = base + _STUBS
     return bytes(code), labels
+
+
+_SITE_FIELDS = operator.attrgetter("address", "kind", "original")
+
+
+def _site_columns(sites: Sequence[TracedSite]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Addresses (u64), kinds (index into StubKind), original instructions ((N, 5) u8) of ``sites``."""
+    count = len(sites)
+    if not count:
+        return np.zeros(0, np.uint64), np.zeros(0, np.int8), np.zeros((0, CALL_SIZE), np.uint8)
+    addresses, kinds, originals = zip(*map(_SITE_FIELDS, sites))
+    # Kinds compared as objects, all at once (an enum's hash is Python code: 20,000 of them cost ms).
+    objects = np.array(kinds, dtype=object)
+    kind = np.zeros(count, dtype=np.int8)
+    for k, member in enumerate(StubKind):
+        kind[objects == member] = k
+    original = np.frombuffer(b"".join(originals), dtype=np.uint8).reshape(count, CALL_SIZE)
+    return np.array(addresses, dtype=np.uint64), kind, original
+
+
+def _write_stubs(code: bytearray, *, base: int, sites: Sequence[TracedSite], mode: Mode, zero: int,
+                 entry_target: int, call_routine: int, graph_hooks: bool,
+                 columns: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> None:
+    """Stub i of every site at ``_STUBS + STUB_SIZE * i`` (see generate), written for all
+    sites at once (entry and call stubs are two encodings with per-site fields; the few
+    hook stubs one at a time):
+
+    - entry: the ``mov r11, imm64`` template with its immediate, then ``jmp`` the routine;
+    - call: ``call`` the routine, then ``jmp`` the callee."""
+    count = len(sites)
+    if not count:
+        return
+    addresses, kind, original = columns if columns is not None else _site_columns(sites)
+    stubs = np.uint64(base + _STUBS) + np.arange(count, dtype=np.uint64) * np.uint64(STUB_SIZE)
+    area = np.frombuffer(code, dtype=np.uint8, count=count * STUB_SIZE, offset=_STUBS).reshape(count, STUB_SIZE)
+    entry = kind == list(StubKind).index(StubKind.ENTRY)
+    if entry.any():
+        template, imm_at, imm_size = _entry_stub_template()
+        index = np.flatnonzero(entry).astype(np.uint64)
+        values = index << np.uint64(32) if mode is Mode.TRACE else np.uint64(zero) + np.uint64(8) * index
+        rows = np.empty((len(index), len(template) + CALL_SIZE), dtype=np.uint8)
+        rows[:, : len(template)] = np.frombuffer(template, dtype=np.uint8)
+        rows[:, imm_at : imm_at + imm_size] = values.astype("<u8").view(np.uint8).reshape(-1, 8)[:, :imm_size]
+        jumps = stubs[entry] + np.uint64(len(template))
+        rows[:, len(template) :] = encode_jmps(jumps, np.full(len(index), entry_target, dtype=np.uint64))
+        area[entry, : rows.shape[1]] = rows
+    call = kind == list(StubKind).index(StubKind.CALL)
+    if call.any():
+        callees = rel32_targets(addresses[call], original[call])
+        area[call, :CALL_SIZE] = encode_calls(stubs[call], np.full(int(call.sum()), call_routine, dtype=np.uint64))
+        area[call, CALL_SIZE : 2 * CALL_SIZE] = encode_jmps(stubs[call] + np.uint64(CALL_SIZE), callees)
+    for i in np.flatnonzero(~(entry | call)).tolist():
+        site = sites[i]
+        callee = site.callee
+        assert callee is not None and graph_hooks
+        stub = int(stubs[i])
+        hook = Asm()
+        hook.op("CALL_RM64", mem(R.RIP, base + (_G_REHOOK if site.kind is StubKind.REHOOK else _G_RESTORE)))
+        body = bytearray(hook.assemble(stub)[0])
+        body += encode_jmp(stub + len(body), callee)
+        area[i, : len(body)] = np.frombuffer(body, dtype=np.uint8)
 
 
 # ---------------------------------------------------------------------------
@@ -1097,16 +1218,17 @@ class Tracer:
         self.process = resident.process
         self.resident = resident
         self.enabled = _session_flag(resident)
+        columns = _site_columns(self.sites)  # once: for the stubs and for the batch
+        addresses, _, original = columns
         self.region: SharedRegion = resident.map_shared(
-            code_size=code_size, data_size=data_size, near=min(s.address for s in self.sites), name=name,
-            apart=True, reuse=True)
+            code_size=code_size, data_size=data_size, near=int(addresses.min()), name=name, apart=True, reuse=True)
         try:
             self._restrict(resident.process.pid, code_size)
             self.data_address = self.region.data_address
             self._populate(resident, code_size, data_size)
             code, self.labels = generate(base=self.region.address, data=self.data_address, mode=mode, abi=abi,
                                          sites=self.sites, ring=self.ring, counters=self.counters,
-                                         enabled=self.enabled, runtime=runtime)
+                                         enabled=self.enabled, runtime=runtime, columns=columns)
         except BaseException:
             self.region.local.close()  # the target keeps its (unused) mapping: nothing points into it
             raise
@@ -1116,8 +1238,9 @@ class Tracer:
             for b in range(self.ring.buffers):
                 block = self.ring.blocks_offset + b * self.ring.stride
                 struct.pack_into("<Q", self.data, block + CTL_LIMIT, self.ring.bytes)
-        self.patches = tuple(Patch(site=s.address, old=s.original, new=encode_call(s.address, self.stub(i)))
-                             for i, s in enumerate(self.sites))
+        # The batch that sends site i to stub i: columns (PatchArray), built for every site at once.
+        stubs = np.uint64(self.labels["stubs"]) + np.arange(len(self.sites), dtype=np.uint64) * np.uint64(STUB_SIZE)
+        self.patches = PatchArray.build(addresses, original, encode_calls(addresses, stubs))
 
     def shadow_counts(self) -> tuple[int, int]:
         """Calls traced entry-only so far (graph): (no shadow stack for the thread, its

@@ -10,8 +10,12 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .._errors import SiteError
+
+if TYPE_CHECKING:  # numpy is imported by the array functions only (the CLI starts without it)
+    import numpy as np
 
 #: The breakpoint instruction written over a site's first byte while it changes.
 INT3_BYTE = 0xCC
@@ -92,6 +96,50 @@ def decode_site(site: int, insn: bytes) -> SiteInsn:
         f"site {site:#x}: bytes {insn.hex(' ')} are not nop5, call rel32 or jmp rel32",
         hint="only single 5-byte instructions can be patched",
     )
+
+
+# -- the same rules over arrays (a batch of 100,000 sites): numpy, imported when used ---------
+
+
+def site_insns_ok(rows: np.ndarray) -> np.ndarray:
+    """Per row of an (N, 5) u8 array: is it a site instruction (what decode_site accepts)?"""
+    import numpy as np
+
+    nop = (rows == np.frombuffer(NOP5, dtype=np.uint8)).all(axis=1)
+    return nop | (rows[:, 0] == CALL_OPCODE) | (rows[:, 0] == JMP_OPCODE)
+
+
+def rel32_targets(sites: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """:func:`rel32_target` of every (site, 5-byte row): u64, wrapping as it does."""
+    import numpy as np
+
+    disp = np.ascontiguousarray(rows[:, 1:CALL_SIZE]).view("<i4").ravel().astype(np.int64)
+    return np.asarray(sites, dtype=np.uint64) + np.uint64(CALL_SIZE) + disp.astype(np.uint64)
+
+
+def encode_calls(sites: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """:func:`encode_call` for every (site, target) of two u64 arrays: (N, 5) u8 rows;
+    SiteError naming the first target out of rel32 reach."""
+    return _encode_rel32s(CALL_OPCODE, sites, targets)
+
+
+def encode_jmps(sites: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """:func:`encode_jmp` for every (site, target), as :func:`encode_calls`."""
+    return _encode_rel32s(JMP_OPCODE, sites, targets)
+
+
+def _encode_rel32s(opcode: int, sites: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    import numpy as np
+
+    sites = np.asarray(sites, dtype=np.uint64)
+    disp = np.asarray(targets, dtype=np.uint64).astype(np.int64) - (sites + np.uint64(CALL_SIZE)).astype(np.int64)
+    far = np.flatnonzero((disp < _REL32_MIN) | (disp > _REL32_MAX))
+    if len(far):
+        rel32(int(sites[far[0]]), int(np.asarray(targets, dtype=np.uint64)[far[0]]))  # raises the message
+    rows = np.empty((len(sites), CALL_SIZE), dtype=np.uint8)
+    rows[:, 0] = opcode
+    rows[:, 1:] = disp.astype("<i4").view(np.uint8).reshape(-1, 4)
+    return rows
 
 
 def encode_site(site: int, insn: SiteInsn) -> bytes:
