@@ -31,7 +31,7 @@ from ..trampolines.tracer import Mode, StubKind, TracedSite, Tracer, probe_threa
 from .drain import Pipeline
 from .options import CaptureOptions, Overflow, check_options
 from .quiesce import Quiescence
-from .select import command_line, select_sites, site_info, site_table, symbols, traced_sites
+from .select import SymbolsChunk, command_line, select_sites, site_info, site_table, traced_sites
 
 #: How often the main thread looks at the stop conditions, and how often progress is sent.
 POLL_S = 0.01
@@ -111,7 +111,6 @@ def _capture(
     sites, skipped = select_sites(pid, options, listing=listing)
     graph = mode is Mode.TRACE and not options.calls_to and not options.entry_only
     table = site_table(sites)
-    syms = symbols(pid)
     abi = probe_thread_abi(session.process, exclude=frozenset({session.resident.agent_tid}),
                            held=session.resident.held)
     path, temporary = _output(output)
@@ -122,6 +121,8 @@ def _capture(
         if temporary:
             os.unlink(path)
         raise RecordingFailed(f"cannot write {writer.partial}: {exc.strerror}", hint="pick another -o") from exc
+    # Names for the callers, read while the trace runs (count mode records no caller).
+    names = SymbolsChunk(pid, writer) if mode is not Mode.COUNT else None
     run = _Run()
     release = False
     tracer: Tracer | None = None
@@ -137,7 +138,7 @@ def _capture(
     }
     try:
         head = Recording(sites=site_info(sites), lost=0, pid=pid, command=command, start_ns=time.monotonic_ns(),
-                         end_ns=0, symbols=syms, mode=mode.value, metadata=metadata)
+                         end_ns=0, mode=mode.value, metadata=metadata)
         _file_step(writer, run, lambda: writer.write_json(ChunkKind.META, head.head_json()))
         runtime, hooks = _graph_runtime(session, options) if graph else (None, [])
         tracer = Tracer(session.resident, traced_sites(sites) + hooks, mode=mode, abi=abi,
@@ -205,12 +206,18 @@ def _capture(
         trailer["records"] = writer.records
         if counts is not None:
             _file_step(writer, run, lambda: writer.write_counts(counts))
+        if names is not None:
+            names.join()
+            if names.error is not None:
+                raise _failed(names.error, writer, run, writer.records)
         _file_step(writer, run, lambda: writer.finish(trailer))
         if on_progress is not None:
             done = int(counts.sum()) if counts is not None else writer.records
             on_progress(CaptureProgress(seconds=(run.end_ns - run.start_ns) / 1e9, records=done, lost=lost,
                                         sites=len(sites), written=writer.records))
     finally:
+        if names is not None:
+            names.join()  # it may be writing: the file closes after it
         writer.close()
         if tracer is not None:
             tracer.close(discard=True, release=release)

@@ -9,10 +9,12 @@ instruction of its own (it is held at its entry point meanwhile).
 from __future__ import annotations
 
 import shlex
+import threading
 from collections.abc import Sequence
 from dataclasses import replace
 
-from .._errors import SymbolNotFound
+from .._errors import SymbolNotFound, TextpokeError
+from ..ring.file import ChunkKind, RecordingWriter
 from ..ring.reader import SiteTable
 from ..ring.recording import SiteInfo, Symbols
 from ..sites import Site, SiteKind, scan_process, symbol_ranges
@@ -61,6 +63,32 @@ def symbols(pid: int) -> Symbols:
     """Function and PLT ranges of every object mapped in the process, at runtime addresses
     (callers in shared libraries are named too)."""
     return Symbols(*symbol_ranges(pid))
+
+
+class SymbolsChunk:
+    """Reads the process's symbols (every mapped object's ELF file: a large C library
+    takes 100 ms and more) in a thread of its own while the trace runs, and writes
+    them as the recording's SYMBOLS chunk: names matter only to readers, so the sites
+    are patched without waiting for them. :meth:`join` before the file is finished."""
+
+    def __init__(self, pid: int, writer: RecordingWriter) -> None:
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(pid, writer), name="textpoke-symbols",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, pid: int, writer: RecordingWriter) -> None:
+        try:
+            found = symbols(pid)
+        except TextpokeError:  # the process went away: callers stay addresses
+            return
+        try:
+            writer.write_json(ChunkKind.SYMBOLS, found.to_json())
+        except BaseException as exc:  # the file failed: the capture reports it
+            self.error = exc
+
+    def join(self) -> None:
+        self._thread.join()
 
 
 def command_line(pid: int) -> str:

@@ -17,8 +17,9 @@ A file is a META chunk (JSON: what was traced, sites, symbols), RECORDS chunks
 (RECORD_DTYPE arrays, compressed or not: each chunk's records follow the previous
 chunk's; inside a chunk, one run per CPU buffer, each in time order, which the
 reader merges), THREADS chunks
-(JSON: names of the threads seen so far), COUNTS (count mode) and one END chunk
-(JSON: how it ended, losses). Every chunk is whole or absent: a file cut short
+(JSON: names of the threads seen so far), SYMBOLS (JSON: the function ranges of
+every object mapped in the process, read while tracing), COUNTS (count mode) and
+one END chunk (JSON: how it ended, losses). Every chunk is whole or absent: a file cut short
 (textpoke killed, disk full) reads up to its last whole chunk, and the reader
 says it was cut and where. Header and payload checksums catch damage; sizes are
 checked against the file before anything is allocated.
@@ -37,6 +38,7 @@ import json
 import mmap
 import os
 import struct
+import threading
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -69,6 +71,7 @@ class ChunkKind(enum.IntEnum):
     THREADS = 3
     COUNTS = 4
     END = 5
+    SYMBOLS = 6  # function ranges of every mapped object (JSON), once they are read
 
 
 class Codec(enum.IntEnum):
@@ -123,6 +126,7 @@ class RecordingWriter:
         self.stored_bytes = 0
         self.chunks = 0
         self.finished = False
+        self._lock = threading.Lock()
 
     def open(self) -> RecordingWriter:
         fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -148,6 +152,12 @@ class RecordingWriter:
     # -- chunks ----------------------------------------------------------------------------
     def _write_chunk(self, kind: ChunkKind, payload: bytes | memoryview, *, records: int = 0,
                      first_ns: int = 0, last_ns: int = 0, compress: bool = False) -> None:
+        with self._lock:  # the write thread and a capture's symbols thread both append
+            self._write_locked(kind, payload, records=records, first_ns=first_ns, last_ns=last_ns,
+                               compress=compress)
+
+    def _write_locked(self, kind: ChunkKind, payload: bytes | memoryview, *, records: int,
+                      first_ns: int, last_ns: int, compress: bool) -> None:
         raw_size = len(payload)
         codec = Codec.NONE
         if compress and self._compressor is not None and raw_size:

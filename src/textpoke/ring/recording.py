@@ -242,9 +242,12 @@ class Recording:
         tail: dict[str, Any] | None = None
         threads: dict[int, ThreadInfo] = {}
         counts = None
+        symbols: Any = None
         for chunk in file.chunks:
             if chunk.kind is ChunkKind.META and head is None:
                 head = file.json(chunk)
+            elif chunk.kind is ChunkKind.SYMBOLS:
+                symbols = file.json(chunk)
             elif chunk.kind is ChunkKind.THREADS:
                 threads.update(threads_from_json(file.json(chunk)))
             elif chunk.kind is ChunkKind.COUNTS:
@@ -266,7 +269,8 @@ class Recording:
             # The head's start is when the file was begun; the traced interval's, in the tail.
             start_ns = int((tail or head)["start_ns"])
             return cls(
-                sites=sites_from_json(head["sites"]), symbols=Symbols.from_json(head["symbols"]),
+                sites=sites_from_json(head["sites"]),
+                symbols=Symbols.from_json(symbols if symbols is not None else head["symbols"]),
                 pid=int(head["pid"]), command=str(head["command"]), mode=str(head.get("mode", "trace")),
                 start_ns=start_ns, end_ns=int(tail["end_ns"]) if tail is not None else max(start_ns, last),
                 lost=int(tail["lost"]) if tail is not None else 0, counts=counts, metadata=extra,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cached_property
@@ -335,6 +336,7 @@ def _functions(core: _Core) -> tuple[Function, ...]:
 # -- reading ------------------------------------------------------------------
 
 _cache: OrderedDict[tuple[int, int, int, int], _Core] = OrderedDict()
+_cache_lock = threading.Lock()
 
 
 def open_elf(path: str | os.PathLike[str], *, real_path: str | None = None) -> ElfImage:
@@ -351,17 +353,19 @@ def open_elf(path: str | os.PathLike[str], *, real_path: str | None = None) -> E
     except OSError as exc:
         raise ElfError(f"cannot read {display}: {exc.strerror}") from exc
     key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    core = _cache.get(key)
-    if core is None:
-        core = _load(display, key, real_path or display)
-        _cache[key] = core
+    with _cache_lock:  # a capture reads symbols in a thread of its own
+        core = _cache.get(key)
+        if core is not None:
+            _cache.move_to_end(key)
+            if display not in core.paths:
+                core.paths.append(display)
+                del core.paths[:-4]
+            return ElfImage(display, core)
+    core = _load(display, key, real_path or display)  # unlocked: two threads may read one file
+    with _cache_lock:
+        core = _cache.setdefault(key, core)
         while len(_cache) > _CACHE_SIZE:
             _cache.popitem(last=False)
-    else:
-        _cache.move_to_end(key)
-        if display not in core.paths:
-            core.paths.append(display)
-            del core.paths[:-4]
     return ElfImage(display, core)
 
 
