@@ -16,6 +16,7 @@ from typing import TextIO
 
 import numpy as np
 
+from ._text import columns
 from ._view import (
     Counts,
     RecordingLike,
@@ -190,17 +191,6 @@ def _top(pairs: tuple[tuple[object, int], ...], total: int) -> str:
     return text
 
 
-def _columns(header: tuple[str, ...], rows: list[tuple[str, ...]], right: int) -> list[str]:
-    """Align ``rows`` under ``header``: the first ``right`` columns right-aligned
-    (numbers), the rest left-aligned; the last column is never padded."""
-    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
-    lines = []
-    for row in (header, *rows):
-        cells = [cell.rjust(w) if i < right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))]
-        lines.append(("  " + "  ".join(cells)).rstrip())
-    return lines
-
-
 def header_lines(summary: Summary) -> list[str]:
     kinds = ", ".join(f"{n:,} {kind}" for kind, n in summary.site_kinds)
     what = (f"{_plural(summary.total_calls, 'call')} counted" if summary.count_mode
@@ -231,13 +221,13 @@ def render_summary(summary: Summary, out: TextIO, *, limit: int | None = None,
     if not summary.functions:
         lines.append("  no traced function was called")
     elif summary.count_mode:
-        lines += _columns(
+        lines += columns(
             ("calls", "calls/s", "share", "function"),
             [(f"{r.calls:,}", _rate(r.calls, summary.seconds), _share(r.calls, total), r.name) for r in shown],
             right=3,
         )
     else:
-        lines += _columns(
+        lines += columns(
             ("calls", "calls/s", "share", "function", "top callers", "threads"),
             [(f"{r.calls:,}", _rate(r.calls, summary.seconds), _share(r.calls, total), r.name,
               _top(r.callers, r.caller_count), _top(r.threads, r.thread_count)) for r in shown],
@@ -253,7 +243,7 @@ def render_summary(summary: Summary, out: TextIO, *, limit: int | None = None,
     if notes:
         lines += ["", "  " + "; ".join(notes)]
     if summary.threads:
-        lines += ["", *_columns(("calls", "share", "thread"),
+        lines += ["", *columns(("calls", "share", "thread"),
                                 [(f"{t.calls:,}", _share(t.calls, summary.records), str(t.tid))
                                  for t in summary.threads], right=2)]
     if summary.per_thread:
@@ -263,7 +253,7 @@ def render_summary(summary: Summary, out: TextIO, *, limit: int | None = None,
             seen[row[0]] = seen.get(row[0], 0) + 1
             if limit is None or seen[row[0]] <= limit:
                 shown_rows.append(row)
-        lines += ["", *_columns(("calls", "thread", "function"),
+        lines += ["", *columns(("calls", "thread", "function"),
                                 [(f"{calls:,}", label(tid), name) for tid, name, calls in shown_rows], right=1)]
     out.write("\n".join(lines) + "\n")
 
