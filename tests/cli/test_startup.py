@@ -91,3 +91,22 @@ def test_an_unknown_command_is_a_usage_error():
     done = _textpoke("nosuch")
     assert done.returncode == 2 and "No such command 'nosuch'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+#: Modules a capture in a pipe has no use for (rich draws only on a terminal; numpy.ma
+#: comes with a plain np.unique): ~45 ms of start-up. (difflib stays: click's parser
+#: imports it for every short option, to suggest names.)
+NOT_FOR_A_PIPE = ("rich", "numpy.ma")
+
+
+def test_a_capture_in_a_pipe_loads_no_terminal_or_suggestion_module(build_target, tmp_path):
+    program = build_target("hot")
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "textpoke", "record", "--count", "-f", "work",
+                           "-o", str(tmp_path / "r.tpk"), "--", str(program), "1000", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "1,000 calls counted, 0 lost" in done.stderr
+    names = set(re.findall(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)$", done.stderr, re.MULTILINE))
+    assert "numpy" in names and "textpoke.capture.run" in names  # it did load the engine
+    unwanted = {n for n in names if n.split(".")[0] in NOT_FOR_A_PIPE or n == "numpy.ma" or n.startswith("numpy.ma.")}
+    assert not unwanted, sorted(unwanted)

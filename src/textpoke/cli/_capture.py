@@ -17,13 +17,13 @@ from types import FrameType, ModuleType
 from typing import TYPE_CHECKING, Any, TextIO
 
 import click
-from rich.console import Console
-from rich.live import Live
-from rich.text import Text
 
 from .._errors import NoSuchProcess, PermissionDenied, TargetError, TextpokeError, UsageError
 
 if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.live import Live
+
     from ..capture import CaptureOptions, CaptureProgress
     from ..ring.recording import Recording
 
@@ -169,8 +169,8 @@ class ProgressReading:
 
     def chunks(self) -> Iterator[Any]:
         total = self._recording.record_count
-        console = Console(stderr=True)
-        if total < PROGRESS_RECORDS or not console.is_terminal:
+        console = stderr_console() if total >= PROGRESS_RECORDS else None
+        if console is None:
             yield from self._recording.chunks()
             return
         from rich.progress import Progress  # only big recordings on a terminal get here
@@ -180,6 +180,18 @@ class ProgressReading:
             for chunk in self._recording.chunks():
                 yield chunk
                 progress.advance(task, len(chunk))
+
+
+def stderr_console() -> Console | None:
+    """rich's console on stderr if it is a terminal (rich decides, FORCE_TERMINAL
+    included), else None. rich is imported only when stderr may be a terminal: the
+    capture commands start in a pipe without it."""
+    if not (sys.stderr.isatty() or os.environ.get("FORCE_TERMINAL") or os.environ.get("TTY_COMPATIBLE")):
+        return None
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    return console if console.is_terminal else None
 
 
 def require_process(pid: int) -> None:
@@ -235,11 +247,14 @@ class LiveCounter:
 
     def __init__(self, what: str, *, console: Console | None = None) -> None:
         self.what = what
-        self.console = console or Console(stderr=True)
+        self.console = console if console is not None else stderr_console()
         self.live: Live | None = None
 
     def __enter__(self) -> LiveCounter:
-        if self.console.is_terminal:
+        if self.console is not None and self.console.is_terminal:
+            from rich.live import Live
+            from rich.text import Text
+
             self.live = Live(Text(f"{self.what}: starting"), console=self.console,
                              refresh_per_second=4, transient=True)
             self.live.__enter__()
@@ -258,6 +273,8 @@ class LiveCounter:
         if self.live is None:
             return
         # Short enough for an 80-column terminal: a wrapped Live line redraws badly.
+        from rich.text import Text
+
         live = self.live
         text = Text(f"{self.what}: {progress.seconds:.1f} s, {progress.records:,} records, ")
         text.append(f"{progress.lost:,} lost", style="bold red" if progress.lost else "")

@@ -36,6 +36,7 @@ import numpy as np
 from iced_x86 import Code, Decoder, Instruction
 
 from ..x86.insn import CALL_OPCODE, CALL_RIP_INDIRECT, CALL_SIZE, ENDBR64, JMP_OPCODE, NOP1_BYTE, NOP5
+from ._arrays import unique
 from .elf import ElfImage, FunctionTable, open_elf
 from .functions import search
 from .names import compile_glob, compile_globs, is_glob
@@ -295,7 +296,7 @@ def _candidate_functions(image: ElfImage, calls_to: Sequence[str], *, calls: boo
     if not found:
         return np.zeros(0, dtype=np.int64)
     owners = table.indices_at(np.concatenate(found))
-    return np.unique(owners[owners >= 0])
+    return unique(owners[owners >= 0])
 
 
 def _branches(image: ElfImage, chosen: np.ndarray, base: int, *, calls: bool, jmps: bool,

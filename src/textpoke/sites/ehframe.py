@@ -21,6 +21,8 @@ import struct
 
 import numpy as np
 
+from ._arrays import unique
+
 # DW_EH_PE_*: low nibble = format, high bits = how the value is applied.
 _PE_OMIT = 0xFF
 _PE_ABSPTR, _PE_ULEB, _PE_UDATA2, _PE_UDATA4, _PE_UDATA8 = 0x00, 0x01, 0x02, 0x03, 0x04
@@ -223,7 +225,7 @@ def fde_ranges(data: bytes, address: int, *, header: bytes = b"", header_address
         fields = np.asarray(offsets, dtype=np.int64)
         cies = np.asarray(cie_of, dtype=np.int64)
         buf = np.frombuffer(data, dtype=np.uint8)
-        for cie in np.unique(cies).tolist():
+        for cie in unique(cies).tolist():
             encoding = encodings[cie]
             chosen = fields[cies == cie]
             if encoding in (_PE_PCREL | _PE_SDATA4, _PE_SDATA4, _PE_UDATA4, _PE_PCREL | _PE_UDATA4):

@@ -8,7 +8,6 @@ fentry build, a PIE fentry build), and a hint with a command that works.
 
 from __future__ import annotations
 
-import difflib
 import shlex
 from collections import Counter
 from collections.abc import Sequence
@@ -67,6 +66,8 @@ def stripped_note(image: ElfImage) -> str | None:
 
 
 def _close_names(image: ElfImage, globs: Sequence[str]) -> list[str]:
+    import difflib  # only when a name matched nothing (10 ms at start-up otherwise)
+
     names = image.table.display
     found: list[str] = []
     for glob in globs:

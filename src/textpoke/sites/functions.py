@@ -15,6 +15,7 @@ from functools import cached_property
 
 import numpy as np
 
+from ._arrays import unique
 from .names import compile_glob, demangle_all, is_glob, short_names
 
 _STB_GLOBAL, _STB_WEAK = 1, 2
@@ -134,7 +135,7 @@ class FunctionTable:
             hits = [j for j, name in enumerate(names) if match(name)]
         if not hits:
             return np.zeros(0, dtype=np.int64)
-        return np.unique(np.asarray(hits, dtype=np.int64) if owners is None else owners[hits])
+        return unique(np.asarray(hits, dtype=np.int64) if owners is None else owners[hits])
 
     def index_at(self, address: int) -> int:
         """Index of the innermost function containing ``address``, or -1."""

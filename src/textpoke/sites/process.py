@@ -19,6 +19,7 @@ import numpy as np
 from .._errors import ElfError, NoSuchProcess, PermissionDenied, TargetError, TargetExited, UsageError
 from ..target.maps import Mapping, load_base, read_maps
 from ..x86.insn import CALL_SIZE
+from ._arrays import unique
 from .discover import DEFAULT_KINDS, Site, SiteKind, SiteScan, scan_sites
 from .site import branch_target
 from .elf import ElfImage, open_elf
@@ -167,7 +168,7 @@ def _translate(pid: int, exc: OSError, what: str) -> TargetError:
 
 def read_live(pid: int, addresses: Sequence[int], size: int = CALL_SIZE) -> dict[int, bytes]:
     """``size`` bytes at each address, read from ``/proc/PID/mem`` in merged chunks."""
-    ordered = np.unique(np.asarray(list(addresses), dtype=np.uint64))
+    ordered = unique(np.asarray(list(addresses), dtype=np.uint64))
     data = read_live_array(pid, ordered, size)
     return {a: data[i].tobytes() for i, a in enumerate(ordered.tolist())}
 

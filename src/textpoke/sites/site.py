@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..x86.insn import CALL_OPCODE, CALL_SIZE, JMP_OPCODE
+from ._arrays import unique
 from .elf import MCOUNT_SECTION, PATCHABLE_SECTION
 
 if TYPE_CHECKING:
@@ -172,7 +173,7 @@ class SiteScan:
 
     @property
     def functions_with_sites(self) -> int:
-        return len(np.unique(self.columns.function))
+        return len(unique(self.columns.function))
 
     @property
     def changed(self) -> int:

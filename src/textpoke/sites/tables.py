@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 from iced_x86 import Code, Decoder, Instruction
 
+from ._arrays import unique
 from .elffile import SHF_ALLOC, SHT_NOBITS, SHT_RELA, ElfFile, Section
 
 _R_X86_64_64 = 1
@@ -55,7 +56,7 @@ def address_table(elf: ElfFile, section: Section | None, relas: np.ndarray, dyn_
         index = (chosen["info"][absolute] >> 32).astype(np.int64)
         ok = index < len(dyn_values)
         values[slot[absolute][ok]] = dyn_values[index[ok]] + chosen["addend"][absolute][ok].astype(np.uint64)
-    values = np.unique(values)
+    values = unique(values)
     return values[values != 0]
 
 
