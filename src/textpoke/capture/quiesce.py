@@ -23,19 +23,8 @@ import os
 import time
 from dataclasses import dataclass
 
-from ..poke.resident import thread_pc
-
-#: CPU time after which a running thread is surely out of a routine (200x its
-#: longest path; a signal handler run meanwhile could delay it, which is rare).
-RAN_NS = 200_000
-
-
-def _cpu_ns(pid: int, tid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
+from ..poke.resident import RAN_NS, thread_pc
+from ..target.process import thread_cpu_ns
 
 
 @dataclass
@@ -55,7 +44,7 @@ class Quiescence:
         for tid in tids:
             if tid in self.exclude:
                 continue
-            ns = _cpu_ns(self.pid, tid)
+            ns = thread_cpu_ns(self.pid, tid)
             if ns is not None:
                 self._start[tid] = ns
         self.waiting = len(self._start)
@@ -71,7 +60,7 @@ class Quiescence:
 
     def settled(self) -> bool:
         for tid, start in list(self._start.items()):
-            ns = _cpu_ns(self.pid, tid)
+            ns = thread_cpu_ns(self.pid, tid)
             if ns is None or ns - start >= RAN_NS:
                 del self._start[tid]
                 continue
@@ -82,4 +71,4 @@ class Quiescence:
         return not self._start
 
 
-__all__ = ["Quiescence", "RAN_NS"]
+__all__ = ["Quiescence"]

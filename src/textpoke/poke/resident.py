@@ -35,7 +35,7 @@ from .._errors import (BusyError, InjectionError, TargetError, TargetExited, Tar
 from ..target import _ptrace
 from ..target import syscalls as sc
 from ..target.inject import BorrowedThread, choose_thread
-from ..target.process import Process
+from ..target.process import Process, thread_cpu_ns
 from ..target.maps import DEFAULT_REACH, find_free_near
 from ..x86.asm import Asm, Imm64, R, mem
 from ..x86.insn import CALL_OPCODE, CALL_SIZE, INT3_BYTE, JMP_OPCODE, rel32_targets
@@ -806,15 +806,6 @@ def region_size(capacity: int) -> int:
 #: CPU time after which a running thread has surely left any trampoline routine
 #: (200x a routine's longest path without a wait).
 RAN_NS = 200_000
-
-
-def _cpu_ns(pid: int, tid: int) -> int | None:
-    """CPU time thread ``tid`` has run (/proc/PID/task/TID/schedstat), None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def _rec(slot: int) -> int:
@@ -1639,12 +1630,12 @@ class Resident:
     def _threads_outside(self, start: int, end: int, window_s: float) -> bool:
         pid = self.process.pid
         ours = {self.agent_tid} | set(our_threads(self.process))
-        pending = {tid: _cpu_ns(pid, tid) for tid in set(self.process.threads()) - ours}
+        pending = {tid: thread_cpu_ns(pid, tid) for tid in set(self.process.threads()) - ours}
         deadline = time.monotonic() + window_s
         while True:
             for tid, began in list(pending.items()):
                 pc = thread_pc(pid, tid)
-                ran = _cpu_ns(pid, tid)
+                ran = thread_cpu_ns(pid, tid)
                 if ran is None or (pc is not None and not start <= pc < end) or (
                         began is not None and ran - began >= RAN_NS):
                     del pending[tid]

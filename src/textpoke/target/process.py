@@ -20,6 +20,15 @@ from .maps import Mapping, read_maps
 _CAP_SYS_PTRACE = 19
 
 
+def thread_cpu_ns(pid: int, tid: int) -> int | None:
+    """CPU time thread ``tid`` has run (/proc/PID/task/TID/schedstat), None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _status_fields(pid: int) -> dict[str, str]:
     try:
         text = Path(f"/proc/{pid}/status").read_text()
