@@ -350,7 +350,8 @@ def select(runs: int) -> None:
     wall([*cli, "--help"])  # byte code cached, as an installed textpoke has it
     sites = statistics.median(wall([*cli, "sites", str(program), "--kind", "fentry"]) for _ in range(runs))
     print(f"select: textpoke sites PROG --kind fentry (20,000 functions): {sites * 1e3:.0f} ms (median of {runs})")
-    for glob in ("f1", "*"):
+    goals = [("sites PROG < 0.5 s", sites, 0.5)]
+    for glob, limit in (("f1", 0.3), ("*", 1.0)):
         proc = subprocess.Popen([str(program)], stdout=subprocess.PIPE, text=True)
         try:
             assert proc.stdout is not None and proc.stdout.readline().startswith("ready")
@@ -363,6 +364,9 @@ def select(runs: int) -> None:
         print(f"select: trace -f {glob!r:<5} --count --duration 0.5: first attach {first * 1e3:.0f} ms "
               f"(adds {(first - 0.5) * 1e3:.0f} ms), later ones {later * 1e3:.0f} ms (adds {(later - 0.5) * 1e3:.0f} ms, "
               f"median of {runs})", flush=True)
+        goals.append((f"trace -f {glob!r} adds < {limit:g} s (a later attach)", later - 0.5, limit))
+    for what, took, limit in goals:
+        print(f"goal: {what:<40} {'MET' if took < limit else 'NOT MET':<8} {took * 1e3:.0f} ms")
 
 
 def main() -> int:
