@@ -122,6 +122,17 @@ def test_pie_fentry_build_is_refused_with_its_reason() -> None:
     assert f"textpoke: note: 5 recorded fentry locations refused: {REFUSED_GOT_CALL}" in both.stderr.splitlines()
 
 
+def test_recording_a_pie_fentry_build_is_refused_before_it_runs(tmp_path: Path) -> None:
+    """`record -f` on such a build: exit 5, the reason, and the program never ran (the README says so)."""
+    binary = build(TARGETS / "sites_demo.c", cflags=("-O2", *PG, "-mrecord-mcount"), name="sites_demo_pie_fentry")
+    done = subprocess.run([sys.executable, "-m", "textpoke", "record", "-f", "*", "-o", str(tmp_path / "r.tpk"), "--",
+                           str(binary)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 5, done.stderr
+    assert REFUSED_GOT_CALL in done.stderr and "Traceback" not in done.stderr
+    assert done.stdout == ""  # the program prints its value when it runs: it never did
+    assert not (tmp_path / "r.tpk").exists()
+
+
 def test_patchable_function_entry_one_byte_nops_are_refused() -> None:
     binary = build(TARGETS / "sites_demo.c", cflags=("-O2", "-fno-pie", "-fpatchable-function-entry=5"),
                    ldflags=("-no-pie",), name="sites_demo_patchable")
