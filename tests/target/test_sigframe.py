@@ -84,6 +84,53 @@ def test_frame_layout_matches_the_kernels_rt_sigframe():
     assert area[160:176] == bytes(range(16)) and struct.unpack_from("<I", area, 24)[0] == 0x1F80
 
 
+#: A CPU with AVX-512 and AMX, as CPUID leaf 0xD describes it (the development machine's).
+AMX_LAYOUT = {2: (576, 256), 5: (1088, 64), 6: (1152, 512), 7: (1664, 1024), 9: (2688, 8), 17: (2752, 64),
+              18: (2816, 8192)}
+AMX_XCR0 = 0x602E7
+
+
+def amx_xstate(in_use: int) -> bytes:
+    """What PTRACE_GETREGSET gives there: 11,008 bytes, AMX tile data included."""
+    area = bytearray(11008)
+    struct.pack_into("<Q", area, sigframe.SW_BYTES, AMX_XCR0)
+    struct.pack_into("<Q", area, 512, in_use)
+    area[576:592] = bytes(range(1, 17))  # ymm0's upper half
+    return bytes(area)
+
+
+def test_an_area_with_amx_tiles_is_cut_to_what_the_thread_uses():
+    """rt_sigreturn restores an area larger than the thread's signal frame size (no AMX
+    permission: 2,816 bytes there) as x87/SSE only, resetting AVX: the kill-install
+    trials saw the ymm registers of a borrowed thread change before this cut."""
+    fitted = sigframe.fit(amx_xstate(0x2A6), AMX_LAYOUT)  # SSE, AVX, opmask, Hi16_ZMM, PKRU in use
+    assert len(fitted) == 2696  # the end of PKRU, the last feature in use
+    assert fitted[576:592] == bytes(range(1, 17))
+    assert sigframe.xfeatures_of(fitted) == 0x2E7  # what the cut area holds: no AMX
+    frame = sigframe.build(regs(), xstate=fitted, sigmask=0, at=0x7FFF_0000_0000, pretcode=0)
+    magic1, extended, features, size = struct.unpack_from("<IIQI", frame[448:], sigframe.SW_BYTES)
+    assert (magic1, extended, features, size) == (sigframe.FP_XSTATE_MAGIC1, 2700, 0x2E7, 2696)
+
+
+def test_a_thread_using_amx_keeps_its_tiles_and_a_legacy_one_gets_the_legacy_area():
+    assert len(sigframe.fit(amx_xstate(0x40003), AMX_LAYOUT)) == 11008
+    legacy = sigframe.fit(amx_xstate(0x3), AMX_LAYOUT)
+    assert (len(legacy), sigframe.xfeatures_of(legacy)) == (576, 0x3)
+    with pytest.raises(ValueError):  # a feature in use that the area lacks
+        sigframe.fit(amx_xstate(0x40003)[:2816], AMX_LAYOUT)
+
+
+def test_this_cpus_layout_fits_what_ptrace_gives():
+    """The layout read from CPUID: every feature's area inside the standard-format area."""
+    from textpoke.target import _ptrace
+
+    layout = sigframe.xsave_layout()
+    assert layout.get(2, (576, 256)) == (576, 256)  # AVX, where the CPU has it, right after the header
+    assert all(offset >= 576 and size > 0 for offset, size in layout.values())
+    # EBX: the size XSAVE needs for every feature the OS enabled (XCR0)
+    assert max([576] + [offset + size for offset, size in layout.values()]) == _ptrace.cpuid(0xD, 0)[1]
+
+
 def test_frame_goes_below_the_red_zone_aligned():
     rsp = 0x7FFF_0000_1238
     size = sigframe.frame_size(2696)

@@ -298,6 +298,32 @@ def cmpxchg_u32(address: int, expected: int, new: int) -> int:
     return _cmpxchg_function()(address, expected & 0xFFFF_FFFF, new & 0xFFFF_FFFF)
 
 
+@_functools.cache
+def _cpuid_function() -> _Callable[[int, int, int], None]:
+    """(leaf, subleaf, out) -> None: ``cpuid`` with eax = leaf, ecx = subleaf, and
+    eax, ebx, ecx, edx stored at ``out`` as four u32 (rbx is callee-saved: kept)."""
+    from ..x86.asm import Asm, R, mem
+
+    a = Asm()
+    a.op("PUSH_R64", R.RBX)
+    a.op("MOV_R32_RM32", R.EAX, R.EDI)
+    a.op("MOV_R32_RM32", R.ECX, R.ESI)
+    a.op("MOV_R64_RM64", R.R8, R.RDX)
+    a.op("CPUID")
+    for i, reg in enumerate((R.EAX, R.EBX, R.ECX, R.EDX)):
+        a.op("MOV_RM32_R32", mem(R.R8, 4 * i), reg)
+    a.op("POP_R64", R.RBX)
+    a.op("RETNQ")
+    return ctypes.CFUNCTYPE(None, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p)(_code_page(a.assemble(0)[0]))
+
+
+def cpuid(leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:
+    """This CPU's ``cpuid`` (eax, ebx, ecx, edx) for ``leaf``/``subleaf``."""
+    out = (ctypes.c_uint32 * 4)()
+    _cpuid_function()(leaf, subleaf, ctypes.addressof(out))
+    return out[0], out[1], out[2], out[3]
+
+
 def _code_page(code: bytes) -> int:
     """``code`` in a page of our own: written while RW, then made RX (never
     writable and executable at once); never unmapped, so a function there stays

@@ -175,7 +175,7 @@ class HeldThread:
         InjectionError if its stack has no room for the frame (nothing changed)."""
         assert self._regs is not None and self.held
         regs = self._regs
-        xstate = _ptrace.get_xstate(self.tid)
+        xstate = sigframe.fit(_ptrace.get_xstate(self.tid), sigframe.xsave_layout())
         mask = _ptrace.get_sigmask(self.tid)
         resume = rseq_resume_point(self.process, self.tid, regs)
         at = sigframe.place(regs.rsp, sigframe.frame_size(len(xstate)))

@@ -291,7 +291,7 @@ class BorrowedThread:
             return self._frame
         self.prepare()
         assert self._gadgets is not None
-        xstate = _ptrace.get_xstate(self.tid)
+        xstate = sigframe.fit(_ptrace.get_xstate(self.tid), sigframe.xsave_layout())
         self._mask = _ptrace.get_sigmask(self.tid)
         at = sigframe.place(self.saved_regs.rsp, sigframe.frame_size(len(xstate)))
         frame = sigframe.build(self.saved_regs, xstate=xstate, sigmask=self._mask, at=at,

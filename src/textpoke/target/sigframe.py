@@ -37,8 +37,10 @@ and writes the bytes.
 
 from __future__ import annotations
 
+import functools
 import struct
 
+from . import _ptrace
 from ._ptrace import Regs
 
 ERESTARTSYS = 512
@@ -57,6 +59,8 @@ FP_XSTATE_MAGIC2_SIZE = 4
 FXSAVE_SIZE = 512
 SW_BYTES = 464  # struct _fpx_sw_bytes, in the FXSAVE area's software-reserved bytes
 XSTATE_MIN = FXSAVE_SIZE + 64  # legacy area + XSAVE header
+XSAVE_HEADER = FXSAVE_SIZE  # its first word: XSTATE_BV, the features not in their initial state
+XFEATURES_LEGACY = 0b11  # x87 and SSE, in the legacy area
 
 UC_FP_XSTATE = 0x1
 UC_SIGCONTEXT_SS = 0x2
@@ -133,6 +137,47 @@ def _signal_xstate(xstate: bytes, xfeatures: int) -> bytes:
     return bytes(area) + struct.pack("<I", FP_XSTATE_MAGIC2)
 
 
+#: XSAVE feature number -> (offset, size) of its area in the standard format.
+XsaveLayout = dict[int, tuple[int, int]]
+
+
+@functools.cache
+def xsave_layout() -> XsaveLayout:
+    """This CPU's user-state XSAVE features beyond x87/SSE: where each one's area is
+    in the standard format (CPUID leaf 0xD, sub-leaf = feature; supervisor state,
+    ECX bit 0, is never in a signal frame)."""
+    xcr0 = _ptrace.cpuid(0xD, 0)[0] | _ptrace.cpuid(0xD, 1)[3] << 32  # user features the OS enabled
+    layout: XsaveLayout = {}
+    for feature in range(2, 64):
+        if xcr0 >> feature & 1:
+            size, offset, flags, _ = _ptrace.cpuid(0xD, feature)
+            if size and not flags & 1:
+                layout[feature] = (offset, size)
+    return layout
+
+
+def fit(xstate: bytes, layout: XsaveLayout) -> bytes:
+    """The XSAVE area from PTRACE_GETREGSET cut to what the thread's own signal frame
+    may carry, its features word (ptrace's XCR0) narrowed to what the cut area holds.
+
+    ptrace gives every feature the kernel supports, AMX's 8 KiB of tile data
+    included, but rt_sigreturn takes an area no larger than the thread's signal
+    frame size (which leaves AMX out unless the thread asked for it) and restores a
+    larger one as x87/SSE only: AVX state reset. So the area ends with the last
+    feature the thread has in use (XSTATE_BV), which every frame of the thread holds;
+    features past it were in their initial state and stay so."""
+    if len(xstate) < XSTATE_MIN:
+        raise ValueError(f"XSAVE area of {len(xstate)} bytes is too small")
+    in_use = struct.unpack_from("<Q", xstate, XSAVE_HEADER)[0]
+    end = max([XSTATE_MIN] + [offset + size for feature, (offset, size) in layout.items() if in_use >> feature & 1])
+    if end > len(xstate):
+        raise ValueError(f"XSAVE area of {len(xstate)} bytes lacks features in use ({in_use:#x})")
+    covered = XFEATURES_LEGACY | sum(1 << feature for feature, (offset, size) in layout.items() if offset + size <= end)
+    area = bytearray(xstate[:end])
+    struct.pack_into("<Q", area, SW_BYTES, xfeatures_of(xstate) & covered)
+    return bytes(area)
+
+
 def xfeatures_of(xstate: bytes) -> int:
     """The features an XSAVE area from PTRACE_GETREGSET covers: ptrace puts
     XCR0 in the first software-reserved word."""
@@ -157,4 +202,4 @@ def build(regs: Regs, *, xstate: bytes, sigmask: int, at: int, pretcode: int) ->
     return bytes(frame) + _signal_xstate(xstate, xfeatures_of(xstate))
 
 
-__all__ = ["build", "frame_size", "place", "resumed_state", "xfeatures_of"]
+__all__ = ["build", "fit", "frame_size", "place", "resumed_state", "xfeatures_of", "xsave_layout"]
