@@ -121,3 +121,43 @@ def test_a_region_a_site_still_leads_into_is_not_reused(build_target):
     finally:
         target.kill()
     _exact(result)
+
+
+def test_a_killed_sessions_region_is_not_reused_while_a_hooked_frame_returns_through_it(build_target, tmp_path):
+    """A graph trace killed while park() sleeps inside a hooked frame: that frame will
+    return through the killed session's exit routine. The next session (entry-only: its
+    code is laid out otherwise) must not take that region, though its tool never gave
+    it back and no thread is inside it: park() returns 6 s later through the routine,
+    to the right place with the right value (the program checks), and the program runs on."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from .harness import run_cli
+
+    target = Target([str(build_target("parked"))])
+    try:
+        assert target.readline(10) == "parked 1"  # entered before any trace
+        tool = subprocess.Popen([sys.executable, "-m", "textpoke", "trace", "-p", str(target.pid), "-f", "park",
+                                 "-f", "tick", "-o", str(tmp_path / "killed.tpk")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        partial = Path(f"{tmp_path / 'killed.tpk'}.partial")
+        deadline = time.monotonic() + 60
+        while not (partial.exists() and partial.stat().st_size > 1 << 16):
+            assert time.monotonic() < deadline and tool.poll() is None
+            time.sleep(0.02)
+        assert target.readline(10) == "parked 2"  # entered while traced: its frame is hooked
+        tool.send_signal(signal.SIGKILL)
+        tool.wait()
+        began = time.monotonic()
+        second = run_cli("trace", "-p", str(target.pid), "-f", "tick", "--entry-only", "--duration", "0.2",
+                         "-o", str(tmp_path / "second.tpk"))
+        assert second.returncode == 0, second.stderr
+        assert time.monotonic() - began < 5.5, "the second session ended after park() returned: test too slow"
+        assert target.readline(10) == "parked 3"  # park() returned (checked) and was entered again
+        assert target.alive()
+        assert target.stop()["bad"] == 0
+    finally:
+        target.kill()

@@ -27,6 +27,7 @@ import os
 import signal
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -1455,7 +1456,8 @@ class Resident:
 
     # -- more shared regions ---------------------------------------------------------
     def map_shared(self, *, code_size: int, data_size: int, near: int | None = None,
-                   name: str = "textpoke-tramp", apart: bool = False, reuse: bool = False) -> SharedRegion:
+                   name: str = "textpoke-tramp", apart: bool = False, reuse: bool = False,
+                   still_used: Callable[[int, int], bool] | None = None) -> SharedRegion:
         """A new memfd region in the target, mapped by the tool too, via the agent.
 
         The first ``code_size`` bytes are RX in the target (the tool's view is
@@ -1469,7 +1471,9 @@ class Resident:
 
         ``reuse``: first try a region of the same sizes that an earlier session
         gave back (:meth:`release_shared`) and that nothing can still use
-        (:meth:`_unused`): its code and data are zeroed (the code rseq-safe),
+        (:meth:`_unused`, and ``still_used(start, end)`` False: what the layers above
+        know, such as hooked frames that return through a session's exit routine
+        there): its code and data are zeroed (the code rseq-safe),
         at the same addresses. A region mapped
         anew is recorded so that it can be given back in its turn (its memfd
         descriptor stays open in the target for that). A region is never
@@ -1478,7 +1482,8 @@ class Resident:
         if code_size % PAGE or data_size % PAGE or size == 0 or (apart and not (code_size and data_size)):
             raise UsageError("shared region sizes must be whole pages")
         if reuse:
-            found = self._reuse(code_size=code_size, data_size=data_size, near=near, apart=apart)
+            found = self._reuse(code_size=code_size, data_size=data_size, near=near, apart=apart,
+                                still_used=still_used)
             if found is not None:
                 return found
         slot = self._free_slot() if reuse else -1
@@ -1581,7 +1586,8 @@ class Resident:
                          inode, int(apart))
         struct.pack_into("<I", self.ctl, base + _REC_STATE, state)  # last: the record counts
 
-    def _reuse(self, *, code_size: int, data_size: int, near: int | None, apart: bool) -> SharedRegion | None:
+    def _reuse(self, *, code_size: int, data_size: int, near: int | None, apart: bool,
+               still_used: Callable[[int, int], bool] | None) -> SharedRegion | None:
         """A released region of these sizes within reach of ``near`` that nothing can use."""
         pid = self.process.pid
         for slot in range(RELEASED_SLOTS):
@@ -1595,6 +1601,8 @@ class Resident:
             if near is not None and max(abs(address - near), abs(address + code_size - near)) > DEFAULT_REACH:
                 continue
             if not _still_ours(pid, fd, inode) or not self._unused(address, address + code_size):
+                continue
+            if still_used is not None and still_used(address, address + code_size):
                 continue
             struct.pack_into("<I", self.ctl, base + _REC_STATE, _IN_USE)
             local = _open_checked(pid, f"/proc/{pid}/fd/{fd}", code_size + data_size, inode)

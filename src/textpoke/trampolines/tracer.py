@@ -1179,6 +1179,19 @@ def _write_stubs(code: bytearray, *, base: int, sites: Sequence[TracedSite], mod
 # ---------------------------------------------------------------------------
 
 
+def _returned_through(process: Process, runtime: graph.GraphRuntime | None) -> Callable[[int, int], bool]:
+    """Whether a frame hooked by an earlier session (perhaps a killed one, whose region
+    was never released by its tool) still returns through an exit routine in
+    [start, end): the runtime calls that routine whenever the frame returns, so the
+    region may not be reused meanwhile. Any session's frames count, graph or not."""
+
+    def still_used(start: int, end: int) -> bool:
+        found = runtime if runtime is not None else graph.GraphRuntime.find(process)
+        return found is not None and found.frames_returning_to(process, range(start, end)) > 0
+
+    return still_used
+
+
 class Tracer:
     """Trampolines for ``sites`` and the shared memory they write; a context manager.
 
@@ -1221,7 +1234,8 @@ class Tracer:
         columns = _site_columns(self.sites)  # once: for the stubs and for the batch
         addresses, _, original = columns
         self.region: SharedRegion = resident.map_shared(
-            code_size=code_size, data_size=data_size, near=int(addresses.min()), name=name, apart=True, reuse=True)
+            code_size=code_size, data_size=data_size, near=int(addresses.min()), name=name, apart=True, reuse=True,
+            still_used=_returned_through(resident.process, runtime))
         try:
             self._restrict(resident.process.pid, code_size)
             self.data_address = self.region.data_address
