@@ -246,6 +246,11 @@ class RecordingView:
         """Per site position (plus the unknown slot): its function id."""
         return self._functions[1]
 
+    @cached_property
+    def function_of_site_id(self) -> np.ndarray:
+        """Site id -> function id, one lookup (ids past its end: the last entry, unknown)."""
+        return self.function_of_site.take(self._site_lookup)
+
     def functions(self, records: np.ndarray) -> np.ndarray:
         """Per record: its function id."""
         return self.function_of_site.take(self.site_position(records["site"]))

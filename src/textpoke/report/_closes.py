@@ -1,0 +1,342 @@
+"""The pass behind the tables of times (``textpoke report``): per frame its function,
+thread, how it ended, duration, self time and recursion; nothing per row.
+
+:class:`~._frames.FramePass` hands back every row in time order with what the
+row-printing outputs need (indentation, call paths, leaves, the ENTER's caller).
+A table of times per function needs much less: each frame's numbers, in any
+order.  This pass computes only those, a slice at a time, with three stable
+radix sorts and prefix sums (no search for parents, no way back to time order),
+and gives the same numbers: ``tests/report/test_closes.py`` checks it against
+FramePass and the per-record reference, chunked anywhere.
+
+How a slice is paired (a thread's frames still open from earlier slices are put
+in front of its rows as ENTER rows):
+
+1. Rows are ordered by thread (stable).  ENTER counts +1, a close -1: a running
+   sum per thread is each row's *depth after* it.
+2. Rows are ordered by (thread, depth after) (stable): groups.  An ENTER of
+   level L (the depth before it) is in group L + 1, its close in group L.  Per
+   (thread, level), ENTERs and closes alternate, so the ENTERs of level L taken
+   in group order and the closes of level L taken in group order are the same
+   frames in the same order, except for the frame of that level still open at
+   the end (the last ENTER of each level below the thread's final depth) and
+   the exit of a frame entered before the recording (the first close of each
+   level below 0: the depth reaches a new low).  Less those, the k-th ENTER
+   pairs with the k-th close.
+3. Self time is the time a frame is on top of its thread's stack: the gaps
+   after the rows whose depth after is its level + 1, from its ENTER to the row
+   just before its close.  In group order these rows are one contiguous range
+   of group L + 1, so self time is a difference of prefix sums of the gaps (it
+   equals the duration less the children's, without finding any parent).
+4. Recursion: rows ordered by (thread, function) (stable), a running count of
+   each function's open frames; an ENTER made while one is open is nested.
+5. The frames still open are carried to the next slice with their self time so
+   far and the time of their thread's last row: the gap from it to the thread's
+   next row, in a later slice, is the innermost open frame's.
+
+A damaged recording (an EXIT naming another function than the frame it would
+close) is repaired as FramePass repairs it (``_frames.repair``); frames still
+open when the recording ends are closed at its end as CUT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._frames import (
+    CLOSES, CUT, EXIT, IGNORED, RESYNC, SLICE, UNWOUND, FrameCounts, PairedChunk, cut_at_end, repair,
+)
+from ._view import CALL, ENTER, RecordingView, group
+
+#: A thread's open frame, carried from one slice to the next.
+CARRIED_DTYPE = np.dtype([
+    ("tid", "<u4"), ("site", "<u4"), ("ts_ns", "<i8"), ("cpu", "<u2"),
+    ("self_ns", "<i8"),  # time on top of the stack so far
+    ("nested", "?"),  # entered while a frame of the same function was open on the thread
+    ("since_ns", "<i8"),  # its thread's last row so far (time since then is the innermost frame's)
+])
+
+#: Per kind: +1 opens a frame, -1 closes one, 0 neither.
+_STEP = np.zeros(256, dtype=np.int8)
+_STEP[ENTER] = 1
+_STEP[list(CLOSES)] = -1
+#: Kinds the pass knows; any other is IGNORED (as FramePass does).
+_KNOWN = np.zeros(256, dtype=bool)
+_KNOWN[[CALL, EXIT, UNWOUND, ENTER, CUT, RESYNC, IGNORED]] = True
+
+
+@dataclass(frozen=True)
+class Closes:
+    """What one slice adds to the tables, in no particular order."""
+
+    entry_tid: np.ndarray  # ENTER and CALL records: thread
+    entry_function: np.ndarray  # ... and function id
+    entry_only: np.ndarray  # ... bool: a CALL (entry-only)
+    tid: np.ndarray  # frames closed (EXIT, UNWOUND, CUT, RESYNC) with a known start: thread
+    function: np.ndarray  # ... function id (of the ENTER: an UNWOUND may name another site)
+    kind: np.ndarray  # ... how it ended
+    duration: np.ndarray  # ... close - entry
+    self_ns: np.ndarray  # ... time on top of its thread's stack (duration less its children's)
+    nested: np.ndarray  # ... bool: inside a running call of the same function (recursion)
+    orphan_tid: np.ndarray  # closes without an ENTER (entered before the recording began): thread
+    orphan_function: np.ndarray  # ... function id
+
+
+@dataclass
+class _Rows:
+    """One slice's rows, carried frames first, ordered by thread (S-positions)."""
+
+    order: np.ndarray  # S-position -> row of (carried frames, then the slice's records)
+    tids: np.ndarray  # thread index -> tid
+    thread: np.ndarray  # per row: thread index
+    seg_len: np.ndarray  # rows per thread
+    seg_end: np.ndarray  # per thread: its last S-position
+    kind: np.ndarray
+    step: np.ndarray  # +1 ENTER, -1 close, 0 other
+    site: np.ndarray
+    ts: np.ndarray  # int64
+    carried_s: np.ndarray  # S-positions of the carried frames, in carried order
+
+
+@dataclass
+class _Pairs:
+    """Frames matched in one slice (S-positions) and those left open."""
+
+    enter: np.ndarray  # the ENTER of each frame closed in the slice
+    close: np.ndarray  # its close
+    orphans: np.ndarray  # closes without an ENTER
+    opened: np.ndarray  # ENTERs still open, by thread, outermost first
+    self_ns: np.ndarray  # per frame closed
+    open_self_ns: np.ndarray  # per frame still open: so far
+    since_ns: np.ndarray  # per thread: its last row's time
+
+
+@dataclass(frozen=True)
+class _Groups:
+    """Rows grouped by an integer key: a stable order and each group's bounds in it."""
+
+    order: np.ndarray
+    size: np.ndarray  # rows per group id
+    end: np.ndarray  # per group id: its end (exclusive) in ``order``
+    values: np.ndarray | None  # the key of each group id, if keys were renumbered
+
+    def ids(self, keys: np.ndarray) -> np.ndarray:
+        return keys if self.values is None else np.searchsorted(self.values, keys)
+
+
+def _groups(keys: np.ndarray, top: int) -> _Groups:
+    """Group non-negative keys below ``top``: one 16-bit radix pass when they fit, and
+    renumbered first if ``top`` is far above their count (a table per key would not pay)."""
+    values = None
+    if top > 4 * len(keys) + 4096:
+        grouped = group(keys)
+        keys, values, top = grouped.inverse, grouped.values, len(grouped.values)
+    order = np.argsort(keys.astype(np.uint16) if top <= 1 << 16 else keys, kind="stable")
+    size = np.bincount(keys, minlength=top)
+    return _Groups(order=order, size=size, end=np.cumsum(size), values=values)
+
+
+def _ranges(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each i, the integers lo[i] .. hi[i] - 1, and i for each of them."""
+    n = np.maximum(hi - lo, 0).astype(np.int64)
+    owner = np.repeat(np.arange(len(lo), dtype=np.int64), n)
+    first = np.cumsum(n) - n
+    return owner, np.arange(int(n.sum()), dtype=np.int64) - np.repeat(first - lo, n)
+
+
+@dataclass
+class ClosePass:
+    """Walk a recording's records, slice after slice, as :class:`Closes`; see the module docstring."""
+
+    view: RecordingView
+    slice_rows: int = SLICE
+    counts: FrameCounts = field(default_factory=FrameCounts)
+    records: int = 0  # records read (the rows the pass adds itself not counted)
+
+    def __post_init__(self) -> None:
+        self._open = np.zeros(0, dtype=CARRIED_DTYPE)
+        self._last_ns = 0
+        self._function_of = self.view.function_of_site_id
+
+    def closes(self) -> Iterator[Closes]:
+        recording = self.view.recording
+        for chunk in recording.chunks():
+            for lo in range(0, len(chunk), self.slice_rows):
+                part = chunk[lo: lo + self.slice_rows]
+                if len(part):
+                    self.records += len(part)
+                    self._last_ns = max(self._last_ns, int(part["ts_ns"][-1]))
+                    yield self._pair(part)
+        final = cut_at_end(self._open, max(int(recording.end_ns), self._last_ns))
+        if len(final):
+            yield self._pair(final)
+
+    def _pair(self, records: np.ndarray) -> Closes:
+        result = self._try_pair(records, strict=True)
+        if isinstance(result, Closes):
+            return result
+        # A repaired slice matches by construction; pairing it by depth alone only guards
+        # against looping on a case the replay did not foresee.
+        result = self._try_pair(repair(records, result, self._open), strict=False)
+        assert isinstance(result, Closes)
+        return result
+
+    def _try_pair(self, records: np.ndarray, *, strict: bool) -> Closes | np.ndarray:
+        """Pair one slice, or (strict) return the tids whose exits do not match, to repair."""
+        rows = self._rows(records)
+        pairs = self._match(rows)
+        enter, close = pairs.enter, pairs.close
+        if strict:
+            wrong = (rows.kind[close] == EXIT) & (rows.site[close] != rows.site[enter])
+            if wrong.any():
+                return rows.tids[np.unique(rows.thread[close[wrong]])]
+        function = self._function_of.take(np.minimum(rows.site, len(self._function_of) - 1))
+        nested = self._nested(rows, pairs, function)
+        entries = (rows.kind == ENTER) | (rows.kind == CALL)
+        entries[rows.carried_s] = False
+        entry_s = np.flatnonzero(entries)
+        self._count(rows, pairs)
+        self._carry(records, rows, pairs, nested)
+        return Closes(
+            entry_tid=rows.tids[rows.thread[entry_s]], entry_function=function[entry_s],
+            entry_only=rows.kind[entry_s] == CALL,
+            tid=rows.tids[rows.thread[close]], function=function[enter], kind=rows.kind[close],
+            duration=rows.ts[close] - rows.ts[enter], self_ns=pairs.self_ns, nested=nested[enter],
+            orphan_tid=rows.tids[rows.thread[pairs.orphans]], orphan_function=function[pairs.orphans],
+        )
+
+    # -- 1. by thread ------------------------------------------------------------------------
+    def _rows(self, records: np.ndarray) -> _Rows:
+        carried = self._open
+        nc = len(carried)
+        threads = group(np.concatenate([carried["tid"], records["tid"]]))
+        by_thread = _groups(threads.inverse, len(threads.values))
+        order = by_thread.order
+        kind = np.concatenate([np.full(nc, ENTER, dtype=np.uint8), records["kind"]])[order]
+        if not _KNOWN[np.flatnonzero(np.bincount(kind, minlength=256))].all():
+            kind = np.where(_KNOWN[kind], kind, IGNORED).astype(np.uint8)
+        ts = np.concatenate([carried["ts_ns"], records["ts_ns"]], dtype=np.int64, casting="unsafe")
+        return _Rows(
+            order=order, tids=threads.values, seg_len=by_thread.size, seg_end=by_thread.end - 1,
+            thread=np.repeat(np.arange(len(by_thread.size), dtype=np.int64), by_thread.size),
+            kind=kind, step=_STEP[kind], site=np.concatenate([carried["site"], records["site"]])[order],
+            ts=ts[order], carried_s=np.flatnonzero(order < nc),
+        )
+
+    # -- 2. by (thread, depth after) -----------------------------------------------------------
+    def _match(self, rows: _Rows) -> _Pairs:
+        depth = np.cumsum(rows.step, dtype=np.int64)
+        starts = rows.seg_end + 1 - rows.seg_len
+        if len(starts) > 1:  # each thread's sum starts at 0
+            depth -= np.repeat(depth[starts] - rows.step[starts], rows.seg_len)
+        floor = np.minimum(np.minimum.reduceat(depth, starts), 0)
+        final = depth[rows.seg_end]
+        low = int(floor.min())
+        width = int(depth.max()) - low + 1
+        groups = _groups(rows.thread * width + (depth - low), len(starts) * width)
+        step = rows.step[groups.order]
+        enters = np.flatnonzero(step > 0)  # group-order indices
+        closes = np.flatnonzero(step < 0)
+        # The frame of each level L below the final depth is open: the last ENTER of group L + 1.
+        owner, level = _ranges(floor, final)
+        open_groups = groups.ids(owner * width + level + 1 - low)
+        open_i = np.searchsorted(enters, groups.end[open_groups]) - 1
+        # Each level L below 0 was reached by an exit without an entry: the first close of group L.
+        owner, level = _ranges(floor, np.zeros_like(floor))
+        start = groups.end - groups.size
+        orphan_i = np.searchsorted(closes, start[groups.ids(owner * width + level - low)])
+        paired = np.delete(enters, open_i)
+        enter, close = groups.order[paired], groups.order[np.delete(closes, orphan_i)]
+        assert len(enter) == len(close) and bool((close > enter).all()), "pairing out of step"
+        pairs = _Pairs(enter=enter, close=close, orphans=groups.order[closes[orphan_i]],
+                       opened=groups.order[enters[open_i]], self_ns=np.zeros(0, np.int64),
+                       open_self_ns=np.zeros(0, np.int64), since_ns=np.zeros(0, np.int64))
+        self._self_times(rows, groups, paired, enters[open_i], open_groups, pairs)
+        return pairs
+
+    def _self_times(self, rows: _Rows, groups: _Groups, paired: np.ndarray, opened: np.ndarray,
+                    open_groups: np.ndarray, pairs: _Pairs) -> None:
+        """Self time: gaps summed over a range of the ENTER's group (step 3 of the docstring).
+        ``paired``, ``opened``: group-order indices of the ENTERs closed and still open."""
+        carried = self._open[rows.order[rows.carried_s]]
+        clock = rows.ts.copy()  # the carried rows stand at their thread's last row so far
+        clock[rows.carried_s] = carried["since_ns"]
+        gap = np.zeros(len(clock), dtype=np.int64)  # per row: until the thread's next row
+        gap[:-1] = clock[1:] - clock[:-1]
+        gap[rows.seg_end] = 0
+        gap = gap[groups.order]
+        upto = np.cumsum(gap)
+        position = np.empty(len(gap), dtype=np.int64)  # S-position -> group-order index
+        position[groups.order] = np.arange(len(gap))
+        prior = np.zeros(len(gap), dtype=np.int64)  # self time before the slice
+        prior[rows.carried_s] = carried["self_ns"]
+        pairs.self_ns = upto[position[pairs.close - 1]] - upto[paired] + gap[paired] + prior[pairs.enter]
+        pairs.open_self_ns = upto[groups.end[open_groups] - 1] - upto[opened] + gap[opened] + prior[pairs.opened]
+        pairs.since_ns = clock[rows.seg_end]
+
+    # -- 4. recursion --------------------------------------------------------------------------
+    def _nested(self, rows: _Rows, pairs: _Pairs, function: np.ndarray) -> np.ndarray:
+        """Per row (ENTERs): whether a frame of the same function was open on its thread."""
+        frame_function = function.copy()
+        frame_function[pairs.close] = function[pairs.enter]
+        step = rows.step.copy()
+        step[pairs.orphans] = 0  # their frames were never counted open
+        width = int(frame_function.max()) + 1
+        groups = _groups(rows.thread * width + frame_function, len(rows.seg_len) * width)
+        step = step[groups.order]
+        before = np.cumsum(step, dtype=np.int64) - step
+        first = np.minimum(groups.end - groups.size, len(step) - 1)
+        running = before - np.repeat(before[first], groups.size)
+        opening = step > 0
+        nested = np.zeros(len(step), dtype=bool)
+        nested[groups.order[opening]] = running[opening] > 0
+        nested[rows.carried_s] = self._open["nested"][rows.order[rows.carried_s]]
+        return nested
+
+    # -- 5. what is carried ----------------------------------------------------------------------
+    def _carry(self, records: np.ndarray, rows: _Rows, pairs: _Pairs, nested: np.ndarray) -> None:
+        opened = pairs.opened
+        new = np.zeros(len(opened), dtype=CARRIED_DTYPE)
+        new["tid"] = rows.tids[rows.thread[opened]]
+        new["site"] = rows.site[opened]
+        new["ts_ns"] = rows.ts[opened]
+        source = rows.order[opened]
+        nc = len(self._open)
+        old = source < nc
+        new["cpu"][old] = self._open["cpu"][source[old]]
+        new["cpu"][~old] = records["cpu"][source[~old] - nc]
+        new["self_ns"] = pairs.open_self_ns
+        new["nested"] = nested[opened]
+        new["since_ns"] = pairs.since_ns[rows.thread[opened]]
+        self._open = new
+
+    def _count(self, rows: _Rows, pairs: _Pairs) -> None:
+        kinds = np.bincount(rows.kind, minlength=256)
+        orphans = np.bincount(rows.kind[pairs.orphans], minlength=256)
+        c = self.counts
+        c.enters += int(kinds[ENTER]) - len(self._open)
+        c.returned += int(kinds[EXIT] - orphans[EXIT])
+        c.unwound += int(kinds[UNWOUND] - orphans[UNWOUND])
+        c.cut_end += int(kinds[CUT])
+        c.resynced += int(kinds[RESYNC])
+        c.cut_start += len(pairs.orphans)
+        c.ignored += int(kinds[IGNORED])
+        c.entry_only += int(kinds[CALL])
+
+
+def closes_of(chunk: PairedChunk) -> Closes:
+    """The same facts from a :class:`~._frames.FramePass` chunk (for outputs that need
+    its rows too, such as the flame graph's page, which also has the table)."""
+    kind, tid = chunk.records["kind"], chunk.records["tid"]
+    entry = (kind == ENTER) | (kind == CALL)
+    timed = chunk.timed
+    orphan = chunk.close & chunk.orphan
+    return Closes(
+        entry_tid=tid[entry], entry_function=chunk.function[entry], entry_only=kind[entry] == CALL,
+        tid=tid[timed], function=chunk.function[timed], kind=kind[timed], duration=chunk.duration[timed],
+        self_ns=chunk.self_ns[timed], nested=chunk.nested[timed],
+        orphan_tid=tid[orphan], orphan_function=chunk.function[orphan],
+    )
