@@ -47,9 +47,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._frames import (
-    CLOSES, CUT, EXIT, IGNORED, RESYNC, SLICE, UNWOUND, FrameCounts, PairedChunk, cut_at_end, repair,
+    CLOSES, CUT, EXIT, IGNORED, RESYNC, UNWOUND, FrameCounts, PairedChunk, cut_at_end, repair,
 )
-from ._view import CALL, ENTER, RecordingView, group
+from ..ring.format import RECORD_DTYPE, in_time_order
+from ._view import CALL, ENTER, RecordingView, group, read_ahead
+
+#: Rows per slice: small enough for the temporaries of a slice to stay in the caches.
+SLICE = 1 << 16
 
 #: A thread's open frame, carried from one slice to the next.
 CARRIED_DTYPE = np.dtype([
@@ -85,11 +89,55 @@ class Closes:
     orphan_function: np.ndarray  # ... function id
 
 
+@dataclass(frozen=True)
+class _Part:
+    """Records ordered by thread (tid order), each thread's in time order: the columns
+    the pass reads (a file's chunk is ordered once, then cut into slices)."""
+
+    tid: np.ndarray
+    kind: np.ndarray  # kinds the pass does not know are IGNORED
+    site: np.ndarray
+    ts: np.ndarray  # int64
+    cpu: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ts)
+
+    def __getitem__(self, rows: slice) -> _Part:
+        return _Part(tid=self.tid[rows], kind=self.kind[rows], site=self.site[rows], ts=self.ts[rows],
+                     cpu=self.cpu[rows])
+
+    def records(self) -> np.ndarray:
+        """As RECORD_DTYPE rows (caller and arg0 zero: the pass reads neither)."""
+        out = np.zeros(len(self), dtype=RECORD_DTYPE)
+        for name in ("tid", "kind", "site", "cpu"):
+            out[name] = getattr(self, name)
+        out["ts_ns"] = self.ts
+        return out
+
+
+def _by_thread(records: np.ndarray) -> _Part | None:
+    """``records`` ordered by thread (stable), or None if a thread's are not in time order
+    (runs not merged, a thread that moved between buffers: the caller merges them first)."""
+    threads = group(records["tid"])
+    count = len(threads.values)
+    order = np.argsort(threads.inverse.astype(np.uint16) if count <= 1 << 16 else threads.inverse, kind="stable")
+    ts = records["ts_ns"][order].astype(np.int64)
+    backwards = ts[1:] < ts[:-1]
+    backwards[np.cumsum(np.bincount(threads.inverse, minlength=count))[:-1] - 1] = False  # between threads
+    if backwards.any():
+        return None
+    kind = records["kind"][order]
+    if not _KNOWN[np.flatnonzero(np.bincount(kind, minlength=256))].all():
+        kind = np.where(_KNOWN[kind], kind, IGNORED).astype(np.uint8)
+    return _Part(tid=records["tid"][order], kind=kind, site=records["site"][order], ts=ts,
+                 cpu=records["cpu"][order])
+
+
 @dataclass
 class _Rows:
-    """One slice's rows, carried frames first, ordered by thread (S-positions)."""
+    """One slice's rows ordered by thread, each thread's carried frames first (S-positions)."""
 
-    order: np.ndarray  # S-position -> row of (carried frames, then the slice's records)
     tids: np.ndarray  # thread index -> tid
     thread: np.ndarray  # per row: thread index
     seg_len: np.ndarray  # rows per thread
@@ -98,6 +146,7 @@ class _Rows:
     step: np.ndarray  # +1 ENTER, -1 close, 0 other
     site: np.ndarray
     ts: np.ndarray  # int64
+    cpu: np.ndarray
     carried_s: np.ndarray  # S-positions of the carried frames, in carried order
 
 
@@ -163,30 +212,34 @@ class ClosePass:
 
     def closes(self) -> Iterator[Closes]:
         recording = self.view.recording
-        for chunk in recording.chunks():
-            for lo in range(0, len(chunk), self.slice_rows):
-                part = chunk[lo: lo + self.slice_rows]
-                if len(part):
-                    self.records += len(part)
-                    self._last_ns = max(self._last_ns, int(part["ts_ns"][-1]))
-                    yield self._pair(part)
-        final = cut_at_end(self._open, max(int(recording.end_ns), self._last_ns))
-        if len(final):
+        # Chunks as stored (runs not merged): each is ordered by thread once, then sliced.
+        for chunk in read_ahead(recording.chunks(merged=False)):
+            part = _by_thread(chunk)
+            if part is None:  # a thread's records are in two runs (it moved between buffers)
+                part = _by_thread(in_time_order(chunk))
+                assert part is not None
+            self.records += len(part)
+            self._last_ns = max(self._last_ns, int(part.ts.max()))
+            for lo in range(0, len(part), self.slice_rows):
+                yield self._pair(part[lo: lo + self.slice_rows])
+        final = _by_thread(cut_at_end(self._open, max(int(recording.end_ns), self._last_ns)))
+        if final is not None and len(final):  # (CUT rows of a thread share one time)
             yield self._pair(final)
 
-    def _pair(self, records: np.ndarray) -> Closes:
-        result = self._try_pair(records, strict=True)
+    def _pair(self, part: _Part) -> Closes:
+        result = self._try_pair(self._rows(part), strict=True)
         if isinstance(result, Closes):
             return result
         # A repaired slice matches by construction; pairing it by depth alone only guards
         # against looping on a case the replay did not foresee.
-        result = self._try_pair(repair(records, result, self._open), strict=False)
+        repaired = _by_thread(repair(part.records(), result, self._open))
+        assert repaired is not None
+        result = self._try_pair(self._rows(repaired), strict=False)
         assert isinstance(result, Closes)
         return result
 
-    def _try_pair(self, records: np.ndarray, *, strict: bool) -> Closes | np.ndarray:
+    def _try_pair(self, rows: _Rows, *, strict: bool) -> Closes | np.ndarray:
         """Pair one slice, or (strict) return the tids whose exits do not match, to repair."""
-        rows = self._rows(records)
         pairs = self._match(rows)
         enter, close = pairs.enter, pairs.close
         if strict:
@@ -199,7 +252,7 @@ class ClosePass:
         entries[rows.carried_s] = False
         entry_s = np.flatnonzero(entries)
         self._count(rows, pairs)
-        self._carry(records, rows, pairs, nested)
+        self._carry(rows, pairs, nested)
         return Closes(
             entry_tid=rows.tids[rows.thread[entry_s]], entry_function=function[entry_s],
             entry_only=rows.kind[entry_s] == CALL,
@@ -209,21 +262,23 @@ class ClosePass:
         )
 
     # -- 1. by thread ------------------------------------------------------------------------
-    def _rows(self, records: np.ndarray) -> _Rows:
+    def _rows(self, part: _Part) -> _Rows:
         carried = self._open
-        nc = len(carried)
-        threads = group(np.concatenate([carried["tid"], records["tid"]]))
-        by_thread = _groups(threads.inverse, len(threads.values))
-        order = by_thread.order
-        kind = np.concatenate([np.full(nc, ENTER, dtype=np.uint8), records["kind"]])[order]
-        if not _KNOWN[np.flatnonzero(np.bincount(kind, minlength=256))].all():
-            kind = np.where(_KNOWN[kind], kind, IGNORED).astype(np.uint8)
-        ts = np.concatenate([carried["ts_ns"], records["ts_ns"]], dtype=np.int64, casting="unsafe")
+        columns = [part.tid, part.kind, part.site, part.ts, part.cpu]
+        if len(carried):  # each before its thread's rows (carried frames are in tid order too)
+            at = np.searchsorted(part.tid, carried["tid"])
+            columns = [np.insert(column, at, value) for column, value in zip(columns, (
+                carried["tid"], ENTER, carried["site"], carried["ts_ns"], carried["cpu"]))]
+            carried_s = at + np.arange(len(carried))
+        else:
+            carried_s = np.zeros(0, dtype=np.int64)
+        tid, kind, site, ts, cpu = columns
+        starts = np.flatnonzero(np.concatenate([[True], tid[1:] != tid[:-1]]))
+        seg_len = np.diff(np.append(starts, len(tid)))
         return _Rows(
-            order=order, tids=threads.values, seg_len=by_thread.size, seg_end=by_thread.end - 1,
-            thread=np.repeat(np.arange(len(by_thread.size), dtype=np.int64), by_thread.size),
-            kind=kind, step=_STEP[kind], site=np.concatenate([carried["site"], records["site"]])[order],
-            ts=ts[order], carried_s=np.flatnonzero(order < nc),
+            tids=tid[starts], thread=np.repeat(np.arange(len(starts), dtype=np.int64), seg_len), seg_len=seg_len,
+            seg_end=starts + seg_len - 1, kind=kind, step=_STEP[kind], site=site, ts=ts, cpu=cpu,
+            carried_s=carried_s,
         )
 
     # -- 2. by (thread, depth after) -----------------------------------------------------------
@@ -261,7 +316,7 @@ class ClosePass:
                     open_groups: np.ndarray, pairs: _Pairs) -> None:
         """Self time: gaps summed over a range of the ENTER's group (step 3 of the docstring).
         ``paired``, ``opened``: group-order indices of the ENTERs closed and still open."""
-        carried = self._open[rows.order[rows.carried_s]]
+        carried = self._open  # in the order of rows.carried_s
         clock = rows.ts.copy()  # the carried rows stand at their thread's last row so far
         clock[rows.carried_s] = carried["since_ns"]
         gap = np.zeros(len(clock), dtype=np.int64)  # per row: until the thread's next row
@@ -293,21 +348,17 @@ class ClosePass:
         opening = step > 0
         nested = np.zeros(len(step), dtype=bool)
         nested[groups.order[opening]] = running[opening] > 0
-        nested[rows.carried_s] = self._open["nested"][rows.order[rows.carried_s]]
+        nested[rows.carried_s] = self._open["nested"]
         return nested
 
     # -- 5. what is carried ----------------------------------------------------------------------
-    def _carry(self, records: np.ndarray, rows: _Rows, pairs: _Pairs, nested: np.ndarray) -> None:
+    def _carry(self, rows: _Rows, pairs: _Pairs, nested: np.ndarray) -> None:
         opened = pairs.opened
         new = np.zeros(len(opened), dtype=CARRIED_DTYPE)
         new["tid"] = rows.tids[rows.thread[opened]]
         new["site"] = rows.site[opened]
         new["ts_ns"] = rows.ts[opened]
-        source = rows.order[opened]
-        nc = len(self._open)
-        old = source < nc
-        new["cpu"][old] = self._open["cpu"][source[old]]
-        new["cpu"][~old] = records["cpu"][source[~old] - nc]
+        new["cpu"] = rows.cpu[opened]
         new["self_ns"] = pairs.open_self_ns
         new["nested"] = nested[opened]
         new["since_ns"] = pairs.since_ns[rows.thread[opened]]

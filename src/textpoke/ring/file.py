@@ -299,11 +299,13 @@ class RecordingFile:
             raise UsageError(f"{self.path} is damaged (bad {chunk.kind.name.lower()} chunk)",
                              hint=NOT_A_RECORDING_HINT) from exc
 
-    def record_chunks(self) -> Iterator[np.ndarray]:
-        """Each RECORDS chunk's records, in time order (chunks follow each other in time)."""
+    def record_chunks(self, *, merged: bool = True) -> Iterator[np.ndarray]:
+        """Each RECORDS chunk's records, in time order (chunks follow each other in time);
+        ``merged=False``: as stored, a few runs each in time order (see ``Recording.chunks``)."""
         for chunk in self.chunks:
             if chunk.kind is ChunkKind.RECORDS and chunk.records:
-                yield in_time_order(np.frombuffer(self.payload(chunk), dtype=RECORD_DTYPE, count=chunk.records))
+                records = np.frombuffer(self.payload(chunk), dtype=RECORD_DTYPE, count=chunk.records)
+                yield in_time_order(records) if merged else records
                 if chunk.codec is Codec.NONE:
                     self._forget(chunk)  # a view: its pages are read again if still used
 
