@@ -57,7 +57,8 @@ SLICE = 1 << 16
 
 #: A thread's open frame, carried from one slice to the next.
 CARRIED_DTYPE = np.dtype([
-    ("tid", "<u4"), ("site", "<u4"), ("ts_ns", "<i8"), ("cpu", "<u2"),
+    ("tid", "<u4"), ("site", "<u4"), ("ts_ns", "<i8"),
+    ("cpu", "<u2"),  # (its CUT row's: no table reads it, left 0)
     ("self_ns", "<i8"),  # time on top of the stack so far
     ("nested", "?"),  # entered while a frame of the same function was open on the thread
     ("since_ns", "<i8"),  # its thread's last row so far (time since then is the innermost frame's)
@@ -98,19 +99,17 @@ class _Part:
     kind: np.ndarray  # kinds the pass does not know are IGNORED
     site: np.ndarray
     ts: np.ndarray  # int64
-    cpu: np.ndarray
 
     def __len__(self) -> int:
         return len(self.ts)
 
     def __getitem__(self, rows: slice) -> _Part:
-        return _Part(tid=self.tid[rows], kind=self.kind[rows], site=self.site[rows], ts=self.ts[rows],
-                     cpu=self.cpu[rows])
+        return _Part(tid=self.tid[rows], kind=self.kind[rows], site=self.site[rows], ts=self.ts[rows])
 
     def records(self) -> np.ndarray:
-        """As RECORD_DTYPE rows (caller and arg0 zero: the pass reads neither)."""
+        """As RECORD_DTYPE rows (caller, arg0 and cpu zero: the pass reads none)."""
         out = np.zeros(len(self), dtype=RECORD_DTYPE)
-        for name in ("tid", "kind", "site", "cpu"):
+        for name in ("tid", "kind", "site"):
             out[name] = getattr(self, name)
         out["ts_ns"] = self.ts
         return out
@@ -119,19 +118,36 @@ class _Part:
 def _by_thread(records: np.ndarray) -> _Part | None:
     """``records`` ordered by thread (stable), or None if a thread's are not in time order
     (runs not merged, a thread that moved between buffers: the caller merges them first)."""
-    threads = group(records["tid"])
-    count = len(threads.values)
-    order = np.argsort(threads.inverse.astype(np.uint16) if count <= 1 << 16 else threads.inverse, kind="stable")
-    ts = records["ts_ns"][order].astype(np.int64)
+    tid = np.ascontiguousarray(records["tid"])
+    order, tid = _thread_order(tid)
+    ts = records["ts_ns"].view(np.int64)[order]
     backwards = ts[1:] < ts[:-1]
-    backwards[np.cumsum(np.bincount(threads.inverse, minlength=count))[:-1] - 1] = False  # between threads
+    backwards &= tid[1:] == tid[:-1]  # where one thread's rows end and the next's begin
     if backwards.any():
         return None
     kind = records["kind"][order]
-    if not _KNOWN[np.flatnonzero(np.bincount(kind, minlength=256))].all():
+    if int(kind.max(initial=0)) > ENTER and not _KNOWN[np.flatnonzero(np.bincount(kind, minlength=256))].all():
         kind = np.where(_KNOWN[kind], kind, IGNORED).astype(np.uint8)
-    return _Part(tid=records["tid"][order], kind=kind, site=records["site"][order], ts=ts,
-                 cpu=records["cpu"][order])
+    return _Part(tid=tid, kind=kind, site=records["site"][order], ts=ts)
+
+
+def _thread_order(tid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A stable order of rows by tid, and the tids in that order.  A thread runs a while
+    before another takes its CPU, so a chunk's rows come in runs of one tid: ordering
+    the runs (far fewer than rows) builds it without sorting the rows."""
+    n = len(tid)
+    starts = np.flatnonzero(np.concatenate([[True], tid[1:] != tid[:-1]])) if n else np.zeros(0, np.int64)
+    if len(starts) > n // 16:
+        grouped = group(tid)
+        keys = grouped.inverse
+        order = np.argsort(keys.astype(np.uint16) if len(grouped.values) <= 1 << 16 else keys, kind="stable")
+        return order, tid[order]
+    lengths = np.diff(np.append(starts, n))
+    by_tid = np.argsort(tid[starts], kind="stable")
+    starts, lengths = starts[by_tid], lengths[by_tid]
+    # Run r's rows are starts[r] ... starts[r] + lengths[r] - 1, placed one run after another.
+    order = np.arange(n, dtype=np.int64) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+    return order, np.repeat(tid[starts], lengths)
 
 
 @dataclass
@@ -146,7 +162,6 @@ class _Rows:
     step: np.ndarray  # +1 ENTER, -1 close, 0 other
     site: np.ndarray
     ts: np.ndarray  # int64
-    cpu: np.ndarray
     carried_s: np.ndarray  # S-positions of the carried frames, in carried order
 
 
@@ -186,6 +201,14 @@ def _groups(keys: np.ndarray, top: int) -> _Groups:
     order = np.argsort(keys.astype(np.uint16) if top <= 1 << 16 else keys, kind="stable")
     size = np.bincount(keys, minlength=top)
     return _Groups(order=order, size=size, end=np.cumsum(size), values=values)
+
+
+def _spread(column: np.ndarray, rows: np.ndarray, others: np.ndarray, value: np.ndarray | int) -> np.ndarray:
+    """``column`` at ``rows`` and ``value`` at ``others`` of a new column."""
+    out = np.empty(len(rows) + len(others), dtype=column.dtype)
+    out[rows] = column
+    out[others] = value
+    return out
 
 
 def _ranges(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -264,26 +287,27 @@ class ClosePass:
     # -- 1. by thread ------------------------------------------------------------------------
     def _rows(self, part: _Part) -> _Rows:
         carried = self._open
-        columns = [part.tid, part.kind, part.site, part.ts, part.cpu]
+        tid, kind, site, ts = part.tid, part.kind, part.site, part.ts
+        carried_s = np.zeros(0, dtype=np.int64)
         if len(carried):  # each before its thread's rows (carried frames are in tid order too)
-            at = np.searchsorted(part.tid, carried["tid"])
-            columns = [np.insert(column, at, value) for column, value in zip(columns, (
-                carried["tid"], ENTER, carried["site"], carried["ts_ns"], carried["cpu"]))]
+            at = np.searchsorted(tid, carried["tid"])
             carried_s = at + np.arange(len(carried))
-        else:
-            carried_s = np.zeros(0, dtype=np.int64)
-        tid, kind, site, ts, cpu = columns
+            shift = np.zeros(len(tid) + 1, dtype=np.int64)
+            np.add.at(shift, at, 1)
+            rows = np.arange(len(tid)) + np.cumsum(shift[:-1])  # where the slice's rows go
+            tid, kind, site, ts = (_spread(column, rows, carried_s, value) for column, value in (
+                (tid, carried["tid"]), (kind, ENTER), (site, carried["site"]), (ts, carried["ts_ns"])))
         starts = np.flatnonzero(np.concatenate([[True], tid[1:] != tid[:-1]]))
         seg_len = np.diff(np.append(starts, len(tid)))
         return _Rows(
             tids=tid[starts], thread=np.repeat(np.arange(len(starts), dtype=np.int64), seg_len), seg_len=seg_len,
-            seg_end=starts + seg_len - 1, kind=kind, step=_STEP[kind], site=site, ts=ts, cpu=cpu,
+            seg_end=starts + seg_len - 1, kind=kind, step=_STEP[kind], site=site, ts=ts,
             carried_s=carried_s,
         )
 
     # -- 2. by (thread, depth after) -----------------------------------------------------------
     def _match(self, rows: _Rows) -> _Pairs:
-        depth = np.cumsum(rows.step, dtype=np.int64)
+        depth = np.cumsum(rows.step, dtype=np.int32)
         starts = rows.seg_end + 1 - rows.seg_len
         if len(starts) > 1:  # each thread's sum starts at 0
             depth -= np.repeat(depth[starts] - rows.step[starts], rows.seg_len)
@@ -345,9 +369,8 @@ class ClosePass:
         before = np.cumsum(step, dtype=np.int64) - step
         first = np.minimum(groups.end - groups.size, len(step) - 1)
         running = before - np.repeat(before[first], groups.size)
-        opening = step > 0
-        nested = np.zeros(len(step), dtype=bool)
-        nested[groups.order[opening]] = running[opening] > 0
+        nested = np.empty(len(step), dtype=bool)
+        nested[groups.order] = (running > 0) & (step > 0)
         nested[rows.carried_s] = self._open["nested"]
         return nested
 
@@ -358,7 +381,6 @@ class ClosePass:
         new["tid"] = rows.tids[rows.thread[opened]]
         new["site"] = rows.site[opened]
         new["ts_ns"] = rows.ts[opened]
-        new["cpu"] = rows.cpu[opened]
         new["self_ns"] = pairs.open_self_ns
         new["nested"] = nested[opened]
         new["since_ns"] = pairs.since_ns[rows.thread[opened]]
