@@ -131,6 +131,14 @@ def _by_thread(records: np.ndarray) -> _Part | None:
     return _Part(tid=tid, kind=kind, site=records["site"][order], ts=ts)
 
 
+def _in_thread_order(records: np.ndarray) -> _Part:
+    part = _by_thread(records)
+    if part is None:  # a thread's records are in two runs (it moved between buffers): merge them
+        part = _by_thread(in_time_order(records))
+        assert part is not None
+    return part
+
+
 def _thread_order(tid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A stable order of rows by tid, and the tids in that order.  A thread runs a while
     before another takes its CPU, so a chunk's rows come in runs of one tid: ordering
@@ -235,12 +243,9 @@ class ClosePass:
 
     def closes(self) -> Iterator[Closes]:
         recording = self.view.recording
-        # Chunks as stored (runs not merged): each is ordered by thread once, then sliced.
-        for chunk in read_ahead(recording.chunks(merged=False)):
-            part = _by_thread(chunk)
-            if part is None:  # a thread's records are in two runs (it moved between buffers)
-                part = _by_thread(in_time_order(chunk))
-                assert part is not None
+        # Chunks as stored (runs not merged), each ordered by thread on the reading thread
+        # (it needs nothing carried), then paired here in slices.
+        for part in read_ahead(map(_in_thread_order, recording.chunks(merged=False))):
             self.records += len(part)
             self._last_ns = max(self._last_ns, int(part.ts.max()))
             for lo in range(0, len(part), self.slice_rows):
