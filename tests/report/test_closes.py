@@ -51,13 +51,13 @@ def check(rows: np.ndarray, rec, *, slice_rows: int) -> ClosePass:
     ref = reference(rows, FUNCTIONS, end_ns=end_ns)
     names = frames.view.function_names
     got = Counter((int(t), names[f], int(d), int(s), int(k), bool(n)) for c in slices for t, f, d, s, k, n in zip(
-        c.tid, c.function, c.duration, c.self_ns, c.kind, c.nested))
+        c.tids[c.thread], c.function, c.duration, c.self_ns, c.kind, c.nested))
     want = Counter((f.tid, f.function, f.end - f.start, f.self_ns, f.ended, f.nested) for f in ref["frames"])
     assert got == want
-    orphans = Counter((int(t), names[f]) for c in slices for t, f in zip(c.orphan_tid, c.orphan_function))
+    orphans = Counter((int(t), names[f]) for c in slices for t, f in zip(c.tids[c.orphan_thread], c.orphan_function))
     assert orphans == Counter((tid, fn) for tid, fn, _ in ref["orphans"])
     entries = Counter((int(t), names[f], bool(e)) for c in slices
-                      for t, f, e in zip(c.entry_tid, c.entry_function, c.entry_only))
+                      for t, f, e in zip(c.tids[c.entry_thread], c.entry_function, c.entry_only))
     kinds = rows["kind"]
     want_entries = Counter((int(r["tid"]), FUNCTIONS[r["site"]], bool(r["kind"] == CALL))
                            for r in rows[(kinds == CALL) | (kinds == 3)])

@@ -71,22 +71,26 @@ _STEP[list(CLOSES)] = -1
 #: Kinds the pass knows; any other is IGNORED (as FramePass does).
 _KNOWN = np.zeros(256, dtype=bool)
 _KNOWN[[CALL, EXIT, UNWOUND, ENTER, CUT, RESYNC, IGNORED]] = True
+#: Kinds that count a call.
+_ENTRY = np.zeros(256, dtype=bool)
+_ENTRY[[CALL, ENTER]] = True
 
 
 @dataclass(frozen=True)
 class Closes:
     """What one slice adds to the tables, in no particular order."""
 
-    entry_tid: np.ndarray  # ENTER and CALL records: thread
+    tids: np.ndarray  # thread index -> tid
+    entry_thread: np.ndarray  # ENTER and CALL records: thread index
     entry_function: np.ndarray  # ... and function id
     entry_only: np.ndarray  # ... bool: a CALL (entry-only)
-    tid: np.ndarray  # frames closed (EXIT, UNWOUND, CUT, RESYNC) with a known start: thread
+    thread: np.ndarray  # frames closed (EXIT, UNWOUND, CUT, RESYNC) with a known start: thread index
     function: np.ndarray  # ... function id (of the ENTER: an UNWOUND may name another site)
     kind: np.ndarray  # ... how it ended
     duration: np.ndarray  # ... close - entry
     self_ns: np.ndarray  # ... time on top of its thread's stack (duration less its children's)
     nested: np.ndarray  # ... bool: inside a running call of the same function (recursion)
-    orphan_tid: np.ndarray  # closes without an ENTER (entered before the recording began): thread
+    orphan_thread: np.ndarray  # closes without an ENTER (entered before the recording began): thread index
     orphan_function: np.ndarray  # ... function id
 
 
@@ -270,23 +274,24 @@ class ClosePass:
         """Pair one slice, or (strict) return the tids whose exits do not match, to repair."""
         pairs = self._match(rows)
         enter, close = pairs.enter, pairs.close
+        close_kind = rows.kind[close]
         if strict:
-            wrong = (rows.kind[close] == EXIT) & (rows.site[close] != rows.site[enter])
-            if wrong.any():
+            other = rows.site[close] != rows.site[enter]  # an UNWOUND may name another site
+            if other.any() and (wrong := other & (close_kind == EXIT)).any():
                 return rows.tids[np.unique(rows.thread[close[wrong]])]
-        function = self._function_of.take(np.minimum(rows.site, len(self._function_of) - 1))
+        function = self._function_of.take(rows.site, mode="clip")  # past the table: unknown
         nested = self._nested(rows, pairs, function)
-        entries = (rows.kind == ENTER) | (rows.kind == CALL)
+        entries = _ENTRY[rows.kind]
         entries[rows.carried_s] = False
         entry_s = np.flatnonzero(entries)
         self._count(rows, pairs)
         self._carry(rows, pairs, nested)
         return Closes(
-            entry_tid=rows.tids[rows.thread[entry_s]], entry_function=function[entry_s],
+            tids=rows.tids, entry_thread=rows.thread[entry_s], entry_function=function[entry_s],
             entry_only=rows.kind[entry_s] == CALL,
-            tid=rows.tids[rows.thread[close]], function=function[enter], kind=rows.kind[close],
+            thread=rows.thread[close], function=function[enter], kind=close_kind,
             duration=rows.ts[close] - rows.ts[enter], self_ns=pairs.self_ns, nested=nested[enter],
-            orphan_tid=rows.tids[rows.thread[pairs.orphans]], orphan_function=function[pairs.orphans],
+            orphan_thread=rows.thread[pairs.orphans], orphan_function=function[pairs.orphans],
         )
 
     # -- 1. by thread ------------------------------------------------------------------------
@@ -305,7 +310,8 @@ class ClosePass:
         starts = np.flatnonzero(np.concatenate([[True], tid[1:] != tid[:-1]]))
         seg_len = np.diff(np.append(starts, len(tid)))
         return _Rows(
-            tids=tid[starts], thread=np.repeat(np.arange(len(starts), dtype=np.int64), seg_len), seg_len=seg_len,
+            tids=tid[starts], thread=np.repeat(np.arange(len(starts), dtype=np.int32), seg_len),
+            seg_len=seg_len,
             seg_end=starts + seg_len - 1, kind=kind, step=_STEP[kind], site=site, ts=ts,
             carried_s=carried_s,
         )
@@ -408,13 +414,15 @@ class ClosePass:
 def closes_of(chunk: PairedChunk) -> Closes:
     """The same facts from a :class:`~._frames.FramePass` chunk (for outputs that need
     its rows too, such as the flame graph's page, which also has the table)."""
-    kind, tid = chunk.records["kind"], chunk.records["tid"]
-    entry = (kind == ENTER) | (kind == CALL)
+    kind = chunk.records["kind"]
+    threads = group(chunk.records["tid"])
+    thread = threads.inverse
+    entry = _ENTRY[kind]
     timed = chunk.timed
     orphan = chunk.close & chunk.orphan
     return Closes(
-        entry_tid=tid[entry], entry_function=chunk.function[entry], entry_only=kind[entry] == CALL,
-        tid=tid[timed], function=chunk.function[timed], kind=kind[timed], duration=chunk.duration[timed],
-        self_ns=chunk.self_ns[timed], nested=chunk.nested[timed],
-        orphan_tid=tid[orphan], orphan_function=chunk.function[orphan],
+        tids=threads.values, entry_thread=thread[entry], entry_function=chunk.function[entry],
+        entry_only=kind[entry] == CALL, thread=thread[timed], function=chunk.function[timed], kind=kind[timed],
+        duration=chunk.duration[timed], self_ns=chunk.self_ns[timed], nested=chunk.nested[timed],
+        orphan_thread=thread[orphan], orphan_function=chunk.function[orphan],
     )

@@ -108,11 +108,12 @@ class _Stats:
         self.min = np.append(self.min, np.full(size - have, _NONE, dtype=np.int64))
         self.max = np.append(self.max, np.full(size - have, -1, dtype=np.int64))
 
-    def add(self, closes: Closes, ids: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> None:
-        """Add one slice; ``ids(tids, functions)`` gives each (thread, function)'s key."""
-        entry = ids(closes.entry_tid, closes.entry_function)
-        frame = ids(closes.tid, closes.function)
-        orphan = ids(closes.orphan_tid, closes.orphan_function)
+    def add(self, closes: Closes, ids: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]) -> None:
+        """Add one slice; ``ids(tids, threads, functions)`` gives each (thread, function)'s key
+        (``tids``: thread index -> tid)."""
+        entry = ids(closes.tids, closes.entry_thread, closes.entry_function)
+        frame = ids(closes.tids, closes.thread, closes.function)
+        orphan = ids(closes.tids, closes.orphan_thread, closes.orphan_function)
         self._grow(max((int(a.max()) + 1 for a in (entry, frame, orphan) if len(a)), default=0))
         s = self.sums
         size = s.shape[1]
@@ -162,8 +163,8 @@ def summarize_times(recording: RecordingLike, *, sort: TimeKey | str = TimeKey.T
     stats = _Stats()
     keys = StableIds()
 
-    def ids(tids: np.ndarray, functions: np.ndarray) -> np.ndarray:
-        return keys.ids(tids.astype(np.int64) * width + functions) if threads else functions
+    def ids(tids: np.ndarray, thread: np.ndarray, functions: np.ndarray) -> np.ndarray:
+        return keys.ids(tids.astype(np.int64)[thread] * width + functions) if threads else functions
 
     frames: ClosePass | FramePass
     if paths is None:
