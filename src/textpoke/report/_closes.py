@@ -243,7 +243,7 @@ class ClosePass:
     def __post_init__(self) -> None:
         self._open = np.zeros(0, dtype=CARRIED_DTYPE)
         self._last_ns = 0
-        self._function_of = self.view.function_of_site_id
+        self._function_of = self.view.function_of_site_id.astype(np.int32)  # narrower keys sort faster
 
     def closes(self) -> Iterator[Closes]:
         recording = self.view.recording
@@ -281,7 +281,7 @@ class ClosePass:
                 return rows.tids[np.unique(rows.thread[close[wrong]])]
         function = self._function_of.take(rows.site, mode="clip")  # past the table: unknown
         nested = self._nested(rows, pairs, function)
-        entries = _ENTRY[rows.kind]
+        entries = (rows.step > 0) | (rows.kind == CALL)
         entries[rows.carried_s] = False
         entry_s = np.flatnonzero(entries)
         self._count(rows, pairs)
@@ -377,7 +377,7 @@ class ClosePass:
         width = int(frame_function.max()) + 1
         groups = _groups(rows.thread * width + frame_function, len(rows.seg_len) * width)
         step = step[groups.order]
-        before = np.cumsum(step, dtype=np.int64) - step
+        before = np.cumsum(step, dtype=np.int32) - step
         first = np.minimum(groups.end - groups.size, len(step) - 1)
         running = before - np.repeat(before[first], groups.size)
         nested = np.empty(len(step), dtype=bool)
