@@ -16,11 +16,17 @@ as ``textpoke record`` would, in one of two shapes:
 
 Then it runs each output as the CLI does (``python -m textpoke ...`` to
 /dev/null) and prints, per output, its wall time, records per second and peak
-RSS (``wait4``'s ru_maxrss of that process).  A bounded-memory reader shows
-the same RSS at any N.  ``--against SRC`` runs each output with another
-source tree too (e.g. ``git worktree add /tmp/main main`` then
-``--against /tmp/main/src``), side by side, and says whether both printed the
-same.  Figures are printed, never asserted.
+RSS (``wait4``'s ru_maxrss of that process) and CPU time (user + system, all
+its threads: on a machine others are busy on, the figure that does not depend
+on them).  A bounded-memory reader shows the same RSS at any N.  ``--against
+REV`` runs each output with the sources of a git revision too (or of a source
+directory: ``--against /path/to/src``), side by side, and says whether both
+printed the same, e.g. before/after a change to the reporters::
+
+    python bench/reports.py --shape nested --records 10e6 --outputs report,graph --against main
+    python bench/reports.py --shape nested --records 100e6 --outputs report --keep /tmp/n100.tpk
+
+Figures are printed, never asserted.
 """
 
 from __future__ import annotations
@@ -194,7 +200,7 @@ def write_nested(path: Path, records: int) -> int:
     return written
 
 
-def measure(name: str, path: Path, records: int, scratch: Path, src: Path) -> bytes:
+def measure(name: str, path: Path, records: int, scratch: Path, src: Path, label: str) -> bytes:
     """Run one output with the sources in ``src``; print its figures, return what it printed."""
     args = [a.format(file=path, out=scratch / "flame.html") for a in COMMANDS[name]]
     env = {**os.environ, "PYTHONPATH": str(src)}
@@ -205,9 +211,22 @@ def measure(name: str, path: Path, records: int, scratch: Path, src: Path) -> by
     wall = time.perf_counter() - started
     proc.returncode = os.waitstatus_to_exitcode(status)
     ok = "" if proc.returncode == 0 else f"  (exit {proc.returncode})"
-    print(f"{name:>7}: {wall:8.1f} s  {records / wall / 1e6:6.2f} M records/s  peak RSS "
-          f"{usage.ru_maxrss / 1024:7.0f} MiB  ({src}){ok}", flush=True)
+    cpu = usage.ru_utime + usage.ru_stime
+    print(f"{name:>7}: {wall:6.1f} s  {records / wall / 1e6:6.2f} M records/s  cpu {cpu:6.1f} s  peak RSS "
+          f"{usage.ru_maxrss / 1024:5.0f} MiB  ({label}){ok}", flush=True)
     return (scratch / "out").read_bytes()
+
+
+def sources(against: str, scratch: Path) -> Path:
+    """A source directory, or the src/ of a git revision of this repository (exported)."""
+    if Path(against).is_dir():
+        return Path(against)
+    tree = scratch / "against"
+    tree.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", against, "src"], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    return tree / "src"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", choices=("loop", "nested"), default="loop")
     parser.add_argument("--outputs", default="report,graph,folded,ftrace,chrome,html")
     parser.add_argument("--keep", type=Path, help="write the recording here and keep it (reused if it exists)")
-    parser.add_argument("--against", type=Path, help="also run each output with this source tree (its src/)")
+    parser.add_argument("--against", help="also run each output with this git revision's sources (or this src/)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="textpoke-bench-") as tmp:
         scratch = Path(tmp)
@@ -231,10 +250,11 @@ def main(argv: list[str] | None = None) -> int:
             records = write(path, int(args.records))
             print(f"wrote {records:,} records ({path.stat().st_size / 2**20:,.0f} MiB on disk) in "
                   f"{time.perf_counter() - started:.1f} s", flush=True)
+        other = sources(args.against, scratch) if args.against else None
         for name in args.outputs.split(","):
-            mine = measure(name.strip(), path, records, scratch, ROOT / "src")
-            if args.against is not None:
-                theirs = measure(name.strip(), path, records, scratch, args.against)
+            mine = measure(name.strip(), path, records, scratch, ROOT / "src", "this tree")
+            if other is not None:
+                theirs = measure(name.strip(), path, records, scratch, other, args.against)
                 print(f"{'':>9}{'same output' if mine == theirs else 'OUTPUTS DIFFER'}", flush=True)
     return 0
 
