@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from textpoke.report._closes import ClosePass
+from textpoke.report._closes import ClosePass, _groups
 from textpoke.report._paths import PathTimes
 from textpoke.report._view import RecordingView
 from textpoke.report.timed import summarize_times
@@ -107,3 +107,25 @@ def test_recursion_across_slices_and_open_frames_at_both_ends():
     for slice_rows in (1, 2, 3, 1 << 16):
         frames = check(made, rec, slice_rows=slice_rows)
         assert frames.counts.cut_start == 2 and frames.counts.cut_end == 1
+
+
+def test_unknown_kinds_and_stray_exits_as_frame_pass_counts_them():
+    rows = [(0, 1, "E", "main"), (10, 1, "X", "lex"), (20, 1, "E", "parse"), (30, 1, "X", "main"),
+            (40, 1, "X", "main")]
+    made = records(rows)
+    made["kind"][2] = 9  # a kind no tracer writes
+    rec = recording(made, end=100)
+    frames, _ = closes_pass(rec, 1 << 16)
+    assert (frames.counts.ignored, frames.counts.returned, frames.counts.cut_start) == (2, 1, 1)
+    assert summarize_times(rec) == summarize_times(rec, paths=PathTimes(rec))
+
+
+@pytest.mark.parametrize("top", [50, 1 << 20, 1 << 40])
+def test_groups_dense_radix_or_renumbered(top):
+    keys = np.random.default_rng(top % 1000).integers(0, top, 5_000)
+    groups = _groups(keys, top)
+    assert np.array_equal(groups.order, np.argsort(keys, kind="stable"))
+    values, counts = np.unique(keys, return_counts=True)
+    ids = groups.ids(values)
+    assert np.array_equal(groups.size[ids], counts)
+    assert np.array_equal(groups.end[ids], np.cumsum(counts))

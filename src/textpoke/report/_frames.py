@@ -1,7 +1,8 @@
 """The one pass that pairs every ENTER with the EXIT or UNWOUND that closes it, with numpy.
 
-Every timed output (report, graph, ftrace, chrome, folded, flame graph) reads a
-function-graph recording through :class:`FramePass`, which walks the records a
+Every timed output that prints rows or call paths (graph, ftrace, chrome, folded,
+flame graph) reads a function-graph recording through :class:`FramePass` (the tables
+of times, ``report``, read the leaner ``_closes.ClosePass``), which walks the records a
 chunk at a time and hands each chunk back annotated: per close its duration and
 self time, per row its indentation, call-path node and, for the ftrace layout,
 whether an entry and its exit print as one leaf line.  Nothing holds the

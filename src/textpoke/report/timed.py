@@ -155,8 +155,9 @@ def _sort_rows(rows: list[TimedRow], key: TimeKey) -> list[TimedRow]:
 
 def summarize_times(recording: RecordingLike, *, sort: TimeKey | str = TimeKey.TOTAL, threads: bool = False,
                     paths: PathTimes | None = None) -> TimedSummary:
-    """One pass over the records: frames paired (see ``_frames``), then added up per
-    function; with ``paths``, the same pass adds up its call paths too."""
+    """One pass over the records: frames paired (``_closes``: the numbers alone), then
+    added up per function; with ``paths``, the pass that also interns call paths
+    (``_frames``) adds up both."""
     view = RecordingView(recording) if paths is None else paths.view
     names = view.function_names
     width = len(names)
