@@ -108,14 +108,19 @@ class _Part:
 
     tid: np.ndarray
     kind: np.ndarray  # kinds the pass does not know are IGNORED
+    step: np.ndarray  # +1 ENTER, -1 close, 0 other
     site: np.ndarray
     ts: np.ndarray  # int64
+    starts: np.ndarray  # where each thread's rows start
 
     def __len__(self) -> int:
         return len(self.ts)
 
     def __getitem__(self, rows: slice) -> _Part:
-        return _Part(tid=self.tid[rows], kind=self.kind[rows], site=self.site[rows], ts=self.ts[rows])
+        lo, hi, _ = rows.indices(len(self))
+        inside = self.starts[np.searchsorted(self.starts, lo, side="right"): np.searchsorted(self.starts, hi)]
+        return _Part(tid=self.tid[rows], kind=self.kind[rows], step=self.step[rows], site=self.site[rows],
+                     ts=self.ts[rows], starts=np.concatenate([[0], inside - lo]) if hi > lo else inside[:0])
 
     def records(self) -> np.ndarray:
         """As RECORD_DTYPE rows (caller, arg0 and cpu zero: the pass reads none)."""
@@ -139,7 +144,8 @@ def _by_thread(records: np.ndarray) -> _Part | None:
     kind = records["kind"][order]
     if int(kind.max(initial=0)) > ENTER and not _KNOWN[np.flatnonzero(np.bincount(kind, minlength=256))].all():
         kind = np.where(_KNOWN[kind], kind, IGNORED).astype(np.uint8)
-    return _Part(tid=tid, kind=kind, site=records["site"][order], ts=ts)
+    starts = np.flatnonzero(np.concatenate([[True], tid[1:] != tid[:-1]])) if len(tid) else np.zeros(0, np.int64)
+    return _Part(tid=tid, kind=kind, step=_STEP[kind], site=records["site"][order], ts=ts, starts=starts)
 
 
 def _in_thread_order(records: np.ndarray) -> _Part:
@@ -312,23 +318,27 @@ class ClosePass:
     # -- 1. by thread ------------------------------------------------------------------------
     def _rows(self, part: _Part) -> _Rows:
         carried = self._open
-        tid, kind, site, ts = part.tid, part.kind, part.site, part.ts
+        kind, step, site, ts = part.kind, part.step, part.site, part.ts
+        starts = part.starts
+        tids, seg_len = part.tid[starts], np.diff(np.append(starts, len(part)))
         carried_s = np.zeros(0, dtype=np.int64)
-        if len(carried):  # each before its thread's rows (carried frames are in tid order too)
-            at = np.searchsorted(tid, carried["tid"])
-            carried_s = at + np.arange(len(carried))
-            shift = np.zeros(len(tid) + 1, dtype=np.int64)
-            np.add.at(shift, at, 1)
-            rows = np.arange(len(tid)) + np.cumsum(shift[:-1])  # where the slice's rows go
-            tid, kind, site, ts = (_spread(column, rows, carried_s, value) for column, value in (
-                (tid, carried["tid"]), (kind, ENTER), (site, carried["site"]), (ts, carried["ts_ns"])))
-        starts = np.flatnonzero(np.concatenate([[True], tid[1:] != tid[:-1]]))
-        seg_len = np.diff(np.append(starts, len(tid)))
+        if len(carried):  # each thread's carried frames go before its rows (both come by tid)
+            with_frames, frames = np.unique(carried["tid"], return_counts=True)
+            mine = seg_len
+            tids = np.union1d(tids, with_frames)
+            at, where = np.searchsorted(tids, part.tid[starts]), np.searchsorted(tids, with_frames)
+            seg_len = np.zeros(len(tids), dtype=np.int64)
+            seg_len[at] += mine
+            seg_len[where] += frames
+            first = np.cumsum(seg_len) - seg_len
+            carried_s = np.arange(len(carried)) + np.repeat(first[where] - (np.cumsum(frames) - frames), frames)
+            # A thread's rows move past its carried frames (all that come before it in the slice).
+            rows = np.arange(len(part)) + np.repeat(first[at] + seg_len[at] - mine - starts, mine)
+            kind, step, site, ts = (_spread(column, rows, carried_s, value) for column, value in (
+                (kind, ENTER), (step, 1), (site, carried["site"]), (ts, carried["ts_ns"])))
         return _Rows(
-            tids=tid[starts], thread=np.repeat(np.arange(len(starts), dtype=np.int32), seg_len),
-            seg_len=seg_len,
-            seg_end=starts + seg_len - 1, kind=kind, step=_STEP[kind], site=site, ts=ts,
-            carried_s=carried_s,
+            tids=tids, thread=np.repeat(np.arange(len(tids), dtype=np.int32), seg_len), seg_len=seg_len,
+            seg_end=np.cumsum(seg_len) - 1, kind=kind, step=step, site=site, ts=ts, carried_s=carried_s,
         )
 
     # -- 2. by (thread, depth after) -----------------------------------------------------------
