@@ -343,7 +343,8 @@ class ClosePass:
 
     # -- 2. by (thread, depth after) -----------------------------------------------------------
     def _match(self, rows: _Rows) -> _Pairs:
-        depth = np.cumsum(rows.step, dtype=np.int32)
+        depth = rows.step.astype(np.int32)
+        np.cumsum(depth, out=depth)  # (in place: a new array costs more than the sum)
         starts = rows.seg_end + 1 - rows.seg_len
         if len(starts) > 1:  # each thread's sum starts at 0
             depth -= np.repeat(depth[starts] - rows.step[starts], rows.seg_len)
@@ -402,7 +403,9 @@ class ClosePass:
         width = int(frame_function.max()) + 1
         groups = _groups(*_keys(rows.thread, width, frame_function))
         step = step[groups.order]
-        before = np.cumsum(step, dtype=np.int32) - step
+        before = step.astype(np.int32)
+        np.cumsum(before, out=before)
+        before -= step
         first = np.minimum(groups.end - groups.size, len(step) - 1)
         running = before - np.repeat(before[first], groups.size)
         nested = np.empty(len(step), dtype=bool)
