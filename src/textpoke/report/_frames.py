@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..ring.format import RECORD_DTYPE, RecordKind
-from ._view import CALL, ENTER, RecordingLike, RecordingView, group, read_ahead
+from ._view import CALL, ENTER, RecordingLike, RecordingView, group
 
 EXIT = int(RecordKind.EXIT)
 UNWOUND = int(RecordKind.UNWOUND)
@@ -227,7 +227,7 @@ class FramePass:
 
     def chunks(self) -> Iterator[PairedChunk]:
         pending: PairedChunk | None = None
-        for chunk in read_ahead(self.recording.chunks()):
+        for chunk in self.recording.chunks():
             for lo in range(0, len(chunk), self.slice_rows):
                 part = chunk[lo: lo + self.slice_rows]
                 if not len(part):
