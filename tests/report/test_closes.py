@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from textpoke.report._closes import ClosePass, _groups
+from textpoke.report._closes import ClosePass, _groups, _thread_order
 from textpoke.report._paths import PathTimes
 from textpoke.report._view import RecordingView
 from textpoke.report.timed import summarize_times
@@ -129,3 +129,15 @@ def test_groups_dense_radix_or_renumbered(top):
     ids = groups.ids(values)
     assert np.array_equal(groups.size[ids], counts)
     assert np.array_equal(groups.end[ids], np.cumsum(counts))
+
+
+@pytest.mark.parametrize("runs", [0, 1, 5, 300, 9_000])
+def test_thread_order_by_runs_or_by_sort(runs):
+    """A chunk's rows put in thread order: whole runs copied, runs ordered, or rows sorted."""
+    rng = np.random.default_rng(runs)
+    lengths = rng.integers(1, 60, runs) if runs < 9_000 else np.ones(runs, dtype=np.int64)
+    tid = np.repeat(rng.integers(1, 9, runs), lengths).astype(np.uint32)
+    column = np.arange(len(tid)) * 7
+    take, ordered = _thread_order(tid)
+    order = np.argsort(tid, kind="stable")
+    assert np.array_equal(take(column), column[order]) and np.array_equal(ordered, tid[order])

@@ -47,7 +47,7 @@ open when the recording ends are closed at its end as CUT.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,6 +61,10 @@ from ._view import CALL, ENTER, RecordingView, group, read_ahead
 #: Rows per slice: small enough for a slice's temporaries to stay in the caches (64 K rows
 #: pair about a third faster than 256 K here, and far faster than a 1 M-record chunk whole).
 SLICE = 1 << 16
+
+#: Runs of one thread up to which a chunk's columns are put in thread order by copying
+#: whole runs (beyond, one gather per column beats a Python loop over the runs).
+_FEW_RUNS = 256
 
 #: A thread's open frame, carried from one slice to the next.
 CARRIED_DTYPE = np.dtype([
@@ -134,18 +138,17 @@ class _Part:
 def _by_thread(records: np.ndarray) -> _Part | None:
     """``records`` ordered by thread (stable), or None if a thread's are not in time order
     (runs not merged, a thread that moved between buffers: the caller merges them first)."""
-    tid = np.ascontiguousarray(records["tid"])
-    order, tid = _thread_order(tid)
-    ts = records["ts_ns"].view(np.int64)[order]
+    take, tid = _thread_order(records["tid"])
+    ts = take(records["ts_ns"].view(np.int64))
     backwards = ts[1:] < ts[:-1]
     backwards &= tid[1:] == tid[:-1]  # where one thread's rows end and the next's begin
     if backwards.any():
         return None
-    kind = records["kind"][order]
+    kind = take(records["kind"])
     if int(kind.max(initial=0)) > ENTER and not _KNOWN[np.flatnonzero(np.bincount(kind, minlength=256))].all():
         kind = np.where(_KNOWN[kind], kind, IGNORED).astype(np.uint8)
     starts = np.flatnonzero(np.concatenate([[True], tid[1:] != tid[:-1]])) if len(tid) else np.zeros(0, np.int64)
-    return _Part(tid=tid, kind=kind, step=_STEP[kind], site=records["site"][order], ts=ts, starts=starts)
+    return _Part(tid=tid, kind=kind, step=_STEP[kind], site=take(records["site"]), ts=ts, starts=starts)
 
 
 def _in_thread_order(records: np.ndarray) -> _Part:
@@ -156,23 +159,28 @@ def _in_thread_order(records: np.ndarray) -> _Part:
     return part
 
 
-def _thread_order(tid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A stable order of rows by tid, and the tids in that order.  A thread runs a while
-    before another takes its CPU, so a chunk's rows come in runs of one tid: ordering
-    the runs (far fewer than rows) builds it without sorting the rows."""
+def _thread_order(tid: np.ndarray) -> tuple[Callable[[np.ndarray], np.ndarray], np.ndarray]:
+    """How to put a column in a stable order by tid, and the tids in that order.  A thread
+    runs a while before another takes its CPU, so a chunk's rows come in runs of one tid:
+    ordering the runs (far fewer than rows) does it without sorting rows, and a few runs
+    are copied whole rather than gathered row by row."""
     n = len(tid)
     starts = np.flatnonzero(np.concatenate([[True], tid[1:] != tid[:-1]])) if n else np.zeros(0, np.int64)
     if len(starts) > n // 16:
         grouped = group(tid)
         keys = grouped.inverse
         order = np.argsort(keys.astype(np.uint16) if len(grouped.values) <= 1 << 16 else keys, kind="stable")
-        return order, tid[order]
+        return (lambda column: column[order]), tid[order]
     lengths = np.diff(np.append(starts, n))
     by_tid = np.argsort(tid[starts], kind="stable")
     starts, lengths = starts[by_tid], lengths[by_tid]
+    ordered = np.repeat(tid[starts], lengths)
+    if 0 < len(starts) <= _FEW_RUNS:
+        bounds = list(zip(starts.tolist(), (starts + lengths).tolist()))
+        return (lambda column: np.concatenate([column[lo:hi] for lo, hi in bounds])), ordered
     # Run r's rows are starts[r] ... starts[r] + lengths[r] - 1, placed one run after another.
     order = np.arange(n, dtype=np.int64) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
-    return order, np.repeat(tid[starts], lengths)
+    return (lambda column: column[order]), ordered
 
 
 @dataclass
