@@ -1,6 +1,6 @@
 """Benchmark: the function-graph outputs over one big synthetic recording.
 
-    python bench/reports.py [--records N] [--shape loop|nested] [--outputs report,graph,...]
+    python bench/reports.py [--records N] [--shape loop|nested] [--outputs report,threads,graph,...]
                             [--keep FILE] [--against SRC]
 
 Writes a function-graph recording of N records (default 100 M) chunk by chunk,
@@ -55,6 +55,7 @@ BASE = 1_000_000_000
 
 COMMANDS = {
     "report": ["report", "{file}"],
+    "threads": ["report", "{file}", "--threads"],
     "graph": ["graph", "{file}"],
     "folded": ["dump", "{file}", "--format", "folded"],
     "ftrace": ["dump", "{file}", "--format", "ftrace"],
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--records", type=float, default=100e6, help="records in the recording (default 100e6)")
     parser.add_argument("--shape", choices=("loop", "nested"), default="loop")
-    parser.add_argument("--outputs", default="report,graph,folded,ftrace,chrome,html")
+    parser.add_argument("--outputs", default="report,threads,graph,folded,ftrace,chrome,html")
     parser.add_argument("--keep", type=Path, help="write the recording here and keep it (reused if it exists)")
     parser.add_argument("--against", help="also run each output with this git revision's sources (or this src/)")
     args = parser.parse_args(argv)

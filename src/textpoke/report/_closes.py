@@ -284,7 +284,8 @@ class ClosePass:
             for lo in range(0, len(part), self.slice_rows):
                 yield self._pair(part[lo: lo + self.slice_rows])
         final = _by_thread(cut_at_end(self._open, max(int(recording.end_ns), self._last_ns)))
-        if final is not None and len(final):  # (CUT rows of a thread share one time)
+        assert final is not None  # its rows all stand at the recording's end
+        if len(final):
             yield self._pair(final)
 
     def _pair(self, part: _Part) -> Closes:
