@@ -355,9 +355,10 @@ _DONE = object()
 
 def read_ahead(items: Iterable[_T], depth: int = 2) -> Iterator[_T]:
     """``items``, produced by a thread of their own up to ``depth`` ahead: a recording's
-    next chunks are decompressed and put in time order (zstd and numpy's sorts let go of
-    the GIL) while the caller works on this one, on another core.  Errors come out
-    where they happened; leaving early stops the thread (and waits for it)."""
+    next chunks are decompressed and prepared (zstd and numpy let go of the GIL) while
+    the caller works on this one, on another core.  Errors come out where they
+    happened; leaving early stops the thread (and waits for it).  Each item held
+    ahead costs its memory: ``depth`` small, items of a bounded size."""
     ready: queue.Queue[Any] = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
