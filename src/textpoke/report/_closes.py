@@ -75,6 +75,7 @@ CARRIED_DTYPE = np.dtype([
     ("since_ns", "<i8"),  # its thread's last row so far (time since then is the innermost frame's)
 ])
 
+assert (CALL, EXIT, UNWOUND, ENTER) == (0, 1, 2, 3)  # (the kinds a file holds, as _steps reads them)
 #: Per kind: +1 opens a frame, -1 closes one, 0 neither.
 _STEP = np.zeros(256, dtype=np.int8)
 _STEP[ENTER] = 1
@@ -148,7 +149,14 @@ def _by_thread(records: np.ndarray) -> _Part | None:
     if int(kind.max(initial=0)) > ENTER and not _KNOWN[np.flatnonzero(np.bincount(kind, minlength=256))].all():
         kind = np.where(_KNOWN[kind], kind, IGNORED).astype(np.uint8)
     starts = np.flatnonzero(np.concatenate([[True], tid[1:] != tid[:-1]])) if len(tid) else np.zeros(0, np.int64)
-    return _Part(tid=tid, kind=kind, step=_STEP[kind], site=take(records["site"]), ts=ts, starts=starts)
+    return _Part(tid=tid, kind=kind, step=_steps(kind), site=take(records["site"]), ts=ts, starts=starts)
+
+
+def _steps(kind: np.ndarray) -> np.ndarray:
+    """Per row: +1 ENTER, -1 close, 0 other."""
+    if int(kind.max(initial=0)) <= ENTER:  # the kinds a file holds: two compares beat a table look-up
+        return (kind == ENTER).view(np.int8) * np.int8(2) - (kind != CALL).view(np.int8)
+    return _STEP[kind]
 
 
 def _in_thread_order(records: np.ndarray) -> _Part:
@@ -435,17 +443,19 @@ class ClosePass:
         self._open = new
 
     def _count(self, rows: _Rows, pairs: _Pairs) -> None:
-        kinds = np.bincount(rows.kind, minlength=256)
-        orphans = np.bincount(rows.kind[pairs.orphans], minlength=256)
+        def count(kind: int, kinds: np.ndarray = rows.kind) -> int:
+            return int(np.count_nonzero(kinds == kind))  # (a bincount would widen every kind first)
+
+        orphans = rows.kind[pairs.orphans]
         c = self.counts
-        c.enters += int(kinds[ENTER]) - len(self._open)
-        c.returned += int(kinds[EXIT] - orphans[EXIT])
-        c.unwound += int(kinds[UNWOUND] - orphans[UNWOUND])
-        c.cut_end += int(kinds[CUT])
-        c.resynced += int(kinds[RESYNC])
+        c.enters += count(ENTER) - len(self._open)
+        c.returned += count(EXIT) - count(EXIT, orphans)
+        c.unwound += count(UNWOUND) - count(UNWOUND, orphans)
+        c.cut_end += count(CUT)
+        c.resynced += count(RESYNC)
         c.cut_start += len(pairs.orphans)
-        c.ignored += int(kinds[IGNORED])
-        c.entry_only += int(kinds[CALL])
+        c.ignored += count(IGNORED)
+        c.entry_only += count(CALL)
 
 
 def closes_of(chunk: PairedChunk) -> Closes:
