@@ -174,11 +174,11 @@ def _thread_order(tid: np.ndarray) -> tuple[Callable[[np.ndarray], np.ndarray], 
     are copied whole rather than gathered row by row."""
     n = len(tid)
     starts = np.flatnonzero(np.concatenate([[True], tid[1:] != tid[:-1]])) if n else np.zeros(0, np.int64)
-    if len(starts) > n // 16:
-        grouped = group(tid)
-        keys = grouped.inverse
-        order = np.argsort(keys.astype(np.uint16) if len(grouped.values) <= 1 << 16 else keys, kind="stable")
-        return (lambda column: column[order]), tid[order]
+    if len(starts) > n // 16:  # threads interleaved row by row: sort the rows
+        grouped = group(np.ascontiguousarray(tid))
+        keys, count = grouped.inverse, len(grouped.values)
+        order = np.argsort(keys.astype(np.uint16) if count <= 1 << 16 else keys, kind="stable")
+        return (lambda column: column[order]), np.repeat(grouped.values, np.bincount(keys, minlength=count))
     lengths = np.diff(np.append(starts, n))
     by_tid = np.argsort(tid[starts], kind="stable")
     starts, lengths = starts[by_tid], lengths[by_tid]
