@@ -67,7 +67,7 @@ class Chunked:
     def __getattr__(self, name: str):
         return getattr(self._recording, name)
 
-    def chunks(self) -> Iterator[np.ndarray]:
+    def chunks(self, *, merged: bool = True) -> Iterator[np.ndarray]:  # in time order: merged or not
         for part in np.split(self._recording.records, self._bounds):
             if len(part):
                 yield part

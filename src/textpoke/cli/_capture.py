@@ -167,17 +167,17 @@ class ProgressReading:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._recording, name)
 
-    def chunks(self) -> Iterator[Any]:
+    def chunks(self, *, merged: bool = True) -> Iterator[Any]:
         total = self._recording.record_count
         console = stderr_console() if total >= PROGRESS_RECORDS else None
         if console is None:
-            yield from self._recording.chunks()
+            yield from self._recording.chunks(merged=merged)
             return
         from rich.progress import Progress  # only big recordings on a terminal get here
 
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task(f"{self._what} {total:,} records", total=total)
-            for chunk in self._recording.chunks():
+            for chunk in self._recording.chunks(merged=merged):
                 yield chunk
                 progress.advance(task, len(chunk))
 

@@ -1,7 +1,8 @@
 """The one pass that pairs every ENTER with the EXIT or UNWOUND that closes it, with numpy.
 
-Every timed output (report, graph, ftrace, chrome, folded, flame graph) reads a
-function-graph recording through :class:`FramePass`, which walks the records a
+Every timed output that prints rows or call paths (graph, ftrace, chrome, folded,
+flame graph) reads a function-graph recording through :class:`FramePass` (the tables
+of times, ``report``, read the leaner ``_closes.ClosePass``), which walks the records a
 chunk at a time and hands each chunk back annotated: per close its duration and
 self time, per row its indentation, call-path node and, for the ftrace layout,
 whether an entry and its exit print as one leaf line.  Nothing holds the
@@ -254,20 +255,7 @@ class FramePass:
         return max(int(self.recording.end_ns), self._last_ns)
 
     def _cut_at_end(self) -> np.ndarray:
-        """A CUT close for every frame still open, innermost first in each thread."""
-        frames = self._open
-        out = np.zeros(len(frames), dtype=RECORD_DTYPE)
-        if not len(frames):
-            return out
-        # Carried frames are ordered by thread, outermost first: reverse within each thread.
-        order = np.lexsort((-np.arange(len(frames)), frames["tid"]))
-        frames = frames[order]
-        out["ts_ns"] = np.maximum(self.end_ns, frames["ts_ns"]).astype(np.uint64)
-        out["tid"] = frames["tid"]
-        out["site"] = frames["site"]
-        out["cpu"] = frames["cpu"]
-        out["kind"] = CUT
-        return out
+        return cut_at_end(self._open, self.end_ns)
 
     # -- one slice ---------------------------------------------------------------------------
     def _sort(self, records: np.ndarray) -> _Sorted:
@@ -533,40 +521,62 @@ class FramePass:
 
     # -- damaged recordings ------------------------------------------------------------------
     def _repair(self, records: np.ndarray, tids: np.ndarray) -> np.ndarray:
-        """Replay the threads whose exits did not match, one record at a time: an exit of
-        a frame deeper in the stack closes the frames above it (RESYNC rows inserted before
-        it); an exit of no open frame is IGNORED."""
-        kinds = records["kind"].copy()
-        inserts: list[tuple[int, np.ndarray]] = []
-        for tid in tids.tolist():
-            stack = self._open["site"][self._open["tid"] == tid].tolist()
-            for i in np.flatnonzero(records["tid"] == tid).tolist():
-                kind, site = int(kinds[i]), int(records["site"][i])
-                if kind == ENTER:
-                    stack.append(site)
-                elif kind in (UNWOUND, CUT, RESYNC):
-                    if stack:
-                        stack.pop()
-                elif kind == EXIT:
-                    if not stack:
-                        continue  # entered before the recording began: a legitimate orphan
-                    if stack[-1] == site:
-                        stack.pop()
-                    elif site in stack:
-                        depth = len(stack) - 1 - stack[::-1].index(site)
-                        rows = np.repeat(records[i: i + 1], len(stack) - 1 - depth)
-                        rows["kind"] = RESYNC
-                        rows["site"] = stack[depth + 1:][::-1]
-                        rows["caller"] = 0
-                        rows["arg0"] = 0
-                        inserts.append((i, rows))
-                        del stack[depth:]
-                    else:
-                        kinds[i] = IGNORED
-        out = records.copy()
-        out["kind"] = kinds
-        if inserts:
-            inserts.sort(key=lambda item: item[0])
-            at = np.concatenate([np.full(len(rows), i) for i, rows in inserts])
-            out = np.insert(out, at, np.concatenate([rows for _, rows in inserts]))
+        return repair(records, tids, self._open)
+
+
+def cut_at_end(frames: np.ndarray, end_ns: int) -> np.ndarray:
+    """A CUT close for every frame still open (``frames``: a pass's carried frames, by
+    thread, outermost first), innermost first in each thread."""
+    out = np.zeros(len(frames), dtype=RECORD_DTYPE)
+    if not len(frames):
         return out
+    # Carried frames are ordered by thread, outermost first: reverse within each thread.
+    order = np.lexsort((-np.arange(len(frames)), frames["tid"]))
+    frames = frames[order]
+    out["ts_ns"] = np.maximum(end_ns, frames["ts_ns"]).astype(np.uint64)
+    out["tid"] = frames["tid"]
+    out["site"] = frames["site"]
+    out["cpu"] = frames["cpu"]
+    out["kind"] = CUT
+    return out
+
+
+def repair(records: np.ndarray, tids: np.ndarray, carried: np.ndarray) -> np.ndarray:
+    """Replay the threads whose exits did not match, one record at a time: an exit of
+    a frame deeper in the stack closes the frames above it (RESYNC rows inserted before
+    it); an exit of no open frame is IGNORED.  ``carried``: the frames open before
+    ``records`` (``tid`` and ``site`` fields; by thread, outermost first)."""
+    kinds = records["kind"].copy()
+    inserts: list[tuple[int, np.ndarray]] = []
+    for tid in tids.tolist():
+        stack = carried["site"][carried["tid"] == tid].tolist()
+        for i in np.flatnonzero(records["tid"] == tid).tolist():
+            kind, site = int(kinds[i]), int(records["site"][i])
+            if kind == ENTER:
+                stack.append(site)
+            elif kind in (UNWOUND, CUT, RESYNC):
+                if stack:
+                    stack.pop()
+            elif kind == EXIT:
+                if not stack:
+                    continue  # entered before the recording began: a legitimate orphan
+                if stack[-1] == site:
+                    stack.pop()
+                elif site in stack:
+                    depth = len(stack) - 1 - stack[::-1].index(site)
+                    rows = np.repeat(records[i: i + 1], len(stack) - 1 - depth)
+                    rows["kind"] = RESYNC
+                    rows["site"] = stack[depth + 1:][::-1]
+                    rows["caller"] = 0
+                    rows["arg0"] = 0
+                    inserts.append((i, rows))
+                    del stack[depth:]
+                else:
+                    kinds[i] = IGNORED
+    out = records.copy()
+    out["kind"] = kinds
+    if inserts:
+        inserts.sort(key=lambda item: item[0])
+        at = np.concatenate([np.full(len(rows), i) for i, rows in inserts])
+        out = np.insert(out, at, np.concatenate([rows for _, rows in inserts]))
+    return out

@@ -12,11 +12,13 @@ across chunks, so counts can be added up chunk after chunk.
 from __future__ import annotations
 
 import os
+import queue
 import shlex
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -54,7 +56,7 @@ class RecordingLike(Protocol):
     @property
     def record_count(self) -> int: ...
 
-    def chunks(self) -> Iterator[np.ndarray]: ...
+    def chunks(self, *, merged: bool = True) -> Iterator[np.ndarray]: ...
 
     def symbolize(self, addresses: np.ndarray) -> list[str]: ...
 
@@ -246,6 +248,11 @@ class RecordingView:
         """Per site position (plus the unknown slot): its function id."""
         return self._functions[1]
 
+    @cached_property
+    def function_of_site_id(self) -> np.ndarray:
+        """Site id -> function id, one lookup (ids past its end: the last entry, unknown)."""
+        return self.function_of_site.take(self._site_lookup)
+
     def functions(self, records: np.ndarray) -> np.ndarray:
         """Per record: its function id."""
         return self.function_of_site.take(self.site_position(records["site"]))
@@ -340,6 +347,51 @@ def recording_notes(recording: RecordingLike) -> tuple[str, ...]:
         notes.append(f"{len(foreign)} of {len(recording.sites)} sites hold someone else's int3 (a debugger's "
                      f"breakpoint or a uprobe) and were not traced: {shown}")
     return tuple(notes)
+
+
+_T = TypeVar("_T")
+_DONE = object()
+
+
+def read_ahead(items: Iterable[_T], depth: int = 2) -> Iterator[_T]:
+    """``items``, produced by a thread of their own up to ``depth`` ahead: a recording's
+    next chunks are decompressed and prepared (zstd and numpy let go of the GIL) while
+    the caller works on this one, on another core.  Errors come out where they
+    happened; leaving early stops the thread (and waits for it).  Each item held
+    ahead costs its memory: ``depth`` small, items of a bounded size."""
+    ready: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        ready.put(item, timeout=0.05)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            ready.put(_DONE)
+        except BaseException as exc:  # handed to the caller, raised there
+            ready.put(exc)
+
+    thread = threading.Thread(target=produce, name="textpoke-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while (item := ready.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # free a producer blocked on a full queue
+            try:
+                ready.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        thread.join()
 
 
 def first_timestamp(recording: RecordingLike) -> int | None:

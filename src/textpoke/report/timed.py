@@ -28,7 +28,8 @@ from typing import TextIO
 import numpy as np
 
 from .._errors import UsageError
-from ._frames import CALL, CUT, ENTER, RESYNC, UNWOUND, FrameCounts, FramePass, PairedChunk
+from ._closes import ClosePass, Closes, closes_of
+from ._frames import CUT, RESYNC, UNWOUND, FrameCounts, FramePass
 from ._paths import PathTimes
 from ._text import columns, duration_text, frame_lines, plural, recording_head, site_kinds
 from ._view import RecordingLike, RecordingView, StableIds, recording_notes
@@ -107,26 +108,27 @@ class _Stats:
         self.min = np.append(self.min, np.full(size - have, _NONE, dtype=np.int64))
         self.max = np.append(self.max, np.full(size - have, -1, dtype=np.int64))
 
-    def add(self, ids: np.ndarray, chunk: PairedChunk) -> None:
-        if not len(ids):
-            return
-        self._grow(int(ids.max()) + 1)
-        kind = chunk.records["kind"]
+    def add(self, closes: Closes, ids: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]) -> None:
+        """Add one slice; ``ids(tids, threads, functions)`` gives each (thread, function)'s key
+        (``tids``: thread index -> tid)."""
+        entry = ids(closes.tids, closes.entry_thread, closes.entry_function)
+        frame = ids(closes.tids, closes.thread, closes.function)
+        orphan = ids(closes.tids, closes.orphan_thread, closes.orphan_function)
+        self._grow(max((int(a.max()) + 1 for a in (entry, frame, orphan) if len(a)), default=0))
         s = self.sums
-        timed = chunk.timed
-        tids = ids[timed]
-        dur = chunk.duration[timed]
-        np.add.at(s[0], ids[(kind == ENTER) | (kind == CALL)], 1)
-        np.add.at(s[1], tids, 1)
-        np.add.at(s[2], tids, np.where(chunk.nested[timed], 0, dur))
-        np.add.at(s[3], tids, dur)
-        np.add.at(s[4], tids, chunk.self_ns[timed])
+        size = s.shape[1]
+        dur = closes.duration
+        s[0] += np.bincount(entry, minlength=size)
+        s[1] += np.bincount(frame, minlength=size)
+        np.add.at(s[2], frame, np.where(closes.nested, 0, dur))  # int64 sums: exact
+        np.add.at(s[3], frame, dur)
+        np.add.at(s[4], frame, closes.self_ns)
         for row, what in ((5, UNWOUND), (6, CUT), (9, RESYNC)):
-            np.add.at(s[row], ids[timed & (kind == what)], 1)
-        np.add.at(s[7], ids[chunk.close & chunk.orphan], 1)
-        np.add.at(s[8], ids[kind == CALL], 1)
-        np.minimum.at(self.min, tids, dur)
-        np.maximum.at(self.max, tids, dur)
+            s[row] += np.bincount(frame[closes.kind == what], minlength=size)
+        s[7] += np.bincount(orphan, minlength=size)
+        s[8] += np.bincount(entry[closes.entry_only], minlength=size)
+        np.minimum.at(self.min, frame, dur)
+        np.maximum.at(self.max, frame, dur)
 
     def row(self, i: int, name: str, tid: int | None) -> TimedRow:
         calls, frames, total, dursum, self_ns, unwound, cut_end, cut_start, entry_only, resynced = (
@@ -153,24 +155,31 @@ def _sort_rows(rows: list[TimedRow], key: TimeKey) -> list[TimedRow]:
 
 def summarize_times(recording: RecordingLike, *, sort: TimeKey | str = TimeKey.TOTAL, threads: bool = False,
                     paths: PathTimes | None = None) -> TimedSummary:
-    """One pass over the records: frames paired (see ``_frames``), then added up per
-    function; with ``paths``, the same pass adds up its call paths too."""
+    """One pass over the records: frames paired (``_closes``: the numbers alone), then
+    added up per function; with ``paths``, the pass that also interns call paths
+    (``_frames``) adds up both."""
     view = RecordingView(recording) if paths is None else paths.view
     names = view.function_names
     width = len(names)
-    frames = FramePass(view) if paths is None else paths.frames
     stats = _Stats()
     keys = StableIds()
-    records = 0
-    for chunk in frames.chunks():
-        kind = chunk.records["kind"]
-        records += len(kind) - int(np.count_nonzero((kind == CUT) | (kind == RESYNC)))
-        if threads:
-            ids = keys.ids(chunk.records["tid"].astype(np.int64) * width + chunk.function)
-        else:
-            ids = chunk.function
-        stats.add(ids, chunk)
-        if paths is not None:
+
+    def ids(tids: np.ndarray, thread: np.ndarray, functions: np.ndarray) -> np.ndarray:
+        return keys.ids(tids.astype(np.int64)[thread] * width + functions) if threads else functions
+
+    frames: ClosePass | FramePass
+    if paths is None:
+        frames = ClosePass(view)
+        for closes in frames.closes():
+            stats.add(closes, ids)
+        records = frames.records
+    else:
+        frames = paths.frames
+        records = 0
+        for chunk in frames.chunks():
+            kind = chunk.records["kind"]
+            records += len(kind) - int(np.count_nonzero((kind == CUT) | (kind == RESYNC)))
+            stats.add(closes_of(chunk), ids)
             paths.add(chunk)
     rows = []
     for i in stats.used().tolist():

@@ -299,11 +299,16 @@ class RecordingFile:
             raise UsageError(f"{self.path} is damaged (bad {chunk.kind.name.lower()} chunk)",
                              hint=NOT_A_RECORDING_HINT) from exc
 
-    def record_chunks(self) -> Iterator[np.ndarray]:
-        """Each RECORDS chunk's records, in time order (chunks follow each other in time)."""
+    def _records(self, chunk: ChunkInfo) -> np.ndarray:
+        return np.frombuffer(self.payload(chunk), dtype=RECORD_DTYPE, count=chunk.records)
+
+    def record_chunks(self, *, merged: bool = True) -> Iterator[np.ndarray]:
+        """Each RECORDS chunk's records, in time order (chunks follow each other in time);
+        ``merged=False``: as stored, a few runs each in time order (see ``Recording.chunks``)."""
         for chunk in self.chunks:
             if chunk.kind is ChunkKind.RECORDS and chunk.records:
-                yield in_time_order(np.frombuffer(self.payload(chunk), dtype=RECORD_DTYPE, count=chunk.records))
+                # (No local name holds a chunk while the reader uses it, nor the runs a merge copied.)
+                yield in_time_order(self._records(chunk)) if merged else self._records(chunk)
                 if chunk.codec is Codec.NONE:
                     self._forget(chunk)  # a view: its pages are read again if still used
 

@@ -170,10 +170,15 @@ class Recording:
     def __len__(self) -> int:
         return self.record_count
 
-    def chunks(self) -> Iterator[np.ndarray]:
-        """The records, chunk after chunk (RECORD_DTYPE, each in time order)."""
+    def chunks(self, *, merged: bool = True) -> Iterator[np.ndarray]:
+        """The records, chunk after chunk (RECORD_DTYPE, each in time order).
+
+        ``merged=False`` hands each chunk out as the file holds it: a few runs, each in
+        time order (one per buffer drained), not merged, which spares a sort and a copy
+        of every record to a reader that puts them in another order anyway; chunks
+        still follow each other in time."""
         if self._file is not None:
-            yield from self._file.record_chunks()
+            yield from self._file.record_chunks(merged=merged)
         elif self._records is not None and len(self._records):
             yield self._records
 
