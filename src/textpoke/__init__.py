@@ -26,6 +26,7 @@ from typing import Any
 from ._errors import (
     BusyError,
     ElfError,
+    FixRefused,
     ForeignTrap,
     InjectionError,
     NoSuchProcess,
@@ -61,6 +62,10 @@ _LAZY = {
     "Recording": ".ring",
     "RecordKind": ".ring",
     "RECORD_DTYPE": ".ring",
+    "hotfix": ".hotfix",
+    "revert_fix": ".hotfix",
+    "list_fixes": ".hotfix",
+    "load_fix": ".hotfix",
 }
 
 
@@ -78,7 +83,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "BusyError", "ElfError", "ForeignTrap", "InjectionError", "NoSuchProcess", "NotABoundary", "NotAUserProcess",
+    "BusyError", "ElfError", "FixRefused", "ForeignTrap", "InjectionError", "NoSuchProcess", "NotABoundary", "NotAUserProcess",
     "OwnCodeRefused", "PatchError", "PermissionDenied", "RecordingFailed", "SiteError", "SiteMismatch",
     "SymbolNotFound", "TargetError", "TargetExited", "TargetReplaced", "TargetStopped", "TextpokeError",
     "UnsafeTarget", "UsageError", *_LAZY,

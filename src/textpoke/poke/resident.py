@@ -118,6 +118,8 @@ SCRATCH_SIZE = 0x900
 _FSTAT = SCRATCH + 0x400  # struct stat of a tool's fstat request
 _SCHED = SCRATCH + 0x500  # struct sched_attr of tune_agent
 AGENT_STAT = 0xB00  # struct stat (144 bytes) the agent fills on its own (fstat of its descriptors)
+#: u64: the target address of the fix ledger (poke/fixes.py: hot-fixes in force), 0: none yet.
+HDR_FIXES = 0xBF8
 RELEASED = 0xC00  # released shared regions, for reuse (Resident.release_shared): RELEASED_SLOTS records
 RELEASED_SLOTS = 16
 RELEASED_RECORD = 64
