@@ -71,7 +71,8 @@ class Redirect:
     old_address: int
     kind: str  # FENTRY (its nop5) or CALLS (every call/jmp site of the main executable)
     sites: tuple[int, ...]
-    old_insns: tuple[bytes, ...]
+    old_insns: tuple[bytes, ...]  # what the program's file has there: what a revert puts back
+    live: tuple[bytes, ...] = ()  # what the sites held when the fix was prepared
 
     @property
     def uncaught(self) -> str:
@@ -154,7 +155,7 @@ def prepare_fix(pid: int, source: str | os.PathLike[str], *, replace: Mapping[st
     source = os.fspath(source)
     if source.endswith(".c"):
         with tempfile.TemporaryDirectory(prefix="textpoke-fix-") as workdir:
-            fix = dataclasses.replace(read_fix(build(source, cflags=cflags, workdir=workdir)), path=source)
+            fix = read_fix(build(source, cflags=cflags, workdir=workdir), shown=source)
     else:
         fix = read_fix(source)
     path = Path(source)
@@ -205,11 +206,7 @@ def _find_sites(pid: int, old: str, new: str, address: int) -> Redirect:
     if fentry:
         live = read_live(pid, fentry)
         site = fentry[0]
-        if live[site] != NOP5:
-            raise SiteError(f"the fentry site of {old} ({site:#x}) holds {live[site].hex(' ')}, not a nop5: another "
-                            "fix or a tracer holds it; nothing was written",
-                            hint=f"see `textpoke hotfix -p {pid} --list`; revert that fix first")
-        return Redirect(old, new, address, FENTRY, (site,), (live[site],))
+        return Redirect(old, new, address, FENTRY, (site,), (NOP5,), (live[site],))
     scan = scan_sites(image, kinds={SiteKind.CALL, SiteKind.JMP}, calls_to=[old], base=obj.base)
     sites = [s for s in scan.sites if s.target == address]
     if not sites:
@@ -217,11 +214,19 @@ def _find_sites(pid: int, old: str, new: str, address: int) -> Redirect:
                         "nothing was written",
                         hint="build the program with -pg -mfentry -mnop-mcount -mrecord-mcount (fentry sites)")
     live = read_live(pid, [s.address for s in sites])
-    for s in sites:
-        if live[s.address] != s.insn:
-            raise SiteError(f"the call site {s.address:#x} ({s.location}) of {old} was changed (another fix or a "
-                            "tracer holds it); nothing was written", hint=f"see `textpoke hotfix -p {pid} --list`")
-    return Redirect(old, new, address, CALLS, tuple(s.address for s in sites), tuple(live[s.address] for s in sites))
+    return Redirect(old, new, address, CALLS, tuple(s.address for s in sites), tuple(s.insn for s in sites),
+                    tuple(live[s.address] for s in sites))
+
+
+def _check_live(pid: int, redirects: Sequence[Redirect]) -> None:
+    """Every site holds what the program's file has there (no fix, no tracer on it)."""
+    for r in redirects:
+        for site, old, live in zip(r.sites, r.old_insns, r.live):
+            if live != old:
+                what = "fentry site" if r.kind == FENTRY else "call site"
+                raise SiteError(f"the {what} {site:#x} of {r.old} holds {live.hex(' ')}, not the program's "
+                                f"{old.hex(' ')}: a tracer or another tool holds it; nothing was written",
+                                hint=f"see `textpoke hotfix -p {pid} --list`; end that session or recover first")
 
 
 def _new_insn(site: int, old: bytes, kind: str, target: int) -> bytes:
@@ -275,6 +280,8 @@ def hotfix(session: Session, source: str | os.PathLike[str] | PreparedFix, *,
             raise SiteError(f"{_names(prepared.redirects)} is replaced by fix {record.meta.get('name')!r} already; "
                             "nothing was written",
                             hint=f"revert it first: textpoke hotfix -p {session.pid} --revert {record.meta.get('name')}")
+    _check_live(session.pid, [dataclasses.replace(r, live=tuple(process.read(site, SITE_SIZE) for site in r.sites))
+                              for r in prepared.redirects])
     read = lambda addr: _read_u64(process, addr)  # noqa: E731
     where = prepared.layout
     size = where.code_size + where.data_size

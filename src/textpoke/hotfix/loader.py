@@ -172,8 +172,9 @@ def build(source: str | os.PathLike[str], *, cflags: Iterable[str] = (), workdir
     return out
 
 
-def read_fix(path: str | os.PathLike[str]) -> FixFile:
-    """Parse a fix (relocatable object or shared library) and refuse what cannot be loaded."""
+def read_fix(path: str | os.PathLike[str], *, shown: str | None = None) -> FixFile:
+    """Parse a fix (relocatable object or shared library) and refuse what cannot be loaded.
+    ``shown``: the name messages give it (the source a temporary object was built from)."""
     from elftools.common.exceptions import ELFError
     from elftools.elf.elffile import ELFFile
 
@@ -196,19 +197,21 @@ def read_fix(path: str | os.PathLike[str]) -> FixFile:
         kind = elf.header["e_type"]
         digest = hashlib.sha256(raw).hexdigest()[:32]
         if kind == "ET_REL":
-            return _read_rel(path, elf, digest)
+            return _read_rel(shown or path, elf, digest)
         if kind == "ET_DYN":
-            return _read_dyn(path, elf, digest)
+            return _read_dyn(shown or path, elf, digest)
     except ELFError as exc:
         raise ElfError(f"{path} is a corrupt ELF object: {exc}") from exc
     raise FixRefused(f"{path} is an {kind} file; a fix is a relocatable object (.o) or a shared library (.so)")
 
 
 def _symbols(section) -> tuple[Symbol, ...]:  # pyelftools SymbolTableSection
-    if section is None:
-        return ()
+    return () if section is None else _symbols_of(section.iter_symbols())
+
+
+def _symbols_of(raw_symbols) -> tuple[Symbol, ...]:  # pyelftools Symbol objects
     out = []
-    for sym in section.iter_symbols():
+    for sym in raw_symbols:
         info = sym["st_info"]
         kind = _STT.get(info["type"], -1)
         bind = {"STB_LOCAL": _STB_LOCAL, "STB_GLOBAL": _STB_GLOBAL, "STB_WEAK": _STB_WEAK}.get(info["bind"], -1)
@@ -385,55 +388,78 @@ class TargetSymbols:
 
         self.pid = pid
         self._exe: dict[str, list[TargetSymbol]] = {}
-        self._libs: dict[str, TargetSymbol] = {}
+        self._libs: dict[str, TargetSymbol | None] = {}  # looked up so far (None: in no library)
         self._got: dict[str, int] = {}  # name -> runtime GOT slot of the main executable
         exe, _ = mapped_object(pid)
         self.exe_path = exe.path
         self.exe_base = exe.base
-        self.exe_mappings = exe.mappings
-        self._read(exe.elf_path, exe.path, exe.base, main=True)
+        self._read_exe(exe.elf_path, exe.path, exe.base)
+        # Libraries: looked up by name through their hash tables, on first use (libc's
+        # symbol table read whole costs a second of Python).
+        self._objects: list[tuple[str, str, int]] = []
+        self._opened: dict[str, object] = {}
         for name in _file_objects(read_maps(pid)):
             if name == exe.path:
                 continue
             try:
                 obj, _ = mapped_object(pid, path=name)
-                self._read(obj.elf_path, obj.path, obj.base, main=False)
             except (ElfError, UsageError, OSError):
                 continue  # not an ELF object (a data file mapped): no symbols
+            self._objects.append((obj.elf_path, obj.path, obj.base))
 
-    def _read(self, elf_path: str, path: str, base: int, *, main: bool) -> None:
-        from elftools.common.exceptions import ELFError
+    @staticmethod
+    def _open(elf_path: str, path: str):  # -> ELFFile | None, over the file's bytes (no descriptor kept)
+        import io
+
         from elftools.elf.elffile import ELFFile
 
-        try:
-            f = open(elf_path, "rb")
-        except OSError:
+        for candidate in (elf_path, path):
             try:
-                f = open(path, "rb")
+                with open(candidate, "rb") as f:
+                    return ELFFile(io.BytesIO(f.read()))
             except OSError:
-                return
-        with f:
-            try:
-                elf = ELFFile(f)
-                tables = [elf.get_section_by_name(".symtab"), elf.get_section_by_name(".dynsym")] if main else \
-                    [elf.get_section_by_name(".dynsym")]
-                for table in tables:
-                    for sym in _symbols(table):
-                        if not sym.name or sym.shndx in (_SHN_UNDEF,) or sym.kind not in (
-                                0, _STT_OBJECT, _STT_FUNC, _STT_GNU_IFUNC):
-                            continue
-                        value = sym.value + (base if sym.shndx != _SHN_ABS else 0)
-                        entry = TargetSymbol(value, sym.kind, path)
-                        if main:
-                            found = self._exe.setdefault(sym.name, [])
-                            if all(e.address != value for e in found):
-                                found.append(entry if sym.bind != _STB_LOCAL else TargetSymbol(value, sym.kind, ""))
-                        elif sym.bind in (_STB_GLOBAL, _STB_WEAK) and sym.name not in self._libs:
-                            self._libs[sym.name.split("@")[0]] = entry
-                if main:
-                    self._read_got(elf, base)
-            except (ELFError, ValueError, struct.error):
-                return
+                continue
+            except Exception:  # not an ELF file: no symbols
+                return None
+        return None
+
+    def _read_exe(self, elf_path: str, path: str, base: int) -> None:
+        from elftools.common.exceptions import ELFError
+
+        elf = self._open(elf_path, path)
+        if elf is None:
+            return
+        try:
+            for table in (elf.get_section_by_name(".symtab"), elf.get_section_by_name(".dynsym")):
+                for sym in _symbols(table):
+                    if not sym.name or sym.shndx == _SHN_UNDEF or sym.kind not in (
+                            0, _STT_OBJECT, _STT_FUNC, _STT_GNU_IFUNC):
+                        continue
+                    value = sym.value + (base if sym.shndx != _SHN_ABS else 0)
+                    found = self._exe.setdefault(sym.name, [])
+                    if all(e.address != value for e in found):
+                        found.append(TargetSymbol(value, sym.kind, path if sym.bind != _STB_LOCAL else ""))
+            self._read_got(elf, base)
+        except (ELFError, ValueError, struct.error):
+            return
+
+    def _library_symbol(self, name: str) -> TargetSymbol | None:
+        """The first mapped library (maps order) exporting ``name``."""
+        if name in self._libs:
+            return self._libs[name]
+        found = None
+        for elf_path, path, base in self._objects:
+            if path not in self._opened:
+                self._opened[path] = self._open(elf_path, path)
+            elf = self._opened[path]
+            if elf is None:
+                continue
+            sym = _lookup(elf, name)
+            if sym is not None:
+                found = TargetSymbol(sym.value + (base if sym.shndx != _SHN_ABS else 0), sym.kind, path)
+                break
+        self._libs[name] = found
+        return found
 
     def _read_got(self, elf, base: int) -> None:
         """The executable's GOT slots by name (JUMP_SLOT, GLOB_DAT): an IFUNC's choice is there."""
@@ -446,6 +472,14 @@ class TargetSymbols:
                 for r in section.iter_relocations():
                     if r["r_info_type"] in (_R_JUMP_SLOT, _R_GLOB_DAT) and r["r_info_sym"] < len(names):
                         self._got.setdefault(names[r["r_info_sym"]], r["r_offset"] + base)
+
+    def origin_of(self, name: str) -> str:
+        """Where ``name`` resolves: the program (static or global) or a library's file name."""
+        found = self._exe.get(name)
+        if found:
+            return "program" if found[0].origin else "program, static"
+        entry = self._library_symbol(name)
+        return os.path.basename(entry.origin) if entry is not None else "weak, 0"
 
     def function(self, name: str) -> int | None:
         """Address of a function of the main executable (for the sites to redirect)."""
@@ -467,7 +501,7 @@ class TargetSymbols:
         if pick:
             entry = pick[0]
         else:
-            entry = self._libs.get(name)
+            entry = self._library_symbol(name)
             if entry is None:
                 return None
         if entry.kind == _STT_GNU_IFUNC:
@@ -478,6 +512,26 @@ class TargetSymbols:
                                  hint="call a function the program uses, or one that is not an IFUNC")
             return read(slot)
         return entry.address
+
+
+def _lookup(elf, name: str) -> Symbol | None:
+    """An exported (defined, global or weak) symbol of a library, by its hash table."""
+    from elftools.elf.hash import ELFHashSection, GNUHashSection
+
+    table = next((s for s in elf.iter_sections() if isinstance(s, (GNUHashSection, ELFHashSection))), None)
+    if table is not None:
+        candidates = [table.get_symbol(name)]
+    else:
+        dynsym = elf.get_section_by_name(".dynsym")
+        candidates = dynsym.get_symbol_by_name(name) or [] if dynsym is not None else []
+    for raw in candidates:
+        if raw is None:
+            continue
+        (sym,) = _symbols_of([raw])
+        if sym.shndx not in (_SHN_UNDEF,) and sym.bind in (_STB_GLOBAL, _STB_WEAK) and sym.kind in (
+                0, _STT_OBJECT, _STT_FUNC, _STT_GNU_IFUNC):
+            return sym
+    return None
 
 
 # ---------------------------------------------------------------------------
