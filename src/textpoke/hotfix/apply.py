@@ -41,7 +41,7 @@ import dataclasses
 import os
 import struct
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -257,10 +257,12 @@ def _mapped_image(pid: int, address: int, size: int) -> bool:
 
 def hotfix(session: Session, source: str | os.PathLike[str] | PreparedFix, *,
            replace: Mapping[str, str] | Sequence[str] | None = None, name: str | None = None,
-           cflags: Sequence[str] = ()) -> AppliedFix:
+           cflags: Sequence[str] = (), on_step: Callable[[str], None] | None = None) -> AppliedFix:
     """Load a fix into the session's process and redirect the functions it replaces
     (steps and crash order: the module docstring). The change stays after the
-    session ends, whether it reverts or not (its sites are :meth:`Session.keep` s)."""
+    session ends, whether it reverts or not (its sites are :meth:`Session.keep` s).
+    ``on_step`` is called after each step: "loaded" (image written), "recorded",
+    each batch Step's value, "committed" (the state word), "kept" (baselines)."""
     prepared = source if isinstance(source, PreparedFix) else prepare_fix(
         session.pid, source, replace=replace, name=name, cflags=cflags)
     resident = session.resident
@@ -299,7 +301,7 @@ def hotfix(session: Session, source: str | os.PathLike[str] | PreparedFix, *,
         if tuple(record.sites) != tuple(int(s) for s in patches.sites) or \
                 tuple(record.new) != tuple(bytes(row) for row in patches.new):
             continue
-        result = _switch(session, fixes, record, patches, IN)
+        result = _switch(session, fixes, record, patches, IN, on_step=on_step)
         return _applied(prepared, record, image, result, reused=True)
     near = min(r.old_address for r in prepared.redirects)
     region = resident.map_shared(code_size=where.code_size, data_size=where.data_size, near=near, name=REGION_NAME)
@@ -311,6 +313,7 @@ def hotfix(session: Session, source: str | os.PathLike[str] | PreparedFix, *,
     # The whole image before any site can lead there (crash order step 2).
     resident.write_code(region, image.code)
     region.local[where.code_size : where.code_size + len(image.data)] = image.data
+    _step(on_step, "loaded")
     patches = _patches(prepared, image)
     meta = {
         "name": prepared.name, "digest": prepared.fix.digest, "source": str(prepared.fix.path),
@@ -320,7 +323,8 @@ def hotfix(session: Session, source: str | os.PathLike[str] | PreparedFix, *,
     }
     record = fixes.append(sites=[int(s) for s in patches.sites], old=[bytes(row) for row in patches.old],
                           new=[bytes(row) for row in patches.new], meta=meta)
-    result = _switch(session, fixes, record, patches, IN)
+    _step(on_step, "recorded")
+    result = _switch(session, fixes, record, patches, IN, on_step=on_step)
     return _applied(prepared, record, image, result, reused=False)
 
 
@@ -342,15 +346,24 @@ def _patches(prepared: PreparedFix, image: Image) -> PatchArray:
                       np.frombuffer(b"".join(new), dtype=np.uint8).reshape(-1, SITE_SIZE)[order])
 
 
-def _switch(session: Session, fixes: FixLedger, record: FixRecord, patches: PatchArray, state: int) -> BatchResult:
+def _step(on_step: Callable[[str], None] | None, name: str) -> None:
+    if on_step is not None:
+        on_step(name)
+
+
+def _switch(session: Session, fixes: FixLedger, record: FixRecord, patches: PatchArray, state: int, *,
+            on_step: Callable[[str], None] | None = None) -> BatchResult:
     """One batch and the record's state word, in the crash order of the module doc:
     IN after the batch, OUT before it; then the sites' baselines."""
     if state == OUT:
         fixes.set_state(record, OUT)
-    result = session.apply(patches)
+        _step(on_step, "committed")
+    result = session.apply(patches, on_step=None if on_step is None else lambda step: on_step(step.value))
     if state == IN:
         fixes.set_state(record, IN)
+        _step(on_step, "committed")
     session.keep(int(s) for s in patches.sites)
+    _step(on_step, "kept")
     return result
 
 
@@ -360,9 +373,11 @@ def _applied(prepared: PreparedFix, record: FixRecord, image: Image, result: Bat
                       prepared.redirects, result, reused)
 
 
-def revert_fix(session: Session, name: str | None = None) -> list[FixInfo]:
+def revert_fix(session: Session, name: str | None = None, *,
+               on_step: Callable[[str], None] | None = None) -> list[FixInfo]:
     """Put back the old functions of fix ``name`` (None: every fix in force), one
-    batch per fix; the loaded code stays mapped. Returns the fixes reverted."""
+    batch per fix; the loaded code stays mapped. Returns the fixes reverted.
+    ``on_step``: as :func:`hotfix`'s ("committed" comes first here: the state word)."""
     fixes = FixLedger.find(session.resident)
     records = [] if fixes is None else fixes.records()
     chosen = [r for r in records if r.in_force and (name is None or r.meta.get("name") == name)]
@@ -376,7 +391,7 @@ def revert_fix(session: Session, name: str | None = None) -> list[FixInfo]:
         patches = PatchArray(np.asarray(record.sites, dtype=np.uint64),
                              np.frombuffer(b"".join(record.new), dtype=np.uint8).reshape(-1, SITE_SIZE),
                              np.frombuffer(b"".join(record.old), dtype=np.uint8).reshape(-1, SITE_SIZE))
-        _switch(session, fixes, record, patches, OUT)
+        _switch(session, fixes, record, patches, OUT, on_step=on_step)
         done.append(_info(record))
     return done
 
