@@ -164,7 +164,8 @@ def _revert(pid: int, name: str | None) -> None:
         click.echo(f"process {pid} has no fix in force; nothing was written")
         return
     for info in done:
-        click.echo(f"reverted {info.name}: {', '.join(sorted(info.functions))} run the old code again; its code "
+        verb = "runs" if len(info.functions) == 1 else "run"
+        click.echo(f"reverted {info.name}: {', '.join(sorted(info.functions))} {verb} the old code again; its code "
                    f"stays mapped at {info.image:#x} (a thread may still be in it)")
 
 
