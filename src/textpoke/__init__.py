@@ -7,6 +7,9 @@ The public surface is this module; everything else is private to the package::
     with textpoke.attach(pid) as session:              # change sites, exactly
         session.apply([textpoke.Patch(site=s, old=old, new=textpoke.encode_call(s, b))])
 
+    with textpoke.attach(pid) as session:              # a live hot-fix: it stays after the session
+        textpoke.apply_fix(session, "fix.c")            # (textpoke.revert_fix, textpoke.list_fixes)
+
     textpoke.capture_pid(pid, textpoke.CaptureOptions(functions=("parse_*",), duration=5),
                          output="run.tpk")              # trace into a recording file
     with textpoke.Recording.load("run.tpk") as recording:
@@ -62,7 +65,7 @@ _LAZY = {
     "Recording": ".ring",
     "RecordKind": ".ring",
     "RECORD_DTYPE": ".ring",
-    "hotfix": ".hotfix",
+    "apply_fix": ".hotfix",
     "revert_fix": ".hotfix",
     "list_fixes": ".hotfix",
     "load_fix": ".hotfix",

@@ -11,6 +11,8 @@ from .apply import AppliedFix, FixInfo, PreparedFix, Redirect, hotfix, list_fixe
 from .loader import FIX_CFLAGS, FixFile, Image, build, read_fix
 
 load_fix = prepare_fix  # the library name: check, build and link a fix against a process, writing nothing
+#: The library name (``textpoke.apply_fix``): ``textpoke.hotfix`` is this package.
+apply_fix = hotfix
 
-__all__ = ["FIX_CFLAGS", "AppliedFix", "FixFile", "FixInfo", "Image", "PreparedFix", "Redirect", "build", "hotfix",
+__all__ = ["FIX_CFLAGS", "AppliedFix", "apply_fix", "FixFile", "FixInfo", "Image", "PreparedFix", "Redirect", "build", "hotfix",
            "list_fixes", "load_fix", "prepare_fix", "read_fix", "revert_fix"]
