@@ -50,7 +50,9 @@ def select_sites(pid: int, options: CaptureOptions, *, listing: str) -> tuple[li
     if not usable:
         where = options.library or "the main executable"
         raise SymbolNotFound(f"every one of the {len(found)} {what(scan.query)} in {where} is already changed in "
-                             "memory", hint=f"see what holds them with `{listing}{lib}`; end the other session "
+                             "memory", hint=f"see what holds them with `{listing}{lib}`; end the other session, "
+                                            f"revert the hot-fix that holds them (`textpoke hotfix -p {pid} --list`; "
+                                            "--calls-to traces the calls of a fixed function) "
                                             "or run `textpoke recover` on the process")
     return usable, len(found) - len(usable)
 

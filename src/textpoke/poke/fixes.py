@@ -164,11 +164,9 @@ class FixLedger:
         insns = np.frombuffer(b"".join(want.values()), dtype=np.uint8).reshape(-1, SITE_SIZE)
         known, _ = ledger.originals.lookup_many(sites)
         found, current = ledger.baselines.lookup_many(sites)
+        # Only sites the site ledger knows: an IN record's sites all are (its batch recorded
+        # them before the record became IN); recording one here would make ``new`` its original.
         differs = known & (~found | (current != insns).any(axis=1))
-        for record in records:
-            if record.in_force:  # an IN record's sites are all known (its batch ran before it became IN)
-                mine = np.isin(sites, np.asarray(record.sites, dtype=np.uint64))
-                differs |= mine & ~known
         if differs.any():
             ledger.commit_many(sites[differs], insns[differs])
         return int(differs.sum())
