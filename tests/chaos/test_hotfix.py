@@ -66,10 +66,11 @@ def test_fix_uses_program_globals_static_function_libc_and_is_traceable(hotfix_t
         applied = hotfix(session, FIX)
     assert applied.fentry_sites, "the fix was built with the fentry recipe: its functions have nop5 sites"
     assert all(read_mem(pid, site, SITE_SIZE) == NOP5 for site in applied.fentry_sites)
-    # Calls of the fixed function are traceable at the program's call sites (its fentry site holds the fix's jmp).
-    traced = run_cli("trace", "-p", str(pid), "--calls-to", "compute", "--count", "--duration", "0.5")
+    # The fixed function is traced at its own fentry site (trace -f names the function it replaces).
+    traced = run_cli("trace", "-p", str(pid), "-f", "compute", "--count", "--duration", "0.5")
     assert traced.returncode == 0, traced.stderr
-    counted = next(line for line in traced.stdout.splitlines() if line.strip().endswith("compute"))
+    counted = next(line for line in traced.stdout.splitlines() if line.strip().endswith("compute [fix_compute]"))
+    assert read_mem(pid, applied.fentry_sites[0], SITE_SIZE) == NOP5  # restored after the trace
     time.sleep(0.05)
     line = _stop_line(target)
     result = fields(line)

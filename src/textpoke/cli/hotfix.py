@@ -118,7 +118,8 @@ def _apply(pid: int, source: str, *, replace: tuple[str, ...], name: str | None,
     result = applied.result
     click.echo(f"{_plural(len(applied.redirects), 'function')} switched in one batch ({result.syncs} syncs, "
                f"{_plural(len(result.patched), 'site')}); threads already inside an old function finish it there")
-    click.echo(f"`textpoke trace -p {pid} --calls-to {applied.redirects[0].old}` traces the calls of the fixed code")
+    if applied.fentry_sites:
+        click.echo(f"`textpoke trace -p {pid} -f {applied.redirects[0].old}` traces the fixed code (its own fentry site)")
     click.echo(f"`textpoke hotfix -p {pid} --revert {applied.name}` puts the old code back")
 
 

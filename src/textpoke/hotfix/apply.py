@@ -51,6 +51,7 @@ from .._errors import FixRefused, SiteError, SymbolNotFound, UsageError
 from ..poke.bulk import PatchArray
 from ..poke.fixes import IN, OUT, FixLedger, FixRecord
 from ..poke.protocol import BatchResult
+from ..poke.resident import FIX_CODE_NAME
 from ..poke.session import Session
 from ..target.maps import DEFAULT_REACH, read_maps
 from ..target.process import Process
@@ -58,7 +59,7 @@ from ..target.security import check_architecture, ours
 from ..x86.insn import CALL_OPCODE, NOP5, SITE_SIZE, decode_site, encode_call, encode_jmp
 from .loader import FixFile, Image, Layout, TargetSymbols, build, layout, link, read_fix
 
-REGION_NAME = "textpoke-fix"
+REGION_NAME = FIX_CODE_NAME
 FENTRY, CALLS = "fentry", "calls"
 
 
@@ -304,7 +305,9 @@ def hotfix(session: Session, source: str | os.PathLike[str] | PreparedFix, *,
         result = _switch(session, fixes, record, patches, IN, on_step=on_step)
         return _applied(prepared, record, image, result, reused=True)
     near = min(r.old_address for r in prepared.redirects)
-    region = resident.map_shared(code_size=where.code_size, data_size=where.data_size, near=near, name=REGION_NAME)
+    # Private: its fentry sites can then be patched through /proc/PID/mem (traced).
+    region = resident.map_shared(code_size=where.code_size, data_size=where.data_size, near=near, name=REGION_NAME,
+                                 private=True)
     image = link(prepared.fix, where, region.address, target=prepared.target, read=read)
     for site in all_sites:
         if abs(image.address - site) > DEFAULT_REACH or abs(image.address + size - site) > DEFAULT_REACH:

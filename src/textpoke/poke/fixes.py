@@ -195,6 +195,31 @@ def _parse(raw: bytes, count: int) -> Iterator[FixRecord]:
         at += size
 
 
+def fix_entry_sites(process: Process) -> dict[int, tuple[int, str]]:
+    """Read-only, without attaching: each fixed function's start (where a redirected
+    site jumps) -> (its fentry site in the fix's code, the fix's name), for the fixes
+    in force whose code has fentry sites (hotfix/loader.py makes them)."""
+    from .resident import CODE_SIZE, find_regions
+
+    found: dict[int, tuple[int, str]] = {}
+    for region in find_regions(process):
+        if not region.owned:
+            continue
+        address = struct.unpack("<Q", process.read(region.base + CODE_SIZE + HDR_FIXES, 8))[0]
+        if not address:
+            continue
+        for record in FixLedger(process, address).records():
+            if not record.in_force:
+                continue
+            sites = sorted(record.meta.get("fentry_sites", ()))
+            for start in record.meta.get("fix_functions", {}).values():
+                # The fentry call is the first instruction, or follows an endbr64.
+                site = next((s for s in sites if start <= s <= start + 4), None)
+                if site is not None:
+                    found[start] = (site, str(record.meta.get("name", "")))
+    return found
+
+
 def reconcile_fixes(resident: Resident, *, all_out: bool = False) -> int:
     """recover.prepare's step: the site baselines made to agree with the fix records
     (after ``all_out``: every fix OUT, for ``textpoke recover``). Returns the baselines changed."""
@@ -206,4 +231,4 @@ def reconcile_fixes(resident: Resident, *, all_out: bool = False) -> int:
     return fixes.reconcile(resident.ledger)
 
 
-__all__ = ["IN", "OUT", "FixLedger", "FixRecord", "reconcile_fixes"]
+__all__ = ["IN", "OUT", "FixLedger", "FixRecord", "fix_entry_sites", "reconcile_fixes"]
