@@ -147,6 +147,17 @@ def test_list_revert_recover_compose(hotfix_target):
     assert result["bad"] == 0 and result["old"] + result["new"] + result["same"] == result["made"]
 
 
+def test_ifunc_resolved_through_the_programs_got(hotfix_target):
+    target = hotfix_target(2)
+    done = run_cli("hotfix", "-p", str(target.pid), str(FIXES / "fix_ifunc.c"))
+    assert done.returncode == 0, done.stderr
+    assert "strlen (libc.so.6)" in done.stdout
+    time.sleep(0.05)
+    result = target.stop()
+    print(done.stdout, result)
+    assert result["bad"] == 0 and result["new"] > 0
+
+
 def test_call_site_redirect_without_fentry_says_what_it_misses(hotfix_target):
     target = hotfix_target(1)
     done = run_cli("hotfix", "-p", str(target.pid), str(FIXES / "fix_twice.c"), "--replace", "twice=twice_fixed")
@@ -180,6 +191,8 @@ def test_refusals_write_nothing(hotfix_target, tmp_path):
     assert ctor.returncode == 16 and "constructor" in ctor.stderr and "init_seed" in ctor.stderr
     tls = _refusal(started, str(FIXES / "tls.c"))
     assert tls.returncode == 16 and "TLS" in tls.stderr and "calls" in tls.stderr
+    ifunc = _refusal(started, str(FIXES / "ifunc_not_imported.c"))
+    assert ifunc.returncode == 16 and "memrchr is an IFUNC" in ifunc.stderr
     # A non-x86-64 object: the fix's object with another machine in its header (AArch64).
     obj = tmp_path / "fix_arm.o"
     subprocess.run([shutil.which("gcc") or "gcc", "-O2", "-fPIC", "-c", str(FIX), "-o", str(obj)], check=True)

@@ -12,7 +12,8 @@
  * counts as "same".  The fix also counts its own calls in fixed_calls, so
  * old + new + same == made, and new == the fix's calls with x % 4 == 0.
  * Commands on stdin: "count" prints the counts so far, "stop" ends with:
- *   made=N old=O new=W same=S bad=K fixed_calls=F threads=T msg=...
+ *   made=N old=O new=W same=S bad=K fixed_calls=F twice7=14|15 msglen=L threads=T msg=...
+ * (strlen is an IFUNC of glibc the program imports: a fix may use it.)
  */
 #include <pthread.h>
 #include <signal.h>
@@ -68,8 +69,8 @@ static void print_counts(const char *extra) {
         same += __atomic_load_n(&per[i].same, __ATOMIC_RELAXED);
         bad += __atomic_load_n(&per[i].bad, __ATOMIC_RELAXED);
     }
-    printf("made=%ld old=%ld new=%ld same=%ld bad=%ld fixed_calls=%ld twice7=%ld%s\n", made, old, new_, same, bad,
-           __atomic_load_n(&fixed_calls, __ATOMIC_RELAXED), twice(7), extra);
+    printf("made=%ld old=%ld new=%ld same=%ld bad=%ld fixed_calls=%ld twice7=%ld msglen=%zu%s\n", made, old, new_,
+           same, bad, __atomic_load_n(&fixed_calls, __ATOMIC_RELAXED), twice(7), strlen(last_msg), extra);
     fflush(stdout);
 }
 
