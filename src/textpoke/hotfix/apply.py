@@ -37,6 +37,7 @@ does not list them (its resident part is its own, the ledger its parent's).
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import os
 import struct
@@ -174,14 +175,15 @@ def prepare_fix(pid: int, source: str | os.PathLike[str], *, replace: Mapping[st
         if new not in defined:
             raise SymbolNotFound(f"{os.path.basename(path)} defines no global function {new} (--replace {old}={new})")
     target = TargetSymbols(pid)
-    redirects = []
-    for old, new in pairs.items():
+    addresses = {}
+    for old in pairs:
         address = target.function(old)
         if address is None:
             raise SymbolNotFound(f"function {old} (defined by the fix) does not exist in {target.exe_path}; "
                                  "nothing was written",
                                  hint="make helpers of the fix static, or name what it replaces with --replace OLD=NEW")
-        redirects.append(_find_sites(pid, old, new, address))
+        addresses[old] = address
+    redirects = _find_sites(pid, pairs, addresses)
     where = layout(fix)
     process = Process(pid)
     try:
@@ -196,27 +198,40 @@ def _read_u64(process: Process, address: int) -> int:
     return struct.unpack("<Q", process.read(address, 8))[0]
 
 
-def _find_sites(pid: int, old: str, new: str, address: int) -> Redirect:
-    """The sites that redirect ``old``: its fentry nop5, else every call/jmp to it."""
+def _find_sites(pid: int, pairs: Mapping[str, str], addresses: Mapping[str, int]) -> list[Redirect]:
+    """The sites that redirect each replaced function: its fentry nop5, else every
+    call/jmp to it in the main executable (one scan for all the fentry sites, one
+    for all the call sites)."""
     from ..sites import SiteKind, mapped_object, scan_sites
     from ..sites.process import read_live
 
     obj, image = mapped_object(pid)
-    scan = scan_sites(image, kinds={SiteKind.FENTRY}, functions=[old], base=obj.base)
-    fentry = [site.address for site in scan.sites if site.address in range(address, address + 16)]
-    if fentry:
-        live = read_live(pid, fentry)
-        site = fentry[0]
-        return Redirect(old, new, address, FENTRY, (site,), (NOP5,), (live[site],))
-    scan = scan_sites(image, kinds={SiteKind.CALL, SiteKind.JMP}, calls_to=[old], base=obj.base)
-    sites = [s for s in scan.sites if s.target == address]
-    if not sites:
-        raise SiteError(f"{old} has no fentry site and no call or jmp site of {obj.path} calls it; "
-                        "nothing was written",
-                        hint="build the program with -pg -mfentry -mnop-mcount -mrecord-mcount (fentry sites)")
-    live = read_live(pid, [s.address for s in sites])
-    return Redirect(old, new, address, CALLS, tuple(s.address for s in sites), tuple(s.insn for s in sites),
-                    tuple(live[s.address] for s in sites))
+    scan = scan_sites(image, kinds={SiteKind.FENTRY}, functions=list(pairs), base=obj.base)
+    entries = sorted(site.address for site in scan.sites)
+    fentry: dict[str, int] = {}
+    for old, address in addresses.items():
+        at = bisect.bisect_left(entries, address)
+        if at < len(entries) and entries[at] < address + 16:  # the first instruction, or after endbr64
+            fentry[old] = entries[at]
+    live = read_live(pid, list(fentry.values())) if fentry else {}
+    redirects = {old: Redirect(old, pairs[old], addresses[old], FENTRY, (site,), (NOP5,), (live[site],))
+                 for old, site in fentry.items()}
+    rest = [old for old in pairs if old not in fentry]
+    if rest:
+        scan = scan_sites(image, kinds={SiteKind.CALL, SiteKind.JMP}, calls_to=rest, base=obj.base)
+        by_target: dict[int, list] = {}
+        for site in scan.sites:
+            by_target.setdefault(site.target, []).append(site)
+        for old in rest:
+            sites = by_target.get(addresses[old], [])
+            if not sites:
+                raise SiteError(f"{old} has no fentry site and no call or jmp site of {obj.path} calls it; "
+                                "nothing was written",
+                                hint="build the program with -pg -mfentry -mnop-mcount -mrecord-mcount (fentry sites)")
+            now = read_live(pid, [s.address for s in sites])
+            redirects[old] = Redirect(old, pairs[old], addresses[old], CALLS, tuple(s.address for s in sites),
+                                      tuple(s.insn for s in sites), tuple(now[s.address] for s in sites))
+    return [redirects[old] for old in pairs]
 
 
 def _check_live(pid: int, redirects: Sequence[Redirect]) -> None:
