@@ -183,6 +183,9 @@ def _refusal(target, *args: str) -> subprocess.CompletedProcess[str]:
 def test_refusals_write_nothing(hotfix_target, tmp_path):
     started = hotfix_target(1)
     started.binary = hotfix_target.binary
+    dry = run_cli("hotfix", "-p", str(started.pid), str(FIX), "--dry-run")
+    assert dry.returncode == 0 and "would replace compute" in dry.stdout, dry.stderr
+    assert _our_mappings(started.pid) == []  # a dry run neither attaches nor writes
     unresolved = _refusal(started, str(FIXES / "unresolved.c"))
     assert unresolved.returncode == 12 and "textpoke_missing_symbol" in unresolved.stderr
     missing = _refusal(started, str(FIXES / "missing_function.c"))
