@@ -56,4 +56,4 @@ def test_the_public_surface():
         "assert textpoke.encode_call(0x1000, 0x2000) == bytes.fromhex('e8fb0f0000')\n"
         "print(len(names), 'numpy' in sys.modules)\n")], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == [str(21 + 12), "True"]
+    assert done.stdout.split() == [str(22 + 16), "True"]

@@ -7,6 +7,9 @@ The public surface is this module; everything else is private to the package::
     with textpoke.attach(pid) as session:              # change sites, exactly
         session.apply([textpoke.Patch(site=s, old=old, new=textpoke.encode_call(s, b))])
 
+    with textpoke.attach(pid) as session:              # a live hot-fix: it stays after the session
+        textpoke.apply_fix(session, "fix.c")            # (textpoke.revert_fix, textpoke.list_fixes)
+
     textpoke.capture_pid(pid, textpoke.CaptureOptions(functions=("parse_*",), duration=5),
                          output="run.tpk")              # trace into a recording file
     with textpoke.Recording.load("run.tpk") as recording:
@@ -26,6 +29,7 @@ from typing import Any
 from ._errors import (
     BusyError,
     ElfError,
+    FixRefused,
     ForeignTrap,
     InjectionError,
     NoSuchProcess,
@@ -61,6 +65,10 @@ _LAZY = {
     "Recording": ".ring",
     "RecordKind": ".ring",
     "RECORD_DTYPE": ".ring",
+    "apply_fix": ".hotfix",
+    "revert_fix": ".hotfix",
+    "list_fixes": ".hotfix",
+    "load_fix": ".hotfix",
 }
 
 
@@ -78,7 +86,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "BusyError", "ElfError", "ForeignTrap", "InjectionError", "NoSuchProcess", "NotABoundary", "NotAUserProcess",
+    "BusyError", "ElfError", "FixRefused", "ForeignTrap", "InjectionError", "NoSuchProcess", "NotABoundary", "NotAUserProcess",
     "OwnCodeRefused", "PatchError", "PermissionDenied", "RecordingFailed", "SiteError", "SiteMismatch",
     "SymbolNotFound", "TargetError", "TargetExited", "TargetReplaced", "TargetStopped", "TextpokeError",
     "UnsafeTarget", "UsageError", *_LAZY,

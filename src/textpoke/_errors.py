@@ -147,6 +147,14 @@ class OwnCodeRefused(SiteError):
     default_hint = "give a site in the program's own code; textpoke never patches itself"
 
 
+class FixRefused(TextpokeError):
+    """A hot-fix textpoke cannot load correctly (TLS, a constructor, a relocation type
+    it does not handle, code out of reach): refused before anything is written."""
+
+    exit_code = 16
+    default_hint = "build the fix as plain C: gcc -O2 -fPIC -c fix.c (no TLS, no constructors)"
+
+
 __all__ = [
     "TextpokeError",
     "UsageError",
@@ -169,4 +177,5 @@ __all__ = [
     "SymbolNotFound",
     "OwnCodeRefused",
     "RecordingFailed",
+    "FixRefused",
 ]

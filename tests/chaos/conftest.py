@@ -27,3 +27,21 @@ def life(build_target):
     yield start
     for target in started:
         target.kill()
+
+
+@pytest.fixture
+def hotfix_target(build_target):
+    """``hotfix_target(threads=4)`` starts tests/targets/hotfix_target.c (compute has a bug);
+    every target is killed after the test."""
+    binary = build_target("hotfix_target")
+    started: list[Target] = []
+
+    def start(threads: int = 4) -> Target:
+        target = Target([str(binary), str(threads)])
+        started.append(target)
+        return target
+
+    start.binary = binary  # type: ignore[attr-defined]
+    yield start
+    for target in started:
+        target.kill()

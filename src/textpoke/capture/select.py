@@ -20,7 +20,7 @@ from ..ring.recording import SiteInfo, Symbols
 from ..sites import Site, SiteKind, scan_process, symbol_ranges
 from ..sites.explain import no_function, nothing_found, what
 from ..trampolines.tracer import StubKind, TracedSite
-from ..x86.insn import INT3
+from ..x86.insn import INT3, JMP_OPCODE, NOP5, SITE_SIZE, rel32_target
 from .options import CaptureOptions
 
 
@@ -47,12 +47,38 @@ def select_sites(pid: int, options: CaptureOptions, *, listing: str) -> tuple[li
     # (skip_foreign: a foreign one is left out, named, and nothing is written there).
     usable = [s if not s.changed else replace(s, insn=s.file_insn) for s in found
               if not s.changed or _under_int3(s)]
+    usable += _fixed_functions(pid, [s for s in found if s.changed and not _under_int3(s)])
     if not usable:
         where = options.library or "the main executable"
         raise SymbolNotFound(f"every one of the {len(found)} {what(scan.query)} in {where} is already changed in "
-                             "memory", hint=f"see what holds them with `{listing}{lib}`; end the other session "
+                             "memory", hint=f"see what holds them with `{listing}{lib}`; end the other session, "
+                                            f"revert the hot-fix that holds them (`textpoke hotfix -p {pid} --list`; "
+                                            "--calls-to traces the calls of a fixed function) "
                                             "or run `textpoke recover` on the process")
     return usable, len(found) - len(usable)
+
+
+def _fixed_functions(pid: int, changed: Sequence[Site]) -> list[Site]:
+    """Fentry sites that hold a hot-fix's ``jmp`` (hotfix/apply.py): the fixed function's
+    own fentry site instead, named after the function it replaces (the fix was
+    built with fentry calls, which textpoke made nop5 sites when it linked it)."""
+    jumps = [s for s in changed if s.kind is SiteKind.FENTRY and s.insn[:1] == JMP_OPCODE.to_bytes(1, "little")]
+    if not jumps:
+        return []
+    from ..poke.fixes import fix_entry_sites
+    from ..target.process import Process
+
+    with Process(pid) as process:
+        entries = fix_entry_sites(process)
+        live = {site: process.read(site, SITE_SIZE) for site, _ in entries.values()}
+    chosen = []
+    for s in jumps:
+        entry = entries.get(rel32_target(s.address, s.insn))
+        if entry is not None and live[entry[0]] == NOP5:
+            site, fix = entry
+            chosen.append(replace(s, address=site, insn=NOP5, file_insn=None, function=f"{s.function} [{fix}]",
+                                  offset_in_function=0, reason=f"fentry nop5 of hot-fix {fix}'s {s.function}"))
+    return chosen
 
 
 def _under_int3(site: Site) -> bool:

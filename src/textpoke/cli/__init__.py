@@ -36,6 +36,7 @@ COMMANDS: dict[str, str] = {
     "sites": "List the patchable 5-byte sites of a binary or a process.",
     "patch": "Change sites of a running process; the change stays.",
     "recover": "Put back every site textpoke changed in a process.",
+    "hotfix": "Load a fixed function into a running process and redirect every call to it.",
     "selftest": "Check that everything textpoke needs works on this machine.",
     "demo": "Build the bundled demo, trace it live, detach, report.",
     "model": "Run the kernel's int3 patching path on emulated CPUs and check it.",
@@ -59,6 +60,7 @@ EXIT_CODES: dict[int, str] = {
     13: "unsafe target (a thread blocks SIGTRAP)",
     14: "the target is stopped (SIGSTOP, a debugger)",
     15: "the recording file could not be written (what was written is kept as FILE.partial)",
+    16: "a hot-fix textpoke cannot load (TLS, a constructor, a relocation type it does not handle)",
     130: "interrupted (Ctrl-C)",
 }
 

@@ -37,6 +37,7 @@ from ..target.process import Process
 from ..target.security import OUR_PREFIX
 from ..x86.insn import INT3_BYTE, SITE_SIZE, decode_site, site_insns_ok
 from .bulk import PatchArray, apply_patches, read_sites
+from .fixes import reconcile_fixes
 from .ledger import Ledger
 from .protocol import Patch, TextAccess
 from .resident import (
@@ -226,9 +227,12 @@ def recover(resident: Resident, *, restore: Restore = Restore.BASELINE) -> Recov
        block SIGTRAP held while int3s are in place): completes in-flight
        sites, skips sites already at their goal (fixing stale table entries),
        3 syncs if anything is written, none otherwise;
-    4. for ORIGINAL, the originals become the baselines too.
+    4. for ORIGINAL, the originals become the baselines too (every hot-fix
+       record was set OUT before step 1: poke/fixes.py).
     """
     process = resident.process
+    if restore is Restore.ORIGINAL:
+        reconcile_fixes(resident, all_out=True)  # every hot-fix out: its sites go back to their originals
     found = survey_arrays(process, resident.table, resident.ledger)
     effective, goal = found.effective, found.goal(restore)
     # A site whose bytes are no site instruction (someone else wrote there) is left alone.
@@ -400,6 +404,7 @@ def prepare(resident: Resident, *, restore: Restore | None = Restore.BASELINE) -
        SYNC_CORE and give the agent its short slice unless the header says this
        process image has them (an install cut short may not have);
     4. SIGTRAP reaches our handler (:func:`safety.ensure_handler`);
+    4b. the baselines follow the hot-fix records (:func:`fixes.reconcile_fixes`);
     5. recover every site to ``restore`` (None: only survey); nothing to do
        when the last session ended cleanly (HDR_CLEAN) and no heal or fork is
        in between (but for ORIGINAL); then threads that waited at the gate for
@@ -414,6 +419,10 @@ def prepare(resident: Resident, *, restore: Restore | None = Restore.BASELINE) -
         resident.register_membarrier()
         resident.tune_agent()
     reinstalled = ensure_handler(resident)
+    # Hot-fixes (poke/fixes.py): each fix's state word is its commit point; the
+    # baselines follow it here, so the batch below leaves every fix whole or gone.
+    if reconcile_fixes(resident):
+        resident.mark_clean(False)
     if heal is None and inherited is None and resident.clean and restore is not Restore.ORIGINAL:
         # The last session ended cleanly (HDR_CLEAN): every known site holds its baseline.
         found = Recovery(restore=Restore.BASELINE, sites=len(resident.ledger), in_flight=(), written=(), syncs=0,

@@ -46,6 +46,9 @@ from .table import HASH_MULTIPLIER, SiteTable
 MAGIC = 0x31454B4F50545854  # b"TXTPOKE1" little-endian
 VERSION = 3  # 2: the ledger (originals, baselines) follows the table; 3: the agent heals a killed batch
 REGION_NAME = "textpoke"
+#: The memfd name of a hot-fix's code and data (hotfix/apply.py): code of the program's now,
+#: whose sites may be traced (poke/safety.py lets sites be there).
+FIX_CODE_NAME = "textpoke-fix"
 AGENT_NAME = "textpoke-agent"  # the agent thread's name (comm), as ps -T and top show it
 PAGE = 4096
 
@@ -119,6 +122,8 @@ SCRATCH_SIZE = 0x900
 _FSTAT = SCRATCH + 0x400  # struct stat of a tool's fstat request
 _SCHED = SCRATCH + 0x500  # struct sched_attr of tune_agent
 AGENT_STAT = 0xB00  # struct stat (144 bytes) the agent fills on its own (fstat of its descriptors)
+#: u64: the target address of the fix ledger (poke/fixes.py: hot-fixes in force), 0: none yet.
+HDR_FIXES = 0xBF8
 RELEASED = 0xC00  # released shared regions, for reuse (Resident.release_shared): RELEASED_SLOTS records
 RELEASED_SLOTS = 16
 RELEASED_RECORD = 64
@@ -1457,7 +1462,8 @@ class Resident:
     # -- more shared regions ---------------------------------------------------------
     def map_shared(self, *, code_size: int, data_size: int, near: int | None = None,
                    name: str = "textpoke-tramp", apart: bool = False, reuse: bool = False,
-                   still_used: Callable[[int, int], bool] | None = None) -> SharedRegion:
+                   still_used: Callable[[int, int], bool] | None = None,
+                   private: bool = False) -> SharedRegion:
         """A new memfd region in the target, mapped by the tool too, via the agent.
 
         The first ``code_size`` bytes are RX in the target (the tool's view is
@@ -1477,10 +1483,19 @@ class Resident:
         at the same addresses. A region mapped
         anew is recorded so that it can be given back in its turn (its memfd
         descriptor stays open in the target for that). A region is never
-        unmapped: a thread may be inside one, or its rseq_cs name one."""
+        unmapped: a thread may be inside one, or its rseq_cs name one.
+
+        ``private``: the target maps it MAP_PRIVATE (a hot-fix's code and data).
+        What the tool writes through its view shows in the target until the target
+        first writes a page (copy on write), so write everything before anything
+        runs there; in exchange /proc/PID/mem can write its read-only code pages
+        (the kernel refuses a forced write to a shared read-only mapping), so
+        sites there can be patched like the program's own."""
         size = code_size + data_size
         if code_size % PAGE or data_size % PAGE or size == 0 or (apart and not (code_size and data_size)):
             raise UsageError("shared region sizes must be whole pages")
+        if private and (apart or reuse):
+            raise UsageError("a private region is neither apart nor reused")
         if reuse:
             found = self._reuse(code_size=code_size, data_size=data_size, near=near, apart=apart,
                                 still_used=still_used)
@@ -1498,7 +1513,7 @@ class Resident:
             raise InjectionError(f"textpoke's new memfd in process {pid} vanished: {exc.strerror}") from exc
         try:
             self.syscall(sc.SYS_ftruncate, fd, size)
-            flags = sc.MAP_SHARED
+            flags = sc.MAP_PRIVATE if private else sc.MAP_SHARED
             hint = 0
             first = code_size if apart else size
             if near is not None:

@@ -42,7 +42,7 @@ from ..target.security import OUR_PREFIX
 from ..x86.insn import CALL_OPCODE, JMP_OPCODE, NOP5, SITE_SIZE, InsnKind, decode_site
 from .bulk import PatchArray
 from .protocol import Patch
-from .resident import AGENT_NAME, HANDLER_COPIES, HDR_FRONT, OLD_ACTIONS, SCRATCH, Resident, handler_label, thread_pc
+from .resident import AGENT_NAME, FIX_CODE_NAME, HANDLER_COPIES, HDR_FRONT, OLD_ACTIONS, SCRATCH, Resident, handler_label, thread_pc
 
 #: Where ensure_handler has the agent read and write sigactions (in SCRATCH,
 #: past what map_shared and the installer use).
@@ -51,6 +51,14 @@ _ACTION = SCRATCH + 0x140
 _ACTION_FORMAT = "<4Q"  # struct k_sigaction: handler, flags, restorer, mask
 #: The resident code region itself (trampoline regions are named textpoke-*).
 _RESIDENT_PATH = OUR_PREFIX + " "
+#: A hot-fix's code: textpoke's mapping, but the program's code now (a fixed function's
+#: fentry site may be traced like the program's own).
+_FIX_CODE_PATH = f"/memfd:{FIX_CODE_NAME} "
+
+
+def _our_own(mapping: Mapping) -> bool:
+    """textpoke's own code or data, where no site may be (a hot-fix's code is the program's)."""
+    return mapping.path.startswith(OUR_PREFIX) and not mapping.path.startswith(_FIX_CODE_PATH)
 _SIGTRAP_BIT = 1 << (sc.SIGTRAP - 1)
 
 
@@ -160,7 +168,7 @@ class _Maps:
         self._ends = np.array([m.end for m in self.maps], dtype=np.uint64)
         #: Where a site may be: executable, not ours. Where a call/jmp may go:
         #: executable, not our resident handler (trampolines are fine).
-        self.site_ok = np.array([m.executable and not m.path.startswith(OUR_PREFIX) for m in self.maps], dtype=bool)
+        self.site_ok = np.array([m.executable and not _our_own(m) for m in self.maps], dtype=bool)
         self.target_ok = np.array([m.executable and not m.path.startswith(_RESIDENT_PATH) for m in self.maps],
                                   dtype=bool)
         self._writable = np.array([m.writable for m in self.maps], dtype=bool)
@@ -247,7 +255,7 @@ def check_addresses(process: Process, patches: Sequence[Patch] | PatchArray, *,
     for patch in batch:
         first, last = lookup.at(patch.site), lookup.at(patch.site + SITE_SIZE - 1)
         for mapping in (first, last):
-            if mapping is not None and mapping.path.startswith(OUR_PREFIX):
+            if mapping is not None and _our_own(mapping):
                 raise OwnCodeRefused(
                     f"{patch.site:#x} is inside textpoke's own code or data in process {pid} "
                     f"({mapping.path.removesuffix(' (deleted)')}); nothing was written"

@@ -29,6 +29,8 @@ RET_BYTE = 0xC3
 ENDBR64 = bytes.fromhex("f30f1efa")
 #: ``call *disp32(%rip)`` opcode bytes (6 bytes in all): the fentry call of PIE builds.
 CALL_RIP_INDIRECT = bytes.fromhex("ff15")
+#: jmp [rip+disp32]: a hot-fix's far-call stub is this, disp32 0, then the 8-byte target.
+JMP_RIP_INDIRECT = bytes.fromhex("ff25")
 #: The one-byte ``nop`` (what -fpatchable-function-entry emits, N of them).
 NOP1_BYTE = 0x90
 #: Length of every site instruction (call rel32, jmp rel32, nop5).
