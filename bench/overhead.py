@@ -371,6 +371,37 @@ def _enough_clean(samples: dict[tuple[str, int], Samples], thread_counts: list[i
     return True
 
 
+#: What one read of the time stamp counter costs on this CPU: every record the tracers
+#: write reads it once (an entry and its exit: twice), so it is their floor.
+RDTSC_SOURCE = r"""
+#include <stdio.h>
+#include <time.h>
+#include <x86intrin.h>
+int main(void) {
+    struct timespec a, b;
+    unsigned long long sum = 0, best = ~0ULL;
+    for (int round = 0; round < 5; round++) {
+        clock_gettime(CLOCK_MONOTONIC, &a);
+        for (int i = 0; i < 2000000; i++) sum += __rdtsc();
+        clock_gettime(CLOCK_MONOTONIC, &b);
+        unsigned long long ns = (b.tv_sec - a.tv_sec) * 1000000000ULL + (b.tv_nsec - a.tv_nsec);
+        if (ns < best) best = ns;
+    }
+    printf("%.2f %llu\n", best / 2e6, sum & 1);
+    return 0;
+}
+"""
+
+
+def rdtsc_ns(tmp: Path) -> float:
+    """ns per ``rdtsc`` on this CPU (the fastest of 5 rounds of 2 M reads)."""
+    source = tmp / "rdtsc.c"
+    source.write_text(RDTSC_SOURCE)
+    done = subprocess.run([str(compile_c(source, fentry=False, name="rdtsc"))], capture_output=True, text=True,
+                          check=True)
+    return float(done.stdout.split()[0])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--calls", type=int, default=1 << 19,
@@ -386,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         source = Path(tmp) / "overheadbench.c"
         source.write_text(SOURCE)
         binary = compile_c(source, opt="-O2", name="overheadbench")
+        rdtsc = rdtsc_ns(Path(tmp))
     thread_counts = [t for t in (1, 2) if t <= (os.cpu_count() or 1)]
     target = Target(binary)
     try:
@@ -446,6 +478,8 @@ def main(argv: list[str] | None = None) -> int:
                         for plain, traced, added, runs in (summary[instrument.name, t] for t in thread_counts))
         print(f"{instrument.name:34}{cells}")
     print("(ns per call per thread; at T=2 both threads call at once)")
+    print(f"this CPU reads its time stamp counter (rdtsc) in {rdtsc:.1f} ns: once per record, the floor of "
+          f"every tracer row (an entry and its exit read it twice: {2 * rdtsc:.1f} ns)")
     print()
     entry_added = summary["entry tracer", 1][2]
     for line in uftrace_lines(binary, calls, {"entry tracer": entry_added,
