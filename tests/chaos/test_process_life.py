@@ -44,6 +44,43 @@ def _exact(result: dict[str, int]) -> None:
     assert result["a"] + result["b"] == result["made"]
 
 
+def test_a_fork_child_installed_through_a_thread_that_just_trapped_runs_on(life, monkeypatch):
+    """The child's first attach borrows one of its threads that keep running into the
+    inherited int3 (chosen on purpose): stopped with that trap's SIGTRAP not yet
+    received, the trap is taken back (the thread runs the int3 again), not held and
+    sent again, which the handler took for someone else's SIGTRAP (si_code SI_TKILL)
+    and the child died of (6 of 15 children before; the child must live every time)."""
+    from textpoke.poke import resident as resident_module
+
+    real_choose = resident_module.choose_thread
+    for _ in range(8):
+        target = life("4")
+        site, to_a, to_b = _sites(life.binary)
+        forked: list[str] = []
+
+        def fork_now(step: Step) -> None:
+            if step is Step.INT3:
+                target.send("fork")
+                forked.extend(target.readline() for _ in range(2))
+                time.sleep(0.1)  # the child's threads run into the inherited int3
+
+        with attach(target.pid) as parent:
+            parent.apply([Patch(site=site, old=to_a, new=to_b)], on_step=fork_now)
+            child_pid = next(int(line.split()[-1]) for line in forked if line.startswith("child ready"))
+            worker = min(int(t) for t in os.listdir(f"/proc/{child_pid}/task") if int(t) != child_pid)
+            monkeypatch.setattr(resident_module, "choose_thread", lambda process, **_: worker)
+            try:
+                with attach(child_pid) as child:
+                    assert child.resident.created
+                    assert read_mem(child_pid, site, 5) == to_a
+                time.sleep(0.05)
+                assert Process(child_pid).alive()
+            finally:
+                monkeypatch.setattr(resident_module, "choose_thread", real_choose)
+                os.kill(child_pid, signal.SIGKILL)
+        target.kill()
+
+
 def test_fork_child_inherits_and_gets_its_own_resident_part(life):
     """fork while a site holds int3: the child runs on (the inherited handler
     emulates through the shared table); attaching to the child, with the

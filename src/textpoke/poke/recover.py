@@ -336,6 +336,10 @@ def inspect(process: Process) -> tuple[RegionInfo | None, list[SiteState]]:
     return region, survey(process, table, ledger)
 
 
+#: How long the switch of a fork child's chain waits for threads in our handler.
+SWITCH_LIMIT_S = 2.0
+
+
 def adopt_inherited(resident: Resident) -> int | None:
     """In a fork child: copy the state of the region inherited from the parent.
 
@@ -352,9 +356,11 @@ def adopt_inherited(resident: Resident) -> int | None:
        publish what threads of the child execute there (the parent's entry
        under an int3 the child inherited, else the child's own bytes) in our
        table: from then on our handler emulates it;
-    4. last, chain our handler to the inherited region's saved disposition
-       (the program's own), so the inherited handler is no longer used; this
-       marks the copy done (an attach killed before it starts over).
+    4. last, once every thread was seen out of our code (a lookup made before 3
+       may be on its way to the chain), chain our handler to the inherited
+       region's saved disposition (the program's own), so the inherited handler
+       is no longer used; this marks the copy done (an attach killed before it
+       starts over).
 
     Returns the inherited region's code address, or None if there was nothing
     to copy. Leaves the sites as they are: recovery then brings them to their
@@ -386,6 +392,15 @@ def adopt_inherited(resident: Resident) -> int | None:
             continue  # not a site instruction now: nothing the handler could emulate
         resident.table.publish(state.site, effective)
     if source.base <= chained < source.base + CODE_SIZE:
+        # A thread that looked its trap up in our table before step 3 published it is on
+        # its way to our chained disposition, which must still be the inherited handler
+        # when it reads it (that one emulates through the parent's table; the program's
+        # own, SIG_DFL, would kill the process: seen under load). So the chain changes
+        # only once every thread was seen out of our code since the publish.
+        if not resident.threads_left(resident.base, resident.base + CODE_SIZE, limit_s=SWITCH_LIMIT_S):
+            raise InjectionError(f"a thread of process {process.pid} stayed in textpoke's trap handler for "
+                                 f"{SWITCH_LIMIT_S:g} s; the fork child's copy is not finished",
+                                 hint="attach again: the copy starts over")
         # What the inherited handler copy in effect chains to (the program's own).
         offsets = generate_code(capacity=table.capacity)[1]
         copy = next((k for k in range(HANDLER_COPIES) if source.base + offsets[handler_label(k)] == chained),

@@ -1650,6 +1650,12 @@ class Resident:
                 return False
         return self._threads_outside(start, end, window_s)
 
+    def threads_left(self, start: int, end: int, *, limit_s: float) -> bool:
+        """Whether every thread of the program (not ours) was seen out of [start, end)
+        within ``limit_s``: blocked at another address, or having run RAN_NS of CPU
+        since this call began (so whatever it was doing there then, it has finished)."""
+        return self._threads_outside(start, end, limit_s)
+
     def _threads_outside(self, start: int, end: int, window_s: float) -> bool:
         pid = self.process.pid
         ours = {self.agent_tid} | set(our_threads(self.process))

@@ -178,6 +178,14 @@ def _xstate_buffer() -> ctypes.Array:
     return ctypes.create_string_buffer(1 << 16)  # XSAVE areas are under 12 KiB, even with AMX
 
 
+def get_siginfo_code(tid: int) -> int:
+    """``si_code`` of the signal a thread in a signal-delivery-stop is about to get
+    (SI_KERNEL for an int3's trap; SI_USER, SI_TKILL... for a sent one)."""
+    info = ctypes.create_string_buffer(128)  # siginfo_t: si_signo, si_errno, si_code (ints)
+    ptrace(PTRACE_GETSIGINFO, tid, 0, ctypes.addressof(info))
+    return struct.unpack_from("<i", info.raw, 8)[0]
+
+
 def get_sigmask(tid: int) -> int:
     """The thread's blocked-signal mask (bit ``sig - 1`` per signal)."""
     mask = ctypes.c_uint64()

@@ -37,10 +37,11 @@ from types import TracebackType
 
 from .._errors import InjectionError, TargetError, TargetExited
 from ..x86.asm import Asm, R
+from ..x86.insn import INT3
 from . import _ptrace, sigframe
 from ._ptrace import Regs
 from .process import Process, access_denied
-from .syscalls import SYS_rt_sigreturn, TRANSPARENT_RESTART
+from .syscalls import SI_KERNEL, SYS_rt_sigreturn, TRANSPARENT_RESTART
 
 _ERRNO_MAX = 4095
 _U64 = 0xFFFF_FFFF_FFFF_FFFF
@@ -212,6 +213,8 @@ class BorrowedThread:
         #: woken, or preempted, and had to get a CPU to reach the stop).
         self.stop_wait_ns = 0
         self._urgent = Urgent()
+        #: Bytes to move rip back at the first stop: an int3's trap taken back.
+        self._rewind = 0
 
     # step 2 ---------------------------------------------------------------
     def __enter__(self) -> BorrowedThread:
@@ -238,6 +241,7 @@ class BorrowedThread:
         try:
             _ptrace.interrupt(self.tid)
             self._wait_stop()
+            self._take_back_int3_trap()
             self.stop_wait_ns = time.perf_counter_ns() - self._stop_start
             self._save()
         except BaseException:
@@ -245,8 +249,35 @@ class BorrowedThread:
             raise
         return self
 
+    def _take_back_int3_trap(self) -> None:
+        """A thread stopped right after an int3 whose SIGTRAP it has not received yet (a
+        fork child running into a site its parent's batch had in flight; an int3 of the
+        program's own): the trap is taken back instead of held and sent again. The
+        thread resumes *at* the int3 (rip - 1), so it traps anew and its handler sees a
+        trap of the kernel's (SI_KERNEL), which textpoke's handler emulates; sent again
+        the signal would be SI_TKILL, taken for someone else's and fatal, and the thread
+        would resume one byte into the site (through the restore frame too, if we die).
+
+        From an interrupt stop with SIGTRAP pending, PTRACE_CONT brings the thread to
+        that signal's delivery stop at once (get_signal dequeues it before any
+        instruction runs); there ``si_code`` tells a trap from a sent SIGTRAP, which is
+        held as any signal is."""
+        for _ in range(_MAX_STOPS):
+            delivery = self._last_status >> 16 == 0 and os.WSTOPSIG(self._last_status) == signal.SIGTRAP
+            if delivery:
+                if _ptrace.get_siginfo_code(self.tid) == SI_KERNEL:
+                    self._pending_signals.remove(signal.SIGTRAP)  # suppressed: the int3 runs again
+                    self._rewind = len(INT3)
+                return
+            if not self.process.thread_signal_mask(self.tid, "SigPnd") >> (signal.SIGTRAP - 1) & 1:
+                return
+            _ptrace.cont(self.tid)
+            self._wait_stop()
+
     def _save(self) -> None:
         self._stopped_regs = _ptrace.get_regs(self.tid)
+        if self._rewind:
+            self._stopped_regs = self._stopped_regs._replace(rip=self._stopped_regs.rip - self._rewind)
         try:
             self.rseq_config = _ptrace.rseq_configuration(self.tid)
         except OSError:

@@ -223,14 +223,15 @@ class Process:
             return None
         return int(text[0])
 
-    def thread_signal_mask(self, tid: int) -> int:
-        """The signals ``tid`` blocks (SigBlk; bit n-1 for signal n), 0 if it is gone."""
+    def thread_signal_mask(self, tid: int, field: str = "SigBlk") -> int:
+        """The signals ``tid`` blocks (SigBlk; bit n-1 for signal n), or with ``field="SigPnd"``
+        has pending for itself; 0 if it is gone."""
         try:
             status = Path(f"/proc/{self.pid}/task/{tid}/status").read_text()
         except OSError:
             return 0
         for line in status.splitlines():
-            if line.startswith("SigBlk:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1], 16)
         return 0
 
