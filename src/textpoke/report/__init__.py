@@ -26,33 +26,57 @@ larger than memory is read one chunk at a time.
 
 from __future__ import annotations
 
-from typing import Protocol, TextIO
+import importlib
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from .._errors import UsageError
 from ._frames import FrameCounts, FramePass, is_graph_recording
 from ._view import RecordingLike
-from .chrome import ChromeReporter
-from .flame import FlameReporter
-from .folded import FoldedReporter
-from .ftrace import FtraceReporter
-from .funcgraph import FunctionGraphReporter
-from .graph import GraphReporter
-from .jsonl import JsonLinesReporter
 from .summary import Summary, SortKey, SummaryReporter, render_summary, summarize
 from .timed import TimedReporter, TimedSummary, TimeKey, summarize_times
+
+if TYPE_CHECKING:
+    from .chrome import ChromeReporter
+    from .flame import FlameReporter
+    from .folded import FoldedReporter
+    from .ftrace import FtraceReporter
+    from .funcgraph import FunctionGraphReporter
+    from .graph import GraphReporter
+    from .jsonl import JsonLinesReporter
+
+#: Reporters loaded when first named: the summary that ``trace`` and ``record`` print
+#: needs none of them (their modules cost a capture ~35 ms of start-up).
+_LAZY = {
+    "ChromeReporter": "chrome",
+    "FlameReporter": "flame",
+    "FoldedReporter": "folded",
+    "FtraceReporter": "ftrace",
+    "FunctionGraphReporter": "funcgraph",
+    "GraphReporter": "graph",
+    "JsonLinesReporter": "jsonl",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
 
 
 class Reporter(Protocol):
     def render(self, recording: RecordingLike, out: TextIO) -> None: ...
 
 
-#: ``textpoke dump --format NAME`` -> reporter class.
-DUMP_FORMATS: dict[str, type[Reporter]] = {
-    "ftrace": FtraceReporter,
-    "text": FtraceReporter,  # the name ftrace's layout had before function graphs
-    "json": JsonLinesReporter,
-    "chrome": ChromeReporter,
-    "folded": FoldedReporter,
+#: ``textpoke dump --format NAME`` -> the reporter class's name (loaded when chosen).
+DUMP_FORMATS: dict[str, str] = {
+    "ftrace": "FtraceReporter",
+    "text": "FtraceReporter",  # the name ftrace's layout had before function graphs
+    "json": "JsonLinesReporter",
+    "chrome": "ChromeReporter",
+    "folded": "FoldedReporter",
 }
 
 
@@ -77,7 +101,7 @@ def make_reporter(name: str) -> Reporter:
     if name == "summary":
         return SummaryReporter()
     try:
-        return DUMP_FORMATS[name]()
+        return __getattr__(DUMP_FORMATS[name])()
     except KeyError:
         raise UsageError(f"unknown report format {name!r}",
                          hint=f"choose one of: summary, {', '.join(DUMP_FORMATS)}") from None
