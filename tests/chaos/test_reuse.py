@@ -11,6 +11,7 @@ by the region every session (measured and printed beside it).
 from __future__ import annotations
 
 import struct
+import time
 
 from textpoke.poke import Patch, attach
 from textpoke.poke.resident import PAGE, Resident, SharedRegion
@@ -158,6 +159,29 @@ def test_a_killed_sessions_region_is_not_reused_while_a_hooked_frame_returns_thr
         assert time.monotonic() - began < 5.5, "the second session ended after park() returned: test too slow"
         assert target.readline(10) == "parked 3"  # park() returned (checked) and was entered again
         assert target.alive()
+        assert target.stop()["bad"] == 0
+    finally:
+        target.kill()
+
+
+def test_a_thread_in_code_that_calls_into_a_region_is_not_out_of_it(build_target):
+    """A thread seen at an address of ``via`` (code that may call into the region: the
+    graph runtime's return path, between popping a frame and calling its session's exit
+    routine) is not out of the region, though its pc is elsewhere; one that runs enough
+    CPU is, as before. Here: life.c's main thread, blocked reading stdin, stands for it."""
+    from textpoke.poke.resident import thread_pc
+
+    target = Target([str(build_target("life")), "2"])
+    try:
+        with attach(target.pid) as session:
+            resident: Resident = session.resident
+            deadline = time.monotonic() + 10
+            while (pc := thread_pc(target.pid, target.pid)) is None:  # blocked in read(2)
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            region = range(0x10000, 0x20000)  # nothing of the program's: every thread is out of it
+            assert resident._threads_outside(region.start, region.stop, 0.05)
+            assert not resident._threads_outside(region.start, region.stop, 0.05, (range(pc - 1, pc + 1),))
         assert target.stop()["bad"] == 0
     finally:
         target.kill()

@@ -1463,7 +1463,7 @@ class Resident:
     def map_shared(self, *, code_size: int, data_size: int, near: int | None = None,
                    name: str = "textpoke-tramp", apart: bool = False, reuse: bool = False,
                    still_used: Callable[[int, int], bool] | None = None,
-                   private: bool = False) -> SharedRegion:
+                   via: tuple[range, ...] = (), private: bool = False) -> SharedRegion:
         """A new memfd region in the target, mapped by the tool too, via the agent.
 
         The first ``code_size`` bytes are RX in the target (the tool's view is
@@ -1479,7 +1479,8 @@ class Resident:
         gave back (:meth:`release_shared`) and that nothing can still use
         (:meth:`_unused`, and ``still_used(start, end)`` False: what the layers above
         know, such as hooked frames that return through a session's exit routine
-        there): its code and data are zeroed (the code rseq-safe),
+        there; a thread seen in ``via``, code that may call into the region, counts as
+        inside): its code and data are zeroed (the code rseq-safe),
         at the same addresses. A region mapped
         anew is recorded so that it can be given back in its turn (its memfd
         descriptor stays open in the target for that). A region is never
@@ -1498,7 +1499,7 @@ class Resident:
             raise UsageError("a private region is neither apart nor reused")
         if reuse:
             found = self._reuse(code_size=code_size, data_size=data_size, near=near, apart=apart,
-                                still_used=still_used)
+                                still_used=still_used, via=via)
             if found is not None:
                 return found
         slot = self._free_slot() if reuse else -1
@@ -1602,7 +1603,7 @@ class Resident:
         struct.pack_into("<I", self.ctl, base + _REC_STATE, state)  # last: the record counts
 
     def _reuse(self, *, code_size: int, data_size: int, near: int | None, apart: bool,
-               still_used: Callable[[int, int], bool] | None) -> SharedRegion | None:
+               still_used: Callable[[int, int], bool] | None, via: tuple[range, ...]) -> SharedRegion | None:
         """A released region of these sizes within reach of ``near`` that nothing can use."""
         pid = self.process.pid
         for slot in range(RELEASED_SLOTS):
@@ -1615,7 +1616,7 @@ class Resident:
                 continue
             if near is not None and max(abs(address - near), abs(address + code_size - near)) > DEFAULT_REACH:
                 continue
-            if not _still_ours(pid, fd, inode) or not self._unused(address, address + code_size):
+            if not _still_ours(pid, fd, inode) or not self._unused(address, address + code_size, via=via):
                 continue
             if still_used is not None and still_used(address, address + code_size):
                 continue
@@ -1631,7 +1632,7 @@ class Resident:
             return region
         return None
 
-    def _unused(self, start: int, end: int, *, window_s: float = 0.05) -> bool:
+    def _unused(self, start: int, end: int, *, window_s: float = 0.05, via: tuple[range, ...] = ()) -> bool:
         """Whether nothing can still run code in [start, end): no site leads there
         (no table entry, no baseline: what sites hold, are becoming or return to),
         and every thread of the program was seen out of it within ``window_s``:
@@ -1642,13 +1643,15 @@ class Resident:
         Having left after the sites stopped leading there, a thread cannot come
         back (the trampolines leave no return address of theirs on a stack). Not
         covered: a thread whose signal handler interrupted it inside the region and
-        runs or blocks elsewhere through the whole window."""
+        runs or blocks elsewhere through the whole window. A thread seen in ``via``
+        (code that calls into the region, such as the graph runtime's return path,
+        which calls a session's exit routine) is not out either."""
         for sites, insns in (self.table.entry_arrays(), self.ledger.baselines.entry_arrays()):
             branch = (insns[:, 0] == CALL_OPCODE) | (insns[:, 0] == JMP_OPCODE)
             targets = rel32_targets(sites[branch], insns[branch])
             if ((targets >= start) & (targets < end)).any():
                 return False
-        return self._threads_outside(start, end, window_s)
+        return self._threads_outside(start, end, window_s, via)
 
     def threads_left(self, start: int, end: int, *, limit_s: float) -> bool:
         """Whether every thread of the program (not ours) was seen out of [start, end)
@@ -1656,7 +1659,7 @@ class Resident:
         since this call began (so whatever it was doing there then, it has finished)."""
         return self._threads_outside(start, end, limit_s)
 
-    def _threads_outside(self, start: int, end: int, window_s: float) -> bool:
+    def _threads_outside(self, start: int, end: int, window_s: float, via: tuple[range, ...] = ()) -> bool:
         pid = self.process.pid
         ours = {self.agent_tid} | set(our_threads(self.process))
         pending = {tid: thread_cpu_ns(pid, tid) for tid in set(self.process.threads()) - ours}
@@ -1665,8 +1668,8 @@ class Resident:
             for tid, began in list(pending.items()):
                 pc = thread_pc(pid, tid)
                 ran = thread_cpu_ns(pid, tid)
-                if ran is None or (pc is not None and not start <= pc < end) or (
-                        began is not None and ran - began >= RAN_NS):
+                elsewhere = pc is not None and not start <= pc < end and not any(pc in r for r in via)
+                if ran is None or elsewhere or (began is not None and ran - began >= RAN_NS):
                     del pending[tid]
             if not pending:
                 return True

@@ -514,6 +514,12 @@ class GraphRuntime:
     def counters(self) -> int:
         return self.shadow
 
+    @property
+    def code(self) -> range:
+        """The runtime's code: a thread in its return path may be about to call a
+        session's exit routine (it has popped the frame that named it)."""
+        return range(self.address, self.address + runtime_code_size(len(self.hook_sites), self.geometry))
+
     def frames_returning_to(self, process: Process, code: range) -> int:
         """Frames on any thread's shadow stack whose exit routine lies in ``code`` (a
         session's tracer region): while there are any, that region must stay as it

@@ -1192,6 +1192,14 @@ def _returned_through(process: Process, runtime: graph.GraphRuntime | None) -> C
     return still_used
 
 
+def _calling_in(process: Process, runtime: graph.GraphRuntime | None) -> tuple[range, ...]:
+    """Code from which a thread may still call into a session's region: the graph
+    runtime's (a thread preempted in its return path after it popped a frame, before it
+    calls that frame's exit routine, is seen outside the region and no frame names it)."""
+    found = runtime if runtime is not None else graph.GraphRuntime.find(process)
+    return (found.code,) if found is not None else ()
+
+
 class Tracer:
     """Trampolines for ``sites`` and the shared memory they write; a context manager.
 
@@ -1235,7 +1243,7 @@ class Tracer:
         addresses, _, original = columns
         self.region: SharedRegion = resident.map_shared(
             code_size=code_size, data_size=data_size, near=int(addresses.min()), name=name, apart=True, reuse=True,
-            still_used=_returned_through(resident.process, runtime))
+            still_used=_returned_through(resident.process, runtime), via=_calling_in(resident.process, runtime))
         try:
             self._restrict(resident.process.pid, code_size)
             self.data_address = self.region.data_address
