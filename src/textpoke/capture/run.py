@@ -26,6 +26,7 @@ from ..ring.file import Codec, ChunkKind, RecordingWriter
 from ..ring.format import write_ring_header
 from ..ring.reader import RingReader, TscClock, clock_sample
 from ..ring.recording import Recording
+from ..target.process import Process
 from ..trampolines.graph import GraphRuntime, hook_sites
 from ..trampolines.tracer import Mode, StubKind, TracedSite, Tracer, probe_thread_abi
 from .drain import Pipeline
@@ -189,7 +190,7 @@ def _capture(
         # Given back for a later session only when nothing can lead into it any more: every
         # site restored, every thread seen out of it, and no hooked frame returning through it.
         release = restored and quiet.waiting == 0 and (
-            runtime is None or not runtime.frames_returning_to(session.process, code))
+            runtime is None or _frames_returned(runtime, session.process, code))
         if session.foreign_sites:
             metadata["foreign_sites"] = sorted(session.foreign_sites & {s.address for s in sites})
         if runtime is not None:
@@ -225,6 +226,18 @@ def _capture(
     if temporary:
         os.unlink(path)  # the recording keeps it open; its space goes when that is closed
     return recording
+
+
+def _frames_returned(runtime: GraphRuntime, process: Process, code: range, *, limit_s: float = 0.05) -> bool:
+    """Whether no hooked frame will return through this session's exit routine: waited
+    for a moment, since a busy thread is inside a short traced call at almost any instant
+    (a long-running one keeps the region, rightly: it returns through it later)."""
+    deadline = time.monotonic() + limit_s
+    while runtime.frames_returning_to(process, code):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
 
 
 def _graph_runtime(session: Session, options: CaptureOptions) -> tuple[GraphRuntime, list[TracedSite]]:

@@ -836,14 +836,19 @@ def _without_post_commit(code: bytes, offset: int) -> bytes:
 
 
 def _zero_code(local: mmap.mmap, code_size: int) -> None:
-    """Zero a reused region's code part: post_commit words first (8-byte stores),
-    so each descriptor an old rseq_cs may name is valid at every instant (see
-    Resident.write_code), then everything."""
+    """Clear a reused region's code part so that each descriptor an old rseq_cs may
+    name stays valid at every instant (see Resident.write_code): in every 32-byte
+    aligned block, post_commit_offset first (8-byte stores: the descriptor then
+    matches no instruction), then version/flags; start_ip and abort_ip keep their
+    values. A descriptor of all zeros is not valid to every kernel (6.18 here sends
+    SIGSEGV to a thread whose rseq_cs names one, at its next preemption: seen when a
+    killed session's region was reused), and a half-zeroed address may not be either."""
     words = memoryview(local).cast("Q")
     for at in _post_commit_words(0, code_size):
         words[at // 8] = 0
+    for at in range(0, code_size - _RSEQ_CS_ALIGN + 1, _RSEQ_CS_ALIGN):
+        words[at // 8] = 0  # version and flags
     del words
-    local[:code_size] = bytes(code_size)
 
 
 def _u64(buf: mmap.mmap, off: int) -> int:

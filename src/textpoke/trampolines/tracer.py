@@ -150,6 +150,7 @@ STUB_SIZE = 16
 STUB_SHIFT = 4
 _DESCRIPTORS = 0  # rseq_cs descriptors, 32 bytes each (aligned), one per routine with a sequence:
 #                   entry routine, call routine, graph_entry, graph_exit
+_DESCRIPTOR_SLOTS = 4
 _CONST_BLOCKS = 128  # u64: address of buffer block 0 (trace) / counter row 0 (count)
 _CONST_STUB_RETURN = 136  # u64: stub 0 + 5, the return address of stub 0's call
 _CONST_WAIT_SLICE = 144  # struct timespec (16 bytes): one wait slice of a writer
@@ -162,7 +163,7 @@ _CONST_GRAPH = 176
 _G_SLOT, _G_TABLE, _G_FRAMES, _G_RETURN, _G_COUNTERS, _G_RESTORE, _G_REHOOK, _G_EXIT, _G_UNWOUND, _G_HASH = (
     _CONST_GRAPH + 8 * i for i in range(10))
 _ROUTINES = 256
-assert _CONST_GRAPH + 8 * 10 <= _ROUTINES
+assert _CONST_GRAPH + 8 * 10 <= _ROUTINES and _DESCRIPTORS + RSEQ_CS_SIZE * _DESCRIPTOR_SLOTS <= _CONST_BLOCKS
 _STUBS = PAGE
 #: Registers the routines borrow (record: rdtsc's rax/rdx, a block and a slot pointer).
 _RECORD_REGS = (R.RAX, R.RCX, R.RDX, R.RSI)
@@ -1099,6 +1100,13 @@ def generate(
                          runtime.shadow + shadow.frames_offset, runtime.graph_return, runtime.counters,
                          runtime.graph_restore, runtime.graph_rehook, labels["graph_exit"], runtime.graph_unwound,
                          graph.HASH_K)
+    # Every descriptor slot holds a valid descriptor, used or not: a thread's rseq_cs may
+    # still name a slot an earlier session of this (reused) region used. An unused one
+    # covers no instruction (post_commit_offset 0) and names real addresses (the kernel
+    # may refuse a descriptor of zeros: SIGSEGV).
+    neutral = base + _ROUTINES
+    for slot in range(_DESCRIPTOR_SLOTS):
+        struct.pack_into(_RSEQ_CS_FORMAT, code, _DESCRIPTORS + RSEQ_CS_SIZE * slot, 0, 0, neutral, 0, neutral)
     if abi.rseq_offset is not None:
         for slot, name in enumerate(sequences):
             start = labels[f"{name}_start"]
