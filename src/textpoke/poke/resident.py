@@ -836,18 +836,17 @@ def _without_post_commit(code: bytes, offset: int) -> bytes:
 
 
 def _zero_code(local: mmap.mmap, code_size: int) -> None:
-    """Clear a reused region's code part so that each descriptor an old rseq_cs may
-    name stays valid at every instant (see Resident.write_code): in every 32-byte
-    aligned block, post_commit_offset first (8-byte stores: the descriptor then
-    matches no instruction), then version/flags; start_ip and abort_ip keep their
-    values. A descriptor of all zeros is not valid to every kernel (6.18 here sends
-    SIGSEGV to a thread whose rseq_cs names one, at its next preemption: seen when a
-    killed session's region was reused), and a half-zeroed address may not be either."""
+    """Ready a reused region's code part for new code: every 32-byte aligned block's
+    post_commit_offset word zeroed (8-byte stores), nothing else. Each descriptor an
+    old rseq_cs may still name then matches no instruction and stays otherwise whole
+    (start_ip, abort_ip, and the signature before abort_ip intact) until
+    :meth:`Resident.write_code` rewrites it. Zeroing more was fatal on this machine's
+    kernel: a thread whose stale rseq_cs named a cleared descriptor got SIGSEGV at its
+    next preemption (seen when a killed session's region was reused). The old code
+    stays in place meanwhile; nothing leads there (:meth:`Resident._unused`)."""
     words = memoryview(local).cast("Q")
     for at in _post_commit_words(0, code_size):
         words[at // 8] = 0
-    for at in range(0, code_size - _RSEQ_CS_ALIGN + 1, _RSEQ_CS_ALIGN):
-        words[at // 8] = 0  # version and flags
     del words
 
 
