@@ -23,9 +23,6 @@ the CLI's start-up) does not import numpy, iced-x86 or pyelftools.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from ._errors import (
     BusyError,
     ElfError,
@@ -50,6 +47,7 @@ from ._errors import (
     UnsafeTarget,
     UsageError,
 )
+from ._lazy import lazy_attributes
 
 #: The library's names, and the private module each one comes from.
 _LAZY = {
@@ -72,13 +70,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'textpoke' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value  # once: later lookups do not come back here
-    return value
+__getattr__ = lazy_attributes(__name__, _LAZY, globals())
 
 
 def __dir__() -> list[str]:

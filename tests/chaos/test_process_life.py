@@ -44,6 +44,22 @@ def _exact(result: dict[str, int]) -> None:
     assert result["a"] + result["b"] == result["made"]
 
 
+def _fork_mid_batch(target, parent, site: int, to_a: bytes, to_b: bytes, *, settle_s: float) -> tuple[int, list[str]]:
+    """``parent`` applies site A -> B; the target forks while the int3 is in place (the
+    child inherits it in flight) and the child's threads run into it for ``settle_s``.
+    The child's pid and the target's two lines about the fork."""
+    forked: list[str] = []
+
+    def fork_now(step: Step) -> None:
+        if step is Step.INT3:
+            target.send("fork")
+            forked.extend(target.readline() for _ in range(2))
+            time.sleep(settle_s)  # the child's threads run into the inherited int3
+
+    parent.apply([Patch(site=site, old=to_a, new=to_b)], on_step=fork_now)
+    return next(int(line.split()[-1]) for line in forked if line.startswith("child ready")), forked
+
+
 def test_a_fork_child_installed_through_a_thread_that_just_trapped_runs_on(life, monkeypatch):
     """The child's first attach borrows one of its threads that keep running into the
     inherited int3 (chosen on purpose): stopped with that trap's SIGTRAP not yet
@@ -56,17 +72,8 @@ def test_a_fork_child_installed_through_a_thread_that_just_trapped_runs_on(life,
     for _ in range(8):
         target = life("4")
         site, to_a, to_b = _sites(life.binary)
-        forked: list[str] = []
-
-        def fork_now(step: Step) -> None:
-            if step is Step.INT3:
-                target.send("fork")
-                forked.extend(target.readline() for _ in range(2))
-                time.sleep(0.1)  # the child's threads run into the inherited int3
-
         with attach(target.pid) as parent:
-            parent.apply([Patch(site=site, old=to_a, new=to_b)], on_step=fork_now)
-            child_pid = next(int(line.split()[-1]) for line in forked if line.startswith("child ready"))
+            child_pid, _ = _fork_mid_batch(target, parent, site, to_a, to_b, settle_s=0.1)
             worker = min(int(t) for t in os.listdir(f"/proc/{child_pid}/task") if int(t) != child_pid)
             monkeypatch.setattr(resident_module, "choose_thread", lambda process, **_: worker)
             try:
@@ -87,18 +94,9 @@ def test_fork_child_inherits_and_gets_its_own_resident_part(life):
     parent's session still open, gives it its own part and reverts its site."""
     target = life("4")
     site, to_a, to_b = _sites(life.binary)
-    forked: list[str] = []
-
-    def fork_now(step: Step) -> None:
-        if step is Step.INT3:
-            target.send("fork")
-            forked.extend(target.readline() for _ in range(2))
-            time.sleep(0.2)  # the child's threads run into the inherited int3
-
     with attach(target.pid) as parent:
         parent_region = parent.resident.base
-        parent.apply([Patch(site=site, old=to_a, new=to_b)], on_step=fork_now)
-        child_pid = next(int(line.split()[-1]) for line in forked if line.startswith("child ready"))
+        child_pid, forked = _fork_mid_batch(target, parent, site, to_a, to_b, settle_s=0.2)
         assert f"forked {child_pid}" in forked
         assert read_mem(child_pid, site, 1)[0] == INT3_BYTE  # the child's copy is still in flight
         with attach(child_pid) as child:  # no BusyError: the parent's lock is not the child's

@@ -26,10 +26,10 @@ larger than memory is read one chunk at a time.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any, Protocol, TextIO
+from typing import TYPE_CHECKING, Protocol, TextIO
 
 from .._errors import UsageError
+from .._lazy import lazy_attributes
 from ._frames import FrameCounts, FramePass, is_graph_recording
 from ._view import RecordingLike
 from .summary import Summary, SortKey, SummaryReporter, render_summary, summarize
@@ -57,13 +57,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_attributes(__name__, _LAZY, globals())
 
 
 class Reporter(Protocol):
