@@ -1573,10 +1573,25 @@ class Resident:
 
     def reclaim_released(self) -> None:
         """At attach: regions in use by a session that died are given back (the
-        reuse still checks, each time, that nothing can use them any more)."""
+        reuse still checks, each time, that nothing can use them any more), their
+        data's memory returned now (hole-punched, as release_shared does): a region may
+        wait long for its reuse, and its dead session's records are of use to no one
+        (a thread still writing one gets a fresh zero page)."""
+        pid = self.process.pid
         for k in range(RELEASED_SLOTS):
-            if _u32(self.ctl, _rec(k)) == _IN_USE:
-                struct.pack_into("<I", self.ctl, _rec(k) + _REC_STATE, _RELEASED)
+            if _u32(self.ctl, _rec(k)) != _IN_USE:
+                continue
+            fd, _, code, data, _, inode, _ = struct.unpack_from("<IQQQQQI", self.ctl, _rec(k) + _REC_FD)
+            if data and _still_ours(pid, fd, inode):
+                try:
+                    local = _open_checked(pid, f"/proc/{pid}/fd/{fd}", code + data, inode)
+                    try:
+                        local.madvise(mmap.MADV_REMOVE, code, data)
+                    finally:
+                        local.close()
+                except (TextpokeError, OSError, ValueError):
+                    pass  # the memory stays allocated until the region is reused
+            struct.pack_into("<I", self.ctl, _rec(k) + _REC_STATE, _RELEASED)
 
     @staticmethod
     def write_code(region: SharedRegion, code: bytes, offset: int = 0) -> None:
