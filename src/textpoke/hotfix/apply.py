@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from .._errors import FixRefused, SiteError, SymbolNotFound, UsageError
-from ..poke.bulk import PatchArray
+from ..poke.bulk import PatchArray, insn_rows
 from ..poke.fixes import IN, OUT, FixLedger, FixRecord
 from ..poke.protocol import BatchResult
 from ..poke.resident import FIX_CODE_NAME
@@ -57,7 +57,7 @@ from ..poke.session import Session
 from ..target.maps import DEFAULT_REACH, read_maps
 from ..target.process import Process
 from ..target.security import check_architecture, ours
-from ..x86.insn import CALL_OPCODE, NOP5, SITE_SIZE, decode_site, encode_call, encode_jmp
+from ..x86.insn import CALL_OPCODE, NOP5, SITE_SIZE, encode_call, encode_jmp
 from .loader import FixFile, Image, Layout, TargetSymbols, build, layout, link, read_fix
 
 REGION_NAME = FIX_CODE_NAME
@@ -359,9 +359,7 @@ def _patches(prepared: PreparedFix, image: Image) -> PatchArray:
             old.append(insn)
             new.append(_new_insn(site, insn, r.kind, target))
     order = np.argsort(np.asarray(sites, dtype=np.uint64), kind="stable")
-    return PatchArray(np.asarray(sites, dtype=np.uint64)[order],
-                      np.frombuffer(b"".join(old), dtype=np.uint8).reshape(-1, SITE_SIZE)[order],
-                      np.frombuffer(b"".join(new), dtype=np.uint8).reshape(-1, SITE_SIZE)[order])
+    return PatchArray(np.asarray(sites, dtype=np.uint64)[order], insn_rows(old)[order], insn_rows(new)[order])
 
 
 def _step(on_step: Callable[[str], None] | None, name: str) -> None:
@@ -406,20 +404,10 @@ def revert_fix(session: Session, name: str | None = None, *,
     done = []
     for record in reversed(chosen):
         assert fixes is not None
-        patches = PatchArray(np.asarray(record.sites, dtype=np.uint64),
-                             np.frombuffer(b"".join(record.new), dtype=np.uint8).reshape(-1, SITE_SIZE),
-                             np.frombuffer(b"".join(record.old), dtype=np.uint8).reshape(-1, SITE_SIZE))
+        patches = PatchArray(np.asarray(record.sites, dtype=np.uint64), insn_rows(record.new), insn_rows(record.old))
         _switch(session, fixes, record, patches, OUT, on_step=on_step)
         done.append(_info(record))
     return done
-
-
-def describe_insn(site: int, insn: bytes) -> str:
-    try:
-        decoded = decode_site(site, insn)
-    except SiteError:
-        return insn.hex(" ")
-    return decoded.kind.value + (f" {decoded.target:#x}" if decoded.target is not None else "")
 
 
 __all__ = ["AppliedFix", "FixInfo", "PreparedFix", "Redirect", "hotfix", "list_fixes", "prepare_fix", "revert_fix"]

@@ -57,6 +57,11 @@ class BulkTable(Protocol):
     def headroom(self) -> int: ...
 
 
+def insn_rows(insns: Iterable[bytes]) -> np.ndarray:
+    """5-byte instructions as an (N, 5) u8 array, the layout of PatchArray's columns."""
+    return np.frombuffer(b"".join(insns), dtype=_U8).reshape(-1, SITE_SIZE)
+
+
 def _rows(value: object, count: int, name: str) -> np.ndarray:
     rows = np.asarray(value)
     if rows.dtype != _U8 or rows.shape != (count, SITE_SIZE):
@@ -119,9 +124,7 @@ class PatchArray:
                 raise UsageError(f"apply_batch takes Patch values, not {type(patch).__name__}")
         count = len(items)
         sites = np.fromiter((p.site for p in items), dtype=_U64, count=count)
-        old = np.frombuffer(b"".join(p.old for p in items), dtype=_U8).reshape(count, SITE_SIZE)
-        new = np.frombuffer(b"".join(p.new for p in items), dtype=_U8).reshape(count, SITE_SIZE)
-        return cls(sites, old, new)
+        return cls(sites, insn_rows(p.old for p in items), insn_rows(p.new for p in items))
 
     @classmethod
     def empty(cls) -> PatchArray:

@@ -41,6 +41,7 @@ import numpy as np
 from .._errors import PatchError
 from ..target.process import Process
 from ..x86.insn import SITE_SIZE
+from .bulk import insn_rows
 from .ledger import Ledger
 from .resident import HDR_FIXES, PAGE, Resident
 
@@ -161,7 +162,7 @@ class FixLedger:
         if not want:
             return 0
         sites = np.fromiter(want, dtype=np.uint64, count=len(want))
-        insns = np.frombuffer(b"".join(want.values()), dtype=np.uint8).reshape(-1, SITE_SIZE)
+        insns = insn_rows(want.values())
         known, _ = ledger.originals.lookup_many(sites)
         found, current = ledger.baselines.lookup_many(sites)
         # Only sites the site ledger knows: an IN record's sites all are (its batch recorded

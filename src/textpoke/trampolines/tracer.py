@@ -1187,25 +1187,24 @@ def _write_stubs(code: bytearray, *, base: int, sites: Sequence[TracedSite], mod
 # ---------------------------------------------------------------------------
 
 
-def _returned_through(process: Process, runtime: graph.GraphRuntime | None) -> Callable[[int, int], bool]:
-    """Whether a frame hooked by an earlier session (perhaps a killed one, whose region
-    was never released by its tool) still returns through an exit routine in
-    [start, end): the runtime calls that routine whenever the frame returns, so the
-    region may not be reused meanwhile. Any session's frames count, graph or not."""
+def _region_guards(runtime: graph.GraphRuntime | None, process: Process) -> tuple[
+        Callable[[int, int], bool] | None, tuple[range, ...]]:
+    """What keeps a released region from being reused besides sites and threads in it
+    (``map_shared(still_used=, via=)``), from the process's graph runtime, if any (an
+    earlier session's, a killed one's too):
+
+    - a frame hooked by an earlier session still returns through an exit routine in
+      [start, end): the runtime calls that routine whenever the frame returns;
+    - a thread in the runtime's code may be about to call one (having popped the frame
+      that named it, it is seen outside the region and no frame names it)."""
+    if runtime is None:
+        return None, ()
+    found = runtime
 
     def still_used(start: int, end: int) -> bool:
-        found = runtime if runtime is not None else graph.GraphRuntime.find(process)
-        return found is not None and found.frames_returning_to(process, range(start, end)) > 0
+        return found.frames_returning_to(process, range(start, end)) > 0
 
-    return still_used
-
-
-def _calling_in(process: Process, runtime: graph.GraphRuntime | None) -> tuple[range, ...]:
-    """Code from which a thread may still call into a session's region: the graph
-    runtime's (a thread preempted in its return path after it popped a frame, before it
-    calls that frame's exit routine, is seen outside the region and no frame names it)."""
-    found = runtime if runtime is not None else graph.GraphRuntime.find(process)
-    return (found.code,) if found is not None else ()
+    return still_used, (found.code,)
 
 
 class Tracer:
@@ -1249,9 +1248,10 @@ class Tracer:
         self.enabled = _session_flag(resident)
         columns = _site_columns(self.sites)  # once: for the stubs and for the batch
         addresses, _, original = columns
+        still_used, via = _region_guards(runtime or graph.GraphRuntime.find(resident.process), resident.process)
         self.region: SharedRegion = resident.map_shared(
             code_size=code_size, data_size=data_size, near=int(addresses.min()), name=name, apart=True, reuse=True,
-            still_used=_returned_through(resident.process, runtime), via=_calling_in(resident.process, runtime))
+            still_used=still_used, via=via)
         try:
             self._restrict(resident.process.pid, code_size)
             self.data_address = self.region.data_address
