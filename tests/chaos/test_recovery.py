@@ -172,6 +172,18 @@ def test_recover_with_nothing_of_ours(life):
     _exact(target.stop())
 
 
+def _agent_asleep(pid: int, tid: int, timeout_s: float = 5.0) -> None:
+    """Wait until the agent thread sleeps on its futex (state S, wchan futex_*)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        stat = open(f"/proc/{pid}/task/{tid}/stat").read()
+        wchan = open(f"/proc/{pid}/task/{tid}/wchan").read()
+        if stat[stat.rindex(")") + 2] == "S" and wchan.startswith("futex"):
+            return
+        time.sleep(0.001)
+    raise AssertionError(f"agent {tid} never went to sleep on its futex")
+
+
 def test_request_posted_by_a_killed_tool_is_served(life):
     """A tool killed after posting an agent request but before waking the agent
     leaves it asleep on a request it never saw: the next tool wakes it, waits
@@ -182,6 +194,9 @@ def test_request_posted_by_a_killed_tool_is_served(life):
     with attach(target.pid) as session:
         ctl = session.resident.ctl
         requests = session.stats().requests
+        # The agent goes back to its futex after the last request it served (attach's
+        # own): posting before it got there, it would see the request unwoken.
+        _agent_asleep(target.pid, session.resident.agent_tid)
         struct.pack_into("<Q6Q", ctl, MBX_NR, sc.SYS_getpid, 0, 0, 0, 0, 0, 0)
         request = struct.unpack_from("<I", ctl, MBX_REQUEST)[0] + 1
         struct.pack_into("<I", ctl, MBX_REQUEST, request)  # posted, never woken: the tool "died" here
