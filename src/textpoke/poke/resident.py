@@ -35,7 +35,7 @@ from .._errors import (BusyError, InjectionError, TargetError, TargetExited, Tar
                        UsageError)
 from ..target import _ptrace
 from ..target import syscalls as sc
-from ..target.inject import BorrowedThread, choose_thread
+from ..target.inject import BorrowedThread
 from ..target.process import Process, thread_cpu_ns
 from ..target.maps import DEFAULT_REACH, find_free_near
 from ..x86.asm import Asm, Imm64, R, mem
@@ -1237,7 +1237,7 @@ class Resident:
         blob, offsets = generate_code(capacity=capacity)
         size = region_size(capacity)
         stub = _install_stub(size=size, agent_offset=offsets["agent"], capacity=capacity)
-        thread = thread or BorrowedThread(process, choose_thread(process, exclude=our_threads(process)))
+        thread = thread or BorrowedThread(process, exclude=our_threads(process))
         thread.prepare()  # find the gadgets before anything stops
         with thread:
             pages = thread.syscall(sc.SYS_mmap, 0, STUB_PAGES * PAGE, sc.PROT_READ | sc.PROT_EXEC,

@@ -35,12 +35,12 @@ import time
 from dataclasses import dataclass
 from types import TracebackType
 
-from .._errors import InjectionError, TargetError, TargetExited
+from .._errors import InjectionError, TargetError, TargetExited, TextpokeError
 from ..x86.asm import Asm, R
 from ..x86.insn import INT3
 from . import _ptrace, sigframe
 from ._ptrace import Regs
-from .process import Process, access_denied
+from .process import Process, access_denied, thread_exiting
 from .syscalls import SI_KERNEL, SYS_rt_sigreturn, TRANSPARENT_RESTART
 
 _ERRNO_MAX = 4095
@@ -188,9 +188,12 @@ class BorrowedThread:
     """One seized thread, stopped, with its registers saved (steps 2-5)."""
 
     def __init__(self, process: Process, tid: int | None = None, *, already_stopped: bool = False,
-                 keep_stopped: bool = False) -> None:
+                 keep_stopped: bool = False, exclude: frozenset[int] = frozenset()) -> None:
         self.process = process
-        self.tid = tid if tid is not None else choose_thread(process)
+        # Chosen here (tid None): a thread that exits before it is seized is replaced by
+        # another choice (a program whose threads come and go); a given tid is that thread.
+        self._exclude = exclude if tid is None else None
+        self.tid = tid if tid is not None else choose_thread(process, exclude=exclude)
         # A thread we already trace and hold stopped (spawn): no seize/interrupt.
         self._already_stopped = already_stopped
         # Leave the thread stopped at the end of the ``with`` block; release() lets it go
@@ -228,15 +231,7 @@ class BorrowedThread:
                 raise
             return self
         self._urgent.__enter__()
-        try:
-            _ptrace.seize(self.tid, options=_ptrace.PTRACE_O_TRACESYSGOOD)
-        except OSError as exc:
-            self._urgent.__exit__()
-            if exc.errno == errno.ESRCH:
-                raise TargetExited(f"thread {self.tid} of process {self.process.pid} is gone") from exc
-            if exc.errno == errno.EPERM:
-                raise access_denied(self.process.pid, f"ptrace process {self.process.pid}") from exc
-            raise InjectionError(f"ptrace seize of thread {self.tid} failed: {exc.strerror}") from exc
+        self._seize()
         self._stop_start = time.perf_counter_ns()
         try:
             _ptrace.interrupt(self.tid)
@@ -248,6 +243,30 @@ class BorrowedThread:
             self._release(restore=False)
             raise
         return self
+
+    def _seize(self, attempts: int = 5) -> None:
+        """Seize the thread (its Urgent entered); a chosen thread found exiting is replaced."""
+        gone: set[int] = set()
+        while True:
+            try:
+                _ptrace.seize(self.tid, options=_ptrace.PTRACE_O_TRACESYSGOOD)
+                return
+            except OSError as exc:
+                exiting = exc.errno == errno.ESRCH or (
+                    exc.errno == errno.EPERM and thread_exiting(self.process.pid, self.tid))
+                if exiting and self._exclude is not None and len(gone) < attempts and self.process.alive():
+                    gone.add(self.tid)
+                    try:
+                        self.tid = choose_thread(self.process, exclude=self._exclude | gone)
+                        continue
+                    except TextpokeError:
+                        pass
+                self._urgent.__exit__()
+                if exiting:
+                    raise TargetExited(f"thread {self.tid} of process {self.process.pid} is gone") from exc
+                if exc.errno == errno.EPERM:
+                    raise access_denied(self.process.pid, f"ptrace process {self.process.pid}") from exc
+                raise InjectionError(f"ptrace seize of thread {self.tid} failed: {exc.strerror}") from exc
 
     def _take_back_int3_trap(self) -> None:
         """A thread stopped right after an int3 whose SIGTRAP it has not received yet (a

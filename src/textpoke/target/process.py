@@ -29,6 +29,29 @@ def thread_cpu_ns(pid: int, tid: int) -> int | None:
         return None
 
 
+_PF_EXITING = 0x4  # include/linux/sched.h: set as a thread starts to exit
+
+
+def thread_exiting(pid: int, tid: int) -> bool:
+    """Whether thread ``tid`` is exiting or gone. ptrace refuses to attach to a thread
+    that has finished exiting (a zombie, or dead and not yet removed) with EPERM, not
+    ESRCH: a refusal to take for "gone", not for a lack of permission."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return True
+    return fields[0] in ("Z", "X", "x") or bool(int(fields[6]) & _PF_EXITING)
+
+
+def _live_threads(pid: int) -> set[int]:
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return set()
+    return {tid for tid in tids if not thread_exiting(pid, tid)}
+
+
 def _status_fields(pid: int) -> dict[str, str]:
     try:
         text = Path(f"/proc/{pid}/status").read_text()
@@ -132,6 +155,13 @@ class Process:
         self.pid = pid
         status = _status_fields(pid)
         state = status.get("State", "?")
+        if state.startswith("Z") and (others := _live_threads(pid) - {pid}):
+            raise NotAUserProcess(
+                f"the main thread of process {pid} has exited (pthread_exit) while "
+                f"{len(others)} thread{'s' if len(others) > 1 else ''} run{'' if len(others) > 1 else 's'} on: "
+                "textpoke cannot trace such a process",
+                hint="textpoke reads and writes a process through its main thread; keep it alive (join the others)",
+            )
         if state.startswith("Z"):
             raise NotAUserProcess(
                 f"process {pid} is a zombie (exited, not yet reaped)",
