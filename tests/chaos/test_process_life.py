@@ -66,16 +66,16 @@ def test_a_fork_child_installed_through_a_thread_that_just_trapped_runs_on(life,
     received, the trap is taken back (the thread runs the int3 again), not held and
     sent again, which the handler took for someone else's SIGTRAP (si_code SI_TKILL)
     and the child died of (6 of 15 children before; the child must live every time)."""
-    from textpoke.poke import resident as resident_module
+    from textpoke.target import inject as inject_module
 
-    real_choose = resident_module.choose_thread
+    real_choose = inject_module.choose_thread
     for _ in range(8):
         target = life("4")
         site, to_a, to_b = _sites(life.binary)
         with attach(target.pid) as parent:
             child_pid, _ = _fork_mid_batch(target, parent, site, to_a, to_b, settle_s=0.1)
             worker = min(int(t) for t in os.listdir(f"/proc/{child_pid}/task") if int(t) != child_pid)
-            monkeypatch.setattr(resident_module, "choose_thread", lambda process, **_: worker)
+            monkeypatch.setattr(inject_module, "choose_thread", lambda process, **_: worker)
             try:
                 with attach(child_pid) as child:
                     assert child.resident.created
@@ -83,7 +83,7 @@ def test_a_fork_child_installed_through_a_thread_that_just_trapped_runs_on(life,
                 time.sleep(0.05)
                 assert Process(child_pid).alive()
             finally:
-                monkeypatch.setattr(resident_module, "choose_thread", real_choose)
+                monkeypatch.setattr(inject_module, "choose_thread", real_choose)
                 os.kill(child_pid, signal.SIGKILL)
         target.kill()
 

@@ -113,3 +113,23 @@ def test_cpus_share_one_memory(make_machine):
     assert machine.read_word(kernel.percpu(0, 1)) == 0
     # cpu0 reads cpu1's counter through its own mapping of the same buffer.
     assert int.from_bytes(machine.cpus[0].uc.mem_read(body, 8), "little") == 1
+
+
+def test_ctrl_c_raised_inside_the_trap_hook_stops_the_step(make_machine, monkeypatch):
+    """Python raises a pending SIGINT's KeyboardInterrupt wherever it runs next, also in
+    the trap hook unicorn calls from C; the binding's wrapper keeps it, and step() (which
+    calls the C library directly) must raise it, not go on as if nothing happened."""
+    machine = make_machine(X86_64, EntryFlavor.GAP)
+    cpu, site = machine.cpus[0], machine.kernel.sites[FENTRY]
+    machine.write_code(site, INT3)
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cpu, "_deliver_int3", interrupted)
+    cpu.pc = site
+    with pytest.raises(KeyboardInterrupt):
+        cpu.step()
+    monkeypatch.undo()
+    cpu.pc = site
+    assert cpu.step() and cpu.trap is not None  # nothing left over: the next step traps as ever
