@@ -258,9 +258,10 @@ class BorrowedThread:
                     gone.add(self.tid)
                     try:
                         self.tid = choose_thread(self.process, exclude=self._exclude | gone)
-                        continue
-                    except TextpokeError:
-                        pass
+                    except TextpokeError:  # no thread left to choose: that is the error to say
+                        self._urgent.__exit__()
+                        raise
+                    continue
                 self._urgent.__exit__()
                 if exiting:
                     raise TargetExited(f"thread {self.tid} of process {self.process.pid} is gone") from exc
