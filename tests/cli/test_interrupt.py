@@ -43,7 +43,11 @@ def test_ctrl_c_while_the_model_runs():
     """A real SIGINT to a long model run (unicorn's hooks call back into Python)."""
     proc = subprocess.Popen([sys.executable, "-m", "textpoke", "model", "--runs", "10000"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    time.sleep(2)  # whatever it is doing by then: loading, building the kernel, interleaving
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    try:
+        time.sleep(2)  # whatever it is doing by then: loading, building the kernel, interleaving
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()  # (an unheard Ctrl-C must not leave the run going after the test)
+        proc.wait()
     assert (proc.returncode, err, out) == (130, "textpoke: interrupted\n", "")
