@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -62,4 +63,18 @@ def test_borrowing_chooses_another_thread_than_the_zombie_leader(zombie_leader):
         borrowed.tid = pid  # as if the leader had been chosen, then exited before the seize
         with borrowed as thread:
             assert thread.tid == worker
+    assert zombie_leader.poll() is None
+
+
+def test_the_cli_refuses_a_process_whose_main_thread_exited_in_one_line(zombie_leader):
+    pid = zombie_leader.pid
+    maps_before = open(f"/proc/{_worker(pid)}/maps").read()
+    done = subprocess.run([sys.executable, "-m", "textpoke", "trace", "-p", str(pid), "-f", "work", "--count",
+                           "--duration", "0.1"], capture_output=True, text=True, timeout=60)
+    lines = done.stderr.splitlines()
+    assert (done.returncode, len(lines), done.stdout) == (10, 2, ""), done.stderr
+    assert lines[0] == (f"textpoke: error: the main thread of process {pid} has exited (pthread_exit) while "
+                        "1 thread runs on: textpoke cannot trace such a process")
+    assert lines[1].startswith("textpoke: hint: ")
+    assert open(f"/proc/{_worker(pid)}/maps").read() == maps_before  # nothing mapped into it
     assert zombie_leader.poll() is None
