@@ -14,9 +14,10 @@ as ``textpoke record`` would, in one of two shapes:
   recording began (exits without entries); every thread is cut off mid-tree
   by the end; chunks are runs per thread, as drains write them.
 
-Then it runs each output as the CLI does (``python -m textpoke ...`` to
-/dev/null) and prints, per output, its wall time, records per second and peak
-RSS (``wait4``'s ru_maxrss of that process) and CPU time (user + system, all
+Then it runs each output as the CLI does (``python -m textpoke ...``, its output
+hashed, then deleted) and prints, per output, its wall time, records per second and peak
+RSS (``wait4``'s ru_maxrss of that process, run under a small launcher: a process started
+by the bench itself would inherit the bench's own high-water mark) and CPU time (user + system, all
 its threads: on a machine others are busy on, the figure that does not depend
 on them).  A bounded-memory reader shows the same RSS at any N.  ``--against
 REV`` runs each output with the sources of a git revision too (or of a source
@@ -32,6 +33,8 @@ Figures are printed, never asserted.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -201,21 +204,43 @@ def write_nested(path: Path, records: int) -> int:
     return written
 
 
-def measure(name: str, path: Path, records: int, scratch: Path, src: Path, label: str) -> bytes:
-    """Run one output with the sources in ``src``; print its figures, return what it printed."""
+#: Runs argv (stdout to the file argv[1]) and writes its wait4 figures to argv[2]. The output
+#: runs under this small process, not under the bench: a child's peak RSS starts at its
+#: parent's RSS when it execs (the kernel carries the old image's high-water mark over), and
+#: the bench holds the recording it wrote (pages of hundreds of MiB) when it starts one.
+_LAUNCH = """
+import json, os, sys
+with open(sys.argv[1], "wb") as out:
+    pid = os.fork()
+    if pid == 0:
+        os.dup2(out.fileno(), 1)
+        os.execv(sys.argv[3], sys.argv[3:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[2], "w") as f:
+    json.dump([os.waitstatus_to_exitcode(status), usage.ru_utime + usage.ru_stime, usage.ru_maxrss], f)
+"""
+
+
+def measure(name: str, path: Path, records: int, scratch: Path, src: Path, label: str) -> str:
+    """Run one output with the sources in ``src``; print its figures, return a digest of what it printed."""
     args = [a.format(file=path, out=scratch / "flame.html") for a in COMMANDS[name]]
     env = {**os.environ, "PYTHONPATH": str(src)}
     started = time.perf_counter()
-    with open(scratch / "out", "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "textpoke", *args], stdout=out, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
+    subprocess.run([sys.executable, "-c", _LAUNCH, str(scratch / "out"), str(scratch / "usage"),
+                    sys.executable, "-m", "textpoke", *args], env=env, check=True)
     wall = time.perf_counter() - started
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    ok = "" if proc.returncode == 0 else f"  (exit {proc.returncode})"
-    cpu = usage.ru_utime + usage.ru_stime
+    code, cpu, rss_kb = json.loads((scratch / "usage").read_text())
+    ok = "" if code == 0 else f"  (exit {code})"
     print(f"{name:>7}: {wall:6.1f} s  {records / wall / 1e6:6.2f} M records/s  cpu {cpu:6.1f} s  peak RSS "
-          f"{usage.ru_maxrss / 1024:5.0f} MiB  ({label}){ok}", flush=True)
-    return (scratch / "out").read_bytes()
+          f"{rss_kb / 1024:5.0f} MiB  ({label}){ok}", flush=True)
+    digest = hashlib.sha256()
+    for part in (scratch / "out", scratch / "flame.html"):
+        if part.exists():
+            with open(part, "rb") as f:
+                while block := f.read(1 << 20):
+                    digest.update(block)
+            part.unlink()
+    return digest.hexdigest()
 
 
 def sources(against: str, scratch: Path) -> Path:
