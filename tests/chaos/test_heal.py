@@ -130,7 +130,8 @@ def test_held_threads_wait_at_the_gate_until_the_batch_is_finished(build_target)
         assert len(waiting) == 4  # the spinner, epoller, reader and sleeper, alive, at the gate
         trapping = _rate(target)  # every call through the site traps into the resident handler
         with attach(target.pid) as session:  # takes the batch over after the agent's grace
-            assert session.recovery.in_flight == (site,) and session.recovery.agent_heal is None
+            assert session.recovery.in_flight == (site,) and session.recovery.agent_heal is None, (
+                session.resident.created, session.recovery)
         assert read_mem(target.pid, site, 5) == to_a
         after = _rate(target)
         result = fields(target.ask("stop"))

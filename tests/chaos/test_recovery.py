@@ -211,3 +211,26 @@ def test_request_posted_by_a_killed_tool_is_served(life):
         session.apply([Patch(site=site, old=encode_call(site, syms["A"]), new=encode_call(site, syms["B"]))])
     assert read_mem(target.pid, site, 5) == encode_call(site, syms["A"])
     _exact(target.stop())
+
+
+def test_an_armed_agent_is_always_found_where_it_lives(life):
+    """An armed agent (a batch in flight: it wakes every millisecond to look at its tool)
+    is found by every look of the next attach. Its /proc/.../syscall was read twice, and
+    an agent that woke between the reads looked blocked, then had no address: its region
+    went unseen, and the next attach of a killed tool's batch installed a second resident
+    part and left the batch's int3 in place (tests/chaos/test_heal.py, about 1 run in 50)."""
+    from textpoke.poke.resident import WATCH_IDLE, WATCH_STATE, find_regions
+
+    target = life("2")
+    with attach(target.pid) as session:
+        resident = session.resident
+        assert resident.open_watch()
+        resident.arm()
+        try:
+            with Process(target.pid) as process:
+                looks = [tuple(r.owned for r in find_regions(process)) for _ in range(2000)]
+        finally:
+            assert resident.disarm()
+        assert struct.unpack_from("<I", resident.ctl, WATCH_STATE)[0] == WATCH_IDLE
+    assert looks.count((True,)) == 2000, {look: looks.count(look) for look in set(looks)}
+    _exact(target.stop())

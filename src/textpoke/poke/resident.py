@@ -892,16 +892,26 @@ class RegionInfo:
     owned: bool
 
 
+def _syscall_line(pid: int, tid: int) -> str | None:
+    """/proc/.../syscall of thread ``tid``: "running", "nr args.. sp pc" or "-1 sp pc"; None if gone."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _pc_of(line: str | None) -> int | None:
+    fields = line.split() if line else []
+    if len(fields) not in (3, 9):
+        return None  # "running", or gone
+    return int(fields[-1], 16)
+
+
 def thread_pc(pid: int, tid: int) -> int | None:
     """User-mode address where thread ``tid`` is stopped or blocked in a syscall
     (/proc/.../syscall: "nr args.. sp pc" or "-1 sp pc"); None if it runs or is gone."""
-    try:
-        fields = open(f"/proc/{pid}/task/{tid}/syscall").read().split()
-    except OSError:
-        return None
-    if len(fields) not in (3, 9):
-        return None
-    return int(fields[-1], 16)
+    return _pc_of(_syscall_line(pid, tid))
 
 
 def _agent_here(process: Process, tid: int, code: int) -> bool:
@@ -910,15 +920,18 @@ def _agent_here(process: Process, tid: int, code: int) -> bool:
     The tid alone could be a reused number in a forked child, so a thread
     blocked in a syscall must also be blocked at our code. An agent that has
     not published its tid yet (it just started, or was stopped first) is
-    found by where it is blocked."""
+    found by where it is blocked. One read of /proc/.../syscall answers both
+    questions: read twice, an agent that woke between the reads (an armed
+    agent wakes every millisecond) looked blocked, then had no address, and
+    its region went unseen (the next attach installed a second one)."""
     code_range = range(code, code + CODE_SIZE)
     if not tid:
-        return any(thread_pc(process.pid, t) in code_range for t in process.threads())
-    try:
-        running = open(f"/proc/{process.pid}/task/{tid}/syscall").read().startswith("running")
-    except OSError:
+        return any((pc := thread_pc(process.pid, t)) is not None and pc in code_range for t in process.threads())
+    line = _syscall_line(process.pid, tid)
+    if line is None:
         return False
-    return running or thread_pc(process.pid, tid) in code_range
+    pc = _pc_of(line)
+    return line.startswith("running") or (pc is not None and pc in code_range)
 
 
 def find_regions(process: Process) -> list[RegionInfo]:

@@ -130,8 +130,10 @@ def sigtrap_blockers(process: Process, *, exclude: frozenset[int] = frozenset(),
     pid = process.pid
 
     def suspect(tid: int) -> bool:
-        return (_blocks_sigtrap(pid, tid) and not any(thread_pc(pid, tid) in code for code in ours)
-                and _thread_name(pid, tid) != AGENT_NAME)
+        if not _blocks_sigtrap(pid, tid):
+            return False
+        pc = thread_pc(pid, tid)  # (None: running; "None in range" would walk the range)
+        return (pc is None or not any(pc in code for code in ours)) and _thread_name(pid, tid) != AGENT_NAME
 
     suspects = {tid for tid in process.threads() if tid not in exclude and suspect(tid)}
     deadline = time.monotonic() + patience_s
