@@ -133,3 +133,33 @@ def test_ctrl_c_raised_inside_the_trap_hook_stops_the_step(make_machine, monkeyp
     monkeypatch.undo()
     cpu.pc = site
     assert cpu.step() and cpu.trap is not None  # nothing left over: the next step traps as ever
+
+
+def test_ctrl_c_under_interruptible_is_raised_by_the_next_step_wherever_it_landed(make_machine, monkeypatch):
+    """The model's command runs its CPUs under interruptible(): a SIGINT that arrives while
+    the trap hook runs (called from C) is noted, and the step after it raises it."""
+    import os
+    import signal
+
+    from textpoke.model.machine import interruptible
+
+    machine = make_machine(X86_64, EntryFlavor.GAP)
+    cpu, site = machine.cpus[0], machine.kernel.sites[FENTRY]
+    machine.write_code(site, INT3)
+    deliver = cpu._deliver_int3
+
+    def interrupted():
+        os.kill(os.getpid(), signal.SIGINT)  # its handler runs in the hook, or just after
+        return deliver()
+
+    monkeypatch.setattr(cpu, "_deliver_int3", interrupted)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        with interruptible():
+            cpu.pc = site
+            cpu.step()
+            for _ in range(100):  # the handler ran by now (a Python signal runs at the next bytecode)
+                cpu.step()
+    assert signal.getsignal(signal.SIGINT) is before
+    with interruptible():  # nothing noted is left over
+        assert cpu.step()

@@ -73,6 +73,7 @@ def command(
     from rich.console import Console
 
     from ..model import ModelConfig, run_model
+    from ..model.machine import interruptible
 
     config = ModelConfig(
         arch=Arch(arch),
@@ -84,7 +85,7 @@ def command(
         exhaustive=exhaustive,
         trace_lines=trace_lines,
     )
-    with _progress(config) as progress:
+    with _progress(config) as progress, interruptible():
         report = run_model(config, progress=progress)
     console = Console(highlight=False)
     print_report(console, report)

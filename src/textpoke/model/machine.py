@@ -26,6 +26,10 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from unicorn import UC_ARCH_X86, UC_HOOK_INTR, UC_PROT_ALL, Uc
@@ -102,6 +106,37 @@ class TrapDelivery:
     gprs: tuple[int, ...]  #: general registers at the trap, for the restore check
 
 
+class _CtrlC:
+    noted = False
+
+
+_ctrl_c = _CtrlC()
+
+
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """While the block runs, a SIGINT is noted, and raised as KeyboardInterrupt by the
+    next :meth:`Cpu.step` (or when the block ends). Raised where Python happens to be,
+    it may land in the code that calls a hook of ours from C, before the binding's own
+    guard: ctypes prints it and drops it, and the run goes on unheard. Main thread only
+    (elsewhere a no-op: signals reach the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def note(_signum: int, _frame: object) -> None:
+        _ctrl_c.noted = True
+
+    previous = signal.signal(signal.SIGINT, note)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if _ctrl_c.noted:
+            _ctrl_c.noted = False
+            raise KeyboardInterrupt
+
+
 class Cpu:
     """One emulated CPU: a unicorn instance over the shared memory."""
 
@@ -165,6 +200,9 @@ class Cpu:
             if held is not None:
                 self.uc._hook_exception = None  # noqa: SLF001 - see above
                 raise held
+            if _ctrl_c.noted:  # (under interruptible(): see there)
+                _ctrl_c.noted = False
+                raise KeyboardInterrupt
         else:  # pragma: no cover
             try:
                 self.uc.emu_start(self.pc, NO_UNTIL, 0, 1)
