@@ -38,7 +38,7 @@ from .._errors import InjectionError, TargetError
 from . import _ptrace, sigframe
 from ._ptrace import Regs
 from .inject import rseq_resume_point
-from .process import Process, access_denied, thread_exiting
+from .process import Process, access_denied, seize_found_gone
 from .sigframe import SYS_restart_syscall
 from .syscalls import REISSUE_AFTER_EINTR, TRANSPARENT_RESTART
 
@@ -99,7 +99,7 @@ class HeldThread:
         try:
             _ptrace.seize(self.tid)
         except OSError as exc:
-            if exc.errno == errno.ESRCH or (exc.errno == errno.EPERM and thread_exiting(self.process.pid, self.tid)):
+            if seize_found_gone(exc, self.process.pid, self.tid):
                 self.gone = True
                 return
             if exc.errno == errno.EPERM:

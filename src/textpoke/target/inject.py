@@ -40,7 +40,7 @@ from ..x86.asm import Asm, R
 from ..x86.insn import INT3
 from . import _ptrace, sigframe
 from ._ptrace import Regs
-from .process import Process, access_denied, thread_exiting
+from .process import Process, access_denied, seize_found_gone
 from .syscalls import SI_KERNEL, SYS_rt_sigreturn, TRANSPARENT_RESTART
 
 _ERRNO_MAX = 4095
@@ -252,8 +252,7 @@ class BorrowedThread:
                 _ptrace.seize(self.tid, options=_ptrace.PTRACE_O_TRACESYSGOOD)
                 return
             except OSError as exc:
-                exiting = exc.errno == errno.ESRCH or (
-                    exc.errno == errno.EPERM and thread_exiting(self.process.pid, self.tid))
+                exiting = seize_found_gone(exc, self.process.pid, self.tid)
                 if exiting and self._exclude is not None and len(gone) < attempts and self.process.alive():
                     gone.add(self.tid)
                     try:

@@ -44,12 +44,10 @@ def thread_exiting(pid: int, tid: int) -> bool:
     return fields[0] in ("Z", "X", "x") or bool(int(fields[6]) & _PF_EXITING)
 
 
-def _live_threads(pid: int) -> set[int]:
-    try:
-        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
-    except OSError:
-        return set()
-    return {tid for tid in tids if not thread_exiting(pid, tid)}
+def seize_found_gone(error: OSError, pid: int, tid: int) -> bool:
+    """Whether a refused PTRACE_SEIZE of ``tid`` means the thread is gone: ESRCH, or
+    EPERM for a thread that is exiting (see :func:`thread_exiting`)."""
+    return error.errno == errno.ESRCH or (error.errno == errno.EPERM and thread_exiting(pid, tid))
 
 
 def _status_fields(pid: int) -> dict[str, str]:
@@ -155,14 +153,15 @@ class Process:
         self.pid = pid
         status = _status_fields(pid)
         state = status.get("State", "?")
-        if state.startswith("Z") and (others := _live_threads(pid) - {pid}):
-            raise NotAUserProcess(
-                f"the main thread of process {pid} has exited (pthread_exit) while "
-                f"{len(others)} thread{'s' if len(others) > 1 else ''} run{'' if len(others) > 1 else 's'} on: "
-                "textpoke cannot trace such a process",
-                hint="textpoke reads and writes a process through its main thread; keep it alive (join the others)",
-            )
         if state.startswith("Z"):
+            others = [t for t in self.threads() if t != pid and not thread_exiting(pid, t)]
+            if others:
+                raise NotAUserProcess(
+                    f"the main thread of process {pid} has exited (pthread_exit) while "
+                    f"{len(others)} thread{'s' if len(others) > 1 else ''} run{'' if len(others) > 1 else 's'} on: "
+                    "textpoke cannot trace such a process",
+                    hint="textpoke reads and writes a process through its main thread; keep it alive (join the others)",
+                )
             raise NotAUserProcess(
                 f"process {pid} is a zombie (exited, not yet reaped)",
                 hint="there is no code left to patch; its parent must reap it",
