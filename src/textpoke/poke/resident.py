@@ -914,6 +914,13 @@ def thread_pc(pid: int, tid: int) -> int | None:
     return _pc_of(_syscall_line(pid, tid))
 
 
+def pc_in(pc: int | None, *codes: range) -> bool:
+    """Whether an address :func:`thread_pc` gave lies in one of ``codes``. None (a
+    running thread's) lies nowhere; asked as ``None in range``, Python would walk the
+    whole range to say so."""
+    return pc is not None and any(pc in code for code in codes)
+
+
 def _agent_here(process: Process, tid: int, code: int) -> bool:
     """Whether this region's agent (code at ``code``) is a thread of ``process``.
 
@@ -926,12 +933,11 @@ def _agent_here(process: Process, tid: int, code: int) -> bool:
     its region went unseen (the next attach installed a second one)."""
     code_range = range(code, code + CODE_SIZE)
     if not tid:
-        return any((pc := thread_pc(process.pid, t)) is not None and pc in code_range for t in process.threads())
+        return any(pc_in(thread_pc(process.pid, t), code_range) for t in process.threads())
     line = _syscall_line(process.pid, tid)
     if line is None:
         return False
-    pc = _pc_of(line)
-    return line.startswith("running") or (pc is not None and pc in code_range)
+    return line.startswith("running") or pc_in(_pc_of(line), code_range)
 
 
 def find_regions(process: Process) -> list[RegionInfo]:
@@ -1004,7 +1010,7 @@ def find_unfinished(process: Process) -> list[UnfinishedInstall]:
         if _u32(header, HDR_AGENT_TID):
             continue
         stub, tid = _u64(header, HDR_INSTALL_STUB), _u32(header, HDR_INSTALL_TID)
-        if thread_pc(process.pid, tid) not in range(stub, stub + PAGE):
+        if not pc_in(thread_pc(process.pid, tid), range(stub, stub + PAGE)):
             continue  # not this process's thread (inherited through fork), or gone
         found.append(UnfinishedInstall(base=m.start, inode=m.inode, fd=_u32(header, HDR_INSTALL_FD), stub=stub,
                                        capacity=_u64(header, HDR_TABLE_CAPACITY), tid=tid))
@@ -1700,7 +1706,7 @@ class Resident:
             for tid, began in list(pending.items()):
                 pc = thread_pc(pid, tid)
                 ran = thread_cpu_ns(pid, tid)
-                elsewhere = pc is not None and not start <= pc < end and not any(pc in r for r in via)
+                elsewhere = pc is not None and not pc_in(pc, range(start, end), *via)
                 if ran is None or elsewhere or (began is not None and ran - began >= RAN_NS):
                     del pending[tid]
             if not pending:

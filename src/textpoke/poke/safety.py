@@ -42,7 +42,8 @@ from ..target.security import OUR_PREFIX
 from ..x86.insn import CALL_OPCODE, JMP_OPCODE, NOP5, SITE_SIZE, InsnKind, decode_site
 from .bulk import PatchArray
 from .protocol import Patch
-from .resident import AGENT_NAME, FIX_CODE_NAME, HANDLER_COPIES, HDR_FRONT, OLD_ACTIONS, SCRATCH, Resident, handler_label, thread_pc
+from .resident import (AGENT_NAME, FIX_CODE_NAME, HANDLER_COPIES, HDR_FRONT, OLD_ACTIONS, SCRATCH, Resident,
+                       handler_label, pc_in, thread_pc)
 
 #: Where ensure_handler has the agent read and write sigactions (in SCRATCH,
 #: past what map_shared and the installer use).
@@ -132,8 +133,7 @@ def sigtrap_blockers(process: Process, *, exclude: frozenset[int] = frozenset(),
     def suspect(tid: int) -> bool:
         if not _blocks_sigtrap(pid, tid):
             return False
-        pc = thread_pc(pid, tid)  # (None: running; "None in range" would walk the range)
-        return (pc is None or not any(pc in code for code in ours)) and _thread_name(pid, tid) != AGENT_NAME
+        return not pc_in(thread_pc(pid, tid), *ours) and _thread_name(pid, tid) != AGENT_NAME
 
     suspects = {tid for tid in process.threads() if tid not in exclude and suspect(tid)}
     deadline = time.monotonic() + patience_s
